@@ -1,0 +1,17 @@
+"""nearstep: the optimizer step runs next to the optimizer state on the SSD."""
+
+from .device import Device, DeviceConfig, DeviceInfo, open_device
+from .errors import (DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError, StoreCorruptError,
+                     StoreError, StoreLockedError, StoreMismatchError)
+from .kernels import Guards
+from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer, ParamTelemetry
+from .store import Store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamW", "Adam", "SGD", "Lion", "NearstepOptimizer", "Guards", "ParamTelemetry",
+    "Store", "open_device", "Device", "DeviceConfig", "DeviceInfo",
+    "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",
+    "MisalignedIOError", "DeviceError", "DeviceDiedError",
+]

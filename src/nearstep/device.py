@@ -1,0 +1,487 @@
+"""Computational storage devices: discover/open, device memory, a request queue, completions.
+
+The shape follows the SNIA Computational Storage API: a host opens a device
+(:func:`open_device`), asks what it offers (:meth:`Device.info`), allocates
+memory both sides can see (:meth:`Device.alloc`), queues compute requests
+(:meth:`Device.submit`, the ``queue compute request`` verb) and waits on their
+completions, and reads statistics (:meth:`Device.stats`).
+
+Two backends run the same engine (``engine.py``):
+
+- ``emulated`` (the default): a separate process, started with ``spawn``, that
+  owns the store, pinned to its own core(s), talking over a pipe (requests and
+  completions) and shared memory (gradients in, weights out). It stands in for
+  the DSP of a computational SSD.
+- ``inline``: the engine runs in the caller's process, synchronously, for
+  debugging (breakpoints and tracebacks in one place); nothing overlaps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing.connection
+import multiprocessing.reduction
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import traceback
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import aio, kernels
+from .engine import Engine, EngineConfig, MapMemory, Query, Request, SharedMemory
+from .errors import DeviceDiedError, DeviceError, NearstepError
+from .store import Store
+
+__all__ = [
+    "DeviceConfig",
+    "DeviceInfo",
+    "DeviceMemory",
+    "Completion",
+    "Device",
+    "InlineDevice",
+    "EmulatedDevice",
+    "open_device",
+    "parse_bytes",
+]
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``"1GiB"`` -> 1073741824; ints pass through. Raises ValueError with the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError(f"a memory size must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size; write it like 512MiB, 2GiB or 1073741824")
+    n = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if n <= 0:
+        raise ValueError(f"a memory size must be positive, got {value!r}")
+    return n
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceConfig:
+    """How to open a device.
+
+    Attributes:
+        backend: ``"emulated"`` (a separate process) or ``"inline"`` (this process).
+        cores: CPU cores the emulated device is pinned to; ``None`` picks the last
+            core when the machine has more than one (the training loop keeps the rest).
+        memory_budget: device memory for the slices being updated, like ``"1GiB"``.
+            Host memory used by the device is bounded by this, not by model size.
+        io_threads: threads that keep store reads and writes in flight.
+    """
+
+    backend: Literal["emulated", "inline"] = "emulated"
+    cores: tuple[int, ...] | None = None
+    memory_budget: int | str = "1GiB"
+    io_threads: int = 4
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("emulated", "inline"):
+            raise ValueError(f"backend must be 'emulated' or 'inline', got {self.backend!r}")
+        parse_bytes(self.memory_budget)
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.cores is not None:
+            available = os.sched_getaffinity(0)
+            if not self.cores or not set(self.cores) <= available:
+                raise ValueError(f"cores {self.cores} are not all available to this process (it may use {sorted(available)})")
+
+    def resolved_cores(self) -> tuple[int, ...]:
+        if self.cores is not None:
+            return tuple(self.cores)
+        available = sorted(os.sched_getaffinity(0))
+        return (available[-1],) if len(available) > 1 else tuple(available)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """What a device is and offers."""
+
+    backend: str
+    pid: int
+    cores: tuple[int, ...]
+    memory_budget: int
+    slot_bytes: int
+    slots: int
+    kernels: tuple[str, ...]
+    store: str
+    direct_io: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMemory:
+    """Staging memory the host writes gradients into and reads new weights from."""
+
+    id: int
+    nbytes: int
+    bytes: torch.Tensor  # uint8 view of the whole allocation
+
+
+class Completion:
+    """The completion of one queued request; :meth:`wait` returns its result or raises."""
+
+    __slots__ = ("_event", "_result", "_error", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self._event = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._event.set()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        if not self._event.wait(timeout):
+            raise TimeoutError(f"the device did not complete {self.what} within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+def _remote_error(what: str, exc: BaseException | None, text: str, tb: str) -> BaseException:
+    """Rebuild a device-side error for the host: nearstep errors keep their type."""
+    cause = DeviceError(f"the device failed to {what}. Device-side traceback:\n{tb}")
+    if isinstance(exc, NearstepError):
+        exc.__cause__ = cause
+        return exc
+    cause.args = (f"the device failed to {what}: {text}\nDevice-side traceback:\n{tb}",)
+    return cause
+
+
+class Device(ABC):
+    """A computational storage device bound to one store."""
+
+    info: DeviceInfo
+
+    @abstractmethod
+    def submit(self, request: Request) -> Completion:
+        """Queue a request; returns at once with its completion."""
+
+    @abstractmethod
+    def alloc(self, nbytes: int) -> DeviceMemory:
+        """Allocate staging memory both the host and the device can address."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Drop uncommitted work, stop the device and release the store. Idempotent."""
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+    def stats(self) -> dict[str, float]:
+        """Bytes read/written on the store, bytes over the host link, busy time per lane."""
+        return self.submit(Query("stats")).wait()
+
+    def manifest(self) -> Any:
+        """The manifest as last committed by the device."""
+        return self.submit(Query("manifest")).wait()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _describe(request: Request) -> str:
+    name = type(request).__name__.lower()
+    k = getattr(request, "slice", None)
+    return f"{name} slice {k}" if k is not None else name
+
+
+class InlineDevice(Device):
+    """The engine in the caller's process; every request completes before submit returns."""
+
+    def __init__(self, store: Store, config: DeviceConfig) -> None:
+        budget = parse_bytes(config.memory_budget)
+        self._engine = Engine(store, EngineConfig(memory_budget=budget, io_threads=config.io_threads))
+        self._ids = itertools.count(1)
+        self._closed = False
+        self.info = DeviceInfo(
+            "inline", os.getpid(), tuple(sorted(os.sched_getaffinity(0))), budget, self._engine.slot_bytes,
+            self._engine.max_slots, tuple(kernels.KERNELS), str(store.path), _direct_io(store),
+        )
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+    def alloc(self, nbytes: int) -> DeviceMemory:
+        mem_id = next(self._ids)
+        buf = aio.AlignedBuffer(nbytes)
+        view = buf.tensor(torch.uint8)
+        self._engine.memory[mem_id] = view
+        return DeviceMemory(mem_id, buf.nbytes, view)
+
+    def submit(self, request: Request) -> Completion:
+        done = Completion(_describe(request))
+        if self._closed:
+            done._finish(error=DeviceError("the device is closed; open a new optimizer or device"))
+            return done
+        try:
+            done._finish(self._engine.handle(request))
+        except Exception as exc:
+            self._engine.abort_step()
+            done._finish(error=_remote_error(done.what, exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        return done
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine.close()
+
+
+def _direct_io(store: Store) -> bool:
+    probe = store.slice_path(0, 0) if store.manifest.slices else None
+    if probe is None or not probe.exists():
+        return False
+    with aio.AlignedFile.open(probe, writable=False) as f:
+        return f.direct
+
+
+# ---------------------------------------------------------------------------
+# The emulated device: a process of its own
+
+
+def _device_entry() -> None:
+    """Entry point of the emulated device process: ``python -c ... CONN_FD LOCK_FD``."""
+    conn = multiprocessing.connection.Connection(int(sys.argv[1]))
+    store_path, config, cores = conn.recv()
+    _device_main(conn, store_path, int(sys.argv[2]), config, cores)
+
+
+def _device_main(conn: Any, store_path: str, lock_fd: int, config: DeviceConfig, cores: tuple[int, ...]) -> None:
+    try:
+        os.sched_setaffinity(0, cores)
+    except OSError:
+        pass
+    torch.set_num_threads(len(cores))
+    try:
+        store = Store.adopt(store_path, lock_fd)
+        engine = Engine(store, EngineConfig(memory_budget=parse_bytes(config.memory_budget), io_threads=config.io_threads))
+        conn.send(("ready", (engine.slot_bytes, engine.max_slots, _direct_io(store)), None))
+    except BaseException as exc:
+        conn.send(("failed", None, _pack_error(exc)))
+        return
+    try:
+        while True:
+            try:
+                rid, request = conn.recv()
+            except (EOFError, OSError):
+                break  # the training process is gone: drop uncommitted work and stop
+            if request is None:
+                break
+            try:
+                conn.send((rid, engine.handle(request), None))
+            except Exception as exc:
+                engine.abort_step()
+                conn.send((rid, None, _pack_error(exc)))
+    finally:
+        engine.close()
+        try:
+            conn.send(("closed", None, None))
+        except (OSError, ValueError):
+            pass
+
+
+def _pack_error(exc: BaseException) -> tuple[BaseException | None, str, str]:
+    text = f"{type(exc).__name__}: {exc}"
+    tb = traceback.format_exc()
+    try:
+        multiprocessing.reduction.ForkingPickler.dumps(exc)
+        return exc, text, tb
+    except Exception:
+        return None, text, tb
+
+
+class EmulatedDevice(Device):
+    """The engine in a spawned process of its own, pinned to its own core(s)."""
+
+    def __init__(self, store: Store, config: DeviceConfig, start_timeout: float = 120.0) -> None:
+        # A fresh interpreter rather than multiprocessing's spawn: spawn re-runs the
+        # user's main module in the child, which breaks training scripts that lack an
+        # ``if __name__ == "__main__"`` guard. The child gets one end of a socket pair
+        # and the store's lock fd; sharing that open file description keeps the flock()
+        # held while either process lives.
+        parent, child = socket.socketpair()
+        cores = config.resolved_cores()
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", "from nearstep.device import _device_entry; _device_entry()",
+             str(child.fileno()), str(store.lock_fd)],
+            pass_fds=(child.fileno(), store.lock_fd),
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        self._conn = multiprocessing.connection.Connection(parent.detach())
+        self._conn.send((str(store.path), config, cores))
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Completion] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._shared: list[SharedMemory] = []
+        self._dead: BaseException | None = None
+        self._closed = False
+        # Wait for the engine to open the store: failures there (budget too small,
+        # store unreadable) belong to open_device, not to the first step.
+        if not self._conn.poll(start_timeout):
+            self._proc.kill()
+            raise DeviceDiedError(f"the emulated device process did not start within {start_timeout:.0f} s")
+        try:
+            tag, payload, error = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._proc.wait(5)
+            raise DeviceDiedError(f"the emulated device process exited while starting (exit code {code}); see its output above") from None
+        if tag != "ready":
+            self._proc.wait(5)
+            assert error is not None
+            raise _remote_error("open the store", error[0], error[1], error[2])
+        slot_bytes, slots, direct = payload
+        self.info = DeviceInfo(
+            "emulated", self._proc.pid, cores, parse_bytes(config.memory_budget), slot_bytes, slots,
+            tuple(kernels.KERNELS), str(store.path), direct,
+        )
+        # One thread receives every completion, so waiting on any of them also notices
+        # a dead device at once (its end of the socket closes), never after a timeout.
+        self._receiver = threading.Thread(target=self._receive, name="nearstep-completions", daemon=True)
+        self._receiver.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None and not self._closed and self._proc.poll() is None
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                rid, result, error = self._conn.recv()
+            except (EOFError, OSError):
+                break  # the process is gone: its end of the socket closed
+            if rid == "closed":
+                break
+            with self._pending_lock:
+                done = self._pending.pop(rid, None)
+            if done is not None:
+                done._finish(result, None if error is None else _remote_error(done.what, *error))
+        if not self._closed:
+            try:
+                code = self._proc.wait(1)
+            except subprocess.TimeoutExpired:
+                code = None
+            self._dead = DeviceDiedError(
+                f"the emulated device process {self._proc.pid} died (exit code {code}). The store keeps "
+                f"its last committed step; reopen the optimizer on the same store to resume."
+            )
+        self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        error = self._dead or DeviceError("the device was closed while this request was queued")
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for done in pending.values():
+            done._finish(error=error)
+
+    def submit(self, request: Request) -> Completion:
+        done = Completion(_describe(request))
+        if self._dead is not None or self._closed:
+            done._finish(error=self._dead or DeviceError("the device is closed; open a new optimizer or device"))
+            return done
+        rid = next(self._ids)
+        with self._pending_lock:
+            self._pending[rid] = done
+        try:
+            with self._send_lock:
+                self._conn.send((rid, request))
+        except (OSError, ValueError):
+            pass  # the receiver thread sees the dead process and fails this completion
+        return done
+
+    def alloc(self, nbytes: int) -> DeviceMemory:
+        shared = SharedMemory(nbytes)
+        mem_id = next(self._ids)
+        try:
+            self.submit(MapMemory(mem_id, shared.path, shared.nbytes)).wait()
+        finally:
+            shared.unlink()  # both sides have it mapped (or the device failed): no name left behind
+        self._shared.append(shared)
+        return DeviceMemory(mem_id, shared.nbytes, shared.bytes)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._proc.poll() is None:
+            try:
+                with self._send_lock:
+                    self._conn.send((0, None))
+                self._proc.wait(30)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                self._proc.kill()
+                self._proc.wait(5)
+        self._receiver.join(5)
+        self._conn.close()
+        for shared in self._shared:
+            shared.close()
+        self._fail_pending()
+
+    def kill(self) -> None:
+        """Kill the device process (for tests of what a crash does)."""
+        self._proc.kill()
+
+
+def open_device(
+    store: Store,
+    backend: Literal["emulated", "inline"] = "emulated",
+    cores: tuple[int, ...] | None = None,
+    memory_budget: int | str = "1GiB",
+    *,
+    io_threads: int = 4,
+) -> Device:
+    """Open a computational storage device on ``store``.
+
+    Args:
+        store: an open :class:`~nearstep.store.Store`; the device owns its state
+            from now on (the host reads it only through the device).
+        backend: ``"emulated"`` (separate process) or ``"inline"`` (this process).
+        cores: cores to pin the emulated device to (default: the last one).
+        memory_budget: device memory for slices in flight, like ``"1GiB"``.
+        io_threads: threads keeping store I/O in flight.
+
+    Returns:
+        A :class:`Device`; close it (or use ``with``) to stop it.
+
+    Example::
+
+        with Store.open("run/.nearstep") as store, open_device(store, "inline") as dev:
+            print(dev.info)
+    """
+    config = DeviceConfig(backend=backend, cores=cores, memory_budget=memory_budget, io_threads=io_threads)
+    return build_device(store, config)
+
+
+def build_device(store: Store, config: DeviceConfig) -> Device:
+    if config.backend == "inline":
+        return InlineDevice(store, config)
+    return EmulatedDevice(store, config)

@@ -1,0 +1,619 @@
+"""The device's program: what runs next to the store, in whichever process owns it.
+
+The engine executes the requests a host queues on a device (see ``device.py``):
+it reads each slice's state from the store into a slot of device memory, applies
+the optimizer kernel with the staged gradients, posts the new weights back to
+the host's staging memory, writes the new state to the slice's other
+generation, and commits a step once every slice of it is durable. Both the
+emulated backend (a separate process) and the inline backend (the caller's
+process) run this same code.
+
+[Note: the slot pipeline]
+Device memory is a fixed number of slots, each big enough for one slice's state
+plus an fp32 gradient scratch area; the count comes from the memory budget, not
+from the model size. A loader thread reads slices into free slots in the order
+the host announced (``Prefetch``) or, failing that, in the order of ``Apply``
+requests; an applied slot is written back asynchronously and returns to the
+free list when that write finishes. Reads of slice k+1, the kernel of slice k
+and the write of slice k-1 thus run at the same time. Loads follow the apply
+order, so a slot a pending apply needs is always freed by an earlier apply:
+the pipeline cannot deadlock as long as the host prefetches in apply order.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import aio, kernels
+from .errors import StoreCorruptError
+from .store import Manifest, SliceState, Store
+
+__all__ = [
+    "StagedSegment",
+    "StagedSlice",
+    "StagingLayout",
+    "SharedMemory",
+    "MapMemory",
+    "Prefetch",
+    "Apply",
+    "Commit",
+    "LoadState",
+    "Query",
+    "Request",
+    "EngineConfig",
+    "Engine",
+]
+
+_STAGE_ALIGN = 64
+
+
+# ---------------------------------------------------------------------------
+# Staging memory: what crosses the host link
+
+
+@dataclass(frozen=True, slots=True)
+class StagedSegment:
+    """Where one segment's gradient and new weights sit in staging memory (model dtype)."""
+
+    param: int
+    start: int
+    length: int
+    group: int
+    dtype: str
+    offset: int  # bytes from the start of the slice's gradient (or weight) region
+
+
+@dataclass(frozen=True, slots=True)
+class StagedSlice:
+    index: int
+    grad_offset: int
+    weight_offset: int
+    nbytes: int
+    segments: tuple[StagedSegment, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StagingLayout:
+    """The layout of the staging arena: every slice's gradients, then every slice's weights.
+
+    Host and device compute it from the same manifest, so only offsets travel.
+    """
+
+    slices: tuple[StagedSlice, ...]
+    nbytes: int
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> StagingLayout:
+        sizes = []
+        seg_tables = []
+        for spec in manifest.slices:
+            offset = 0
+            segs = []
+            for seg in spec.segments:
+                p = manifest.params[seg.param]
+                segs.append(StagedSegment(seg.param, seg.start, seg.length, p.group, p.dtype, offset))
+                offset = aio.align_up(offset + seg.length * p.torch_dtype.itemsize, _STAGE_ALIGN)
+            sizes.append(aio.align_up(max(offset, 1)))
+            seg_tables.append(tuple(segs))
+        grads_total = sum(sizes)
+        slices = []
+        offset = 0
+        for spec, size, segs in zip(manifest.slices, sizes, seg_tables):
+            slices.append(StagedSlice(spec.index, offset, grads_total + offset, size, segs))
+            offset += size
+        return cls(tuple(slices), max(2 * grads_total, aio.PAGE))
+
+    def grad_view(self, arena: torch.Tensor, seg: StagedSegment, slice_: StagedSlice) -> torch.Tensor:
+        return _typed_view(arena, slice_.grad_offset + seg.offset, seg)
+
+    def weight_view(self, arena: torch.Tensor, seg: StagedSegment, slice_: StagedSlice) -> torch.Tensor:
+        return _typed_view(arena, slice_.weight_offset + seg.offset, seg)
+
+
+def _typed_view(arena: torch.Tensor, offset: int, seg: StagedSegment) -> torch.Tensor:
+    dtype = _TORCH_DTYPES[seg.dtype]
+    nbytes = seg.length * dtype.itemsize
+    return arena[offset : offset + nbytes].view(dtype)
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SharedMemory:
+    """Page-aligned memory both the host and the device process map (a file on tmpfs).
+
+    The creator makes the file; the other side maps it by path; the creator unlinks
+    the name as soon as both have mapped it, so nothing is left behind after a crash.
+    """
+
+    def __init__(self, nbytes: int, path: str | None = None) -> None:
+        self.nbytes = aio.align_up(nbytes)
+        if path is None:
+            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+            import tempfile
+
+            fd, path = tempfile.mkstemp(prefix="nearstep-", dir=base)
+            os.ftruncate(fd, self.nbytes)
+        else:
+            fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, self.nbytes)
+        finally:
+            os.close(fd)
+        self.path = path
+        self.bytes = torch.frombuffer(self._map, dtype=torch.uint8)
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        self.bytes = None  # type: ignore[assignment]
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # views still alive; the mapping goes with them
+
+
+# ---------------------------------------------------------------------------
+# Requests (the device's queue vocabulary; shaped after the SNIA CS API verbs)
+
+
+@dataclass(frozen=True, slots=True)
+class MapMemory:
+    """Map a staging arena the host allocated (emulated backend)."""
+
+    memory: int
+    path: str
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """Start reading these slices' state, in this order (the order applies will come in)."""
+
+    slices: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Update one slice with the gradients staged in ``memory`` and post its new weights there.
+
+    Attributes:
+        slice: the slice index.
+        hypers: per param group, the hyperparameters of this step.
+        steps: per segment of the slice, the parameter's step after this update;
+            0 means the parameter has no gradient this step and is left alone.
+        grad_scale: multiplies every gradient first (global-norm clipping).
+        guards: the error-reduction guards.
+        memory: id of the staging arena.
+    """
+
+    slice: int
+    hypers: tuple[kernels.Hyper, ...]
+    steps: tuple[int, ...]
+    grad_scale: float
+    guards: kernels.Guards
+    memory: int
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Make every slice applied since the last commit durable, as optimizer step ``step``."""
+
+    step: int
+    param_steps: tuple[int, ...]
+    hyperparameters: tuple[dict[str, Any], ...]
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadState:
+    """Replace a slice's state (``load_state_dict``); durable at the next Commit."""
+
+    slice: int
+    arrays: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Ask for ``info`` or ``stats``."""
+
+    what: str
+
+
+Request = MapMemory | Prefetch | Apply | Commit | LoadState | Query
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EngineConfig:
+    """How the engine uses its memory and the disk.
+
+    Attributes:
+        memory_budget: bytes of device memory for slots (state + gradient scratch).
+        io_threads: threads of the I/O pool.
+    """
+
+    memory_budget: int
+    io_threads: int = 4
+
+
+# ---------------------------------------------------------------------------
+# The engine
+
+
+class _Slot:
+    __slots__ = ("buffer",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.buffer = aio.AlignedBuffer(nbytes)
+
+
+class _Ticket:
+    """A slice being loaded into a slot; ``ready`` is set once ``future`` exists."""
+
+    __slots__ = ("slot", "future", "ready")
+
+    def __init__(self, slot: _Slot) -> None:
+        self.slot = slot
+        self.future: Future[aio.IOResult] | None = None
+        self.ready = threading.Event()
+
+
+class Engine:
+    """Runs device requests against one store. Not thread-safe: one caller at a time."""
+
+    def __init__(self, store: Store, config: EngineConfig) -> None:
+        self.store = store
+        self.manifest: Manifest = store.manifest
+        self.layout = StagingLayout.from_manifest(self.manifest)
+        m = self.manifest
+        self.slot_bytes = max(
+            (m.slice_file_bytes(s.index) + s.region_bytes for s in m.slices), default=aio.PAGE
+        )
+        self.max_slots = config.memory_budget // self.slot_bytes
+        if self.max_slots < 1:
+            raise ValueError(
+                f"memory_budget of {config.memory_budget / 2**20:.0f} MiB is smaller than one slice's "
+                f"working set ({self.slot_bytes / 2**20:.0f} MiB: its state plus a gradient scratch "
+                f"area). Raise memory_budget or make slices smaller (slice_mb)."
+            )
+        self.max_slots = min(self.max_slots, max(len(m.slices), 1))
+        self.pool = aio.IOPool(threads=config.io_threads, block_bytes=m.checksum_block)
+        self.memory: dict[int, torch.Tensor] = {}
+        self._shared: list[SharedMemory] = []
+        self._files: dict[tuple[int, int], aio.AlignedFile] = {}
+        self._cv = threading.Condition()
+        self._free: list[_Slot] = []
+        self._made = 0
+        self._order: deque[int] = deque()
+        self._tickets: dict[int, _Ticket] = {}
+        self._writes: dict[int, tuple[Future[aio.IOResult], int]] = {}
+        self._closing = False
+        self.counters = {
+            "link_in_bytes": 0,
+            "link_out_bytes": 0,
+            "compute_seconds": 0.0,
+            "load_wait_seconds": 0.0,
+            "commit_seconds": 0.0,
+            "slices_applied": 0,
+            "steps_committed": 0,
+            "peak_slots": 0,
+        }
+        self._loader = threading.Thread(target=self._load_loop, name="nearstep-loader", daemon=True)
+        self._loader.start()
+
+    # -- request dispatch ----------------------------------------------------
+
+    def handle(self, request: Request) -> Any:
+        if isinstance(request, Apply):
+            return self._apply(request)
+        if isinstance(request, Prefetch):
+            return self._prefetch(request.slices)
+        if isinstance(request, Commit):
+            return self._commit(request)
+        if isinstance(request, LoadState):
+            return self._load_state(request)
+        if isinstance(request, MapMemory):
+            shared = SharedMemory(request.nbytes, request.path)
+            self._shared.append(shared)
+            self.memory[request.memory] = shared.bytes
+            return None
+        if isinstance(request, Query):
+            if request.what == "stats":
+                return self.stats()
+            if request.what == "manifest":
+                return self.manifest
+        raise ValueError(f"the device does not know the request {request!r}")
+
+    def stats(self) -> dict[str, float]:
+        out: dict[str, float] = dict(self.counters)
+        io = self.pool.counters()
+        out["store_read_bytes"] = io["bytes_read"]
+        out["store_write_bytes"] = io["bytes_written"]
+        out["io_read_seconds"] = io["read_seconds"]
+        out["io_write_seconds"] = io["write_seconds"]
+        out["slots"] = self.max_slots
+        out["slot_bytes"] = self.slot_bytes
+        out["step"] = self.manifest.step
+        return out
+
+    # -- loading -------------------------------------------------------------
+
+    def _prefetch(self, slices: Sequence[int]) -> None:
+        with self._cv:
+            for k in slices:
+                self._check_slice(k)
+                if k not in self._tickets and k not in self._order:
+                    self._order.append(k)
+            self._cv.notify_all()
+
+    def _load_loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not (self._order and (self._free or self._made < self.max_slots)):
+                    self._cv.wait()
+                if self._closing:
+                    return
+                k = self._order.popleft()
+                if self._free:
+                    slot = self._free.pop()
+                else:
+                    slot = _Slot(self.slot_bytes)
+                    self._made += 1
+                    self.counters["peak_slots"] = max(self.counters["peak_slots"], self._made)
+                ticket = _Ticket(slot)
+                self._tickets[k] = ticket
+                self._cv.notify_all()
+            try:
+                gen = self.manifest.committed[k].generation
+                nbytes = self.manifest.slice_file_bytes(k)
+                ticket.future = self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True)
+            except BaseException as exc:  # surfaced by the apply that waits on this ticket
+                failed: Future[aio.IOResult] = Future()
+                failed.set_exception(exc)
+                ticket.future = failed
+            ticket.ready.set()
+
+    def _take_loaded(self, k: int) -> tuple[_Slot, aio.IOResult]:
+        t0 = time.perf_counter()
+        with self._cv:
+            if k not in self._tickets:
+                # Not announced: load it next (see [Note: the slot pipeline]).
+                if k in self._order:
+                    self._order.remove(k)
+                self._order.appendleft(k)
+                self._cv.notify_all()
+                while k not in self._tickets:
+                    self._cv.wait()
+            ticket = self._tickets.pop(k)
+        ticket.ready.wait()
+        assert ticket.future is not None
+        try:
+            result = ticket.future.result()
+            self._verify(k, result)
+        except BaseException:
+            self._release(ticket.slot)
+            raise
+        self.counters["load_wait_seconds"] += time.perf_counter() - t0
+        return ticket.slot, result
+
+    def _verify(self, k: int, result: aio.IOResult) -> None:
+        got = aio.combine_crcs(result.crcs or ())
+        state = self.manifest.committed[k]
+        if got != state.checksum:
+            path = self.store.slice_path(k, state.generation)
+            raise StoreCorruptError(
+                f"slice {k} of store {self.store.path} is corrupted: {path.name} has checksum "
+                f"{got:#010x}, the manifest committed {state.checksum:#010x}. Nothing was updated. "
+                f"Restore the store from a backup, or start from a fresh store."
+            )
+
+    def _release(self, slot: _Slot) -> None:
+        with self._cv:
+            self._free.append(slot)
+            self._cv.notify_all()
+
+    def _file(self, k: int, gen: int) -> aio.AlignedFile:
+        f = self._files.get((k, gen))
+        if f is None:
+            f = aio.AlignedFile.open(self.store.slice_path(k, gen))
+            self._files[(k, gen)] = f
+        return f
+
+    def _check_slice(self, k: int) -> None:
+        if not 0 <= k < len(self.manifest.slices):
+            raise ValueError(f"slice {k} does not exist; the store has {len(self.manifest.slices)} slices")
+
+    # -- applying ------------------------------------------------------------
+
+    def _apply(self, req: Apply) -> list[kernels.SegmentReport]:
+        k = req.slice
+        self._check_slice(k)
+        staged = self.layout.slices[k]
+        if len(req.steps) != len(staged.segments):
+            raise ValueError(f"slice {k} has {len(staged.segments)} segments but {len(req.steps)} step values came")
+        arena = self.memory.get(req.memory)
+        if arena is None:
+            raise ValueError(f"staging memory {req.memory} is not mapped on this device")
+        if k in self._writes:
+            raise RuntimeError(f"slice {k} was already applied in this step; commit before applying it again")
+        slot, _ = self._take_loaded(k)
+        try:
+            reports = self._run_kernel(req, slot, arena)
+            self._write_back(k, slot)
+        except BaseException:
+            self._release(slot)
+            raise
+        return reports
+
+    def _run_kernel(self, req: Apply, slot: _Slot, arena: torch.Tensor) -> list[kernels.SegmentReport]:
+        t0 = time.perf_counter()
+        m = self.manifest
+        spec = m.slices[req.slice]
+        staged = self.layout.slices[req.slice]
+        region = spec.region_bytes
+        regions = [slot.buffer.tensor(torch.float32, r * region, spec.numel) for r in range(len(m.state_names))]
+        scratch = slot.buffer.tensor(torch.float32, m.slice_file_bytes(req.slice), spec.numel)
+        by_group: dict[int, list[int]] = {}
+        offset = 0
+        bounds = []
+        for j, seg in enumerate(staged.segments):
+            bounds.append((offset, offset + seg.length))
+            offset += seg.length
+            if req.steps[j] > 0:
+                by_group.setdefault(seg.group, []).append(j)
+        reports = [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
+        link_in = 0
+        for group, members in by_group.items():
+            grads = []
+            for j in members:
+                seg = staged.segments[j]
+                lo, hi = bounds[j]
+                g = scratch[lo:hi]
+                src = self.layout.grad_view(arena, seg, staged)
+                g.copy_(src)
+                link_in += src.numel() * src.element_size()
+                if req.grad_scale != 1.0:
+                    g.mul_(req.grad_scale)
+                grads.append(g)
+            masters = [regions[0][bounds[j][0] : bounds[j][1]] for j in members]
+            states = {
+                name: [regions[r][bounds[j][0] : bounds[j][1]] for j in members]
+                for r, name in enumerate(m.state_names[1:], start=1)
+            }
+            out = kernels.update_(req.hypers[group], masters, states, grads, [req.steps[j] for j in members], req.guards)
+            for j, rep in zip(members, out):
+                reports[j] = rep
+        # Post the new weights, cast to the model dtype, where the host will pick them up.
+        link_out = 0
+        for members in by_group.values():
+            for j in members:
+                seg = staged.segments[j]
+                dst = self.layout.weight_view(arena, seg, staged)
+                dst.copy_(regions[0][bounds[j][0] : bounds[j][1]])
+                link_out += dst.numel() * dst.element_size()
+        self.counters["link_in_bytes"] += link_in
+        self.counters["link_out_bytes"] += link_out
+        self.counters["compute_seconds"] += time.perf_counter() - t0
+        self.counters["slices_applied"] += 1
+        return reports
+
+    def _write_back(self, k: int, slot: _Slot) -> None:
+        gen = self.manifest.committed[k].generation ^ 1
+        nbytes = self.manifest.slice_file_bytes(k)
+        future = self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True)
+        # The slot is free only once the write has read its bytes.
+        future.add_done_callback(lambda _f, slot=slot: self._release(slot))
+        self._writes[k] = (future, gen)
+
+    def _load_state(self, req: LoadState) -> None:
+        k = req.slice
+        self._check_slice(k)
+        m = self.manifest
+        spec = m.slices[k]
+        if set(req.arrays) != set(m.state_names):
+            raise ValueError(f"slice {k} needs state {list(m.state_names)}, got {sorted(req.arrays)}")
+        nbytes = m.slice_file_bytes(k)
+        buf = aio.AlignedBuffer(nbytes)
+        for r, name in enumerate(m.state_names):
+            arr = np.ascontiguousarray(req.arrays[name], dtype=np.float32).reshape(-1)
+            if arr.size != spec.numel:
+                raise ValueError(f"state {name!r} of slice {k} has {arr.size} elements, expected {spec.numel}")
+            buf.numpy(np.float32, r * spec.region_bytes, spec.numel)[:] = arr
+        gen = m.committed[k].generation ^ 1
+        future = self.pool.write(self._file(k, gen), buf.memoryview(0, nbytes), 0, checksum=True)
+        future.add_done_callback(lambda _f, buf=buf: buf.close())
+        self._writes[k] = (future, gen)
+
+    # -- committing ----------------------------------------------------------
+
+    def _commit(self, req: Commit) -> Manifest:
+        t0 = time.perf_counter()
+        m = self.manifest
+        committed = list(m.committed)
+        try:
+            for k, (future, gen) in sorted(self._writes.items()):
+                result = future.result()
+                # O_DIRECT skips the page cache, not the drive's cache or the metadata of
+                # the file's (fallocated, so far unwritten) extents: fdatasync both.
+                self._file(k, gen).sync()
+                committed[k] = SliceState(gen, aio.combine_crcs(result.crcs or ()))
+        finally:
+            self._writes_abort()
+        manifest = replace(
+            m,
+            step=req.step,
+            param_steps=tuple(req.param_steps),
+            hyperparameters=tuple(req.hyperparameters),
+            counters=dict(req.counters),
+            committed=tuple(committed),
+        )
+        self.store.commit(manifest)
+        self.manifest = self.store.manifest
+        self.counters["steps_committed"] += 1
+        self.counters["commit_seconds"] += time.perf_counter() - t0
+        return self.manifest
+
+    def _writes_abort(self) -> None:
+        for future, _gen in self._writes.values():
+            try:
+                future.result()
+            except BaseException:
+                pass
+        self._writes.clear()
+
+    def abort_step(self) -> None:
+        """Forget everything applied since the last commit (after an error).
+
+        The store still names the last committed generation of every slice, so
+        dropping the uncommitted writes loses nothing that was committed.
+        """
+        self._writes_abort()
+        with self._cv:
+            self._order.clear()
+            tickets = list(self._tickets.values())
+            self._tickets.clear()
+        for ticket in tickets:
+            ticket.ready.wait()
+            try:
+                if ticket.future is not None:
+                    ticket.future.result()
+            except BaseException:
+                pass
+            self._release(ticket.slot)
+
+    # -- closing -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop uncommitted work, stop the loader, close files and release the store."""
+        self.abort_step()
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
+        self._loader.join()
+        self.pool.close()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        for slot in self._free:
+            slot.buffer.close()
+        self._free.clear()
+        self.memory.clear()
+        for shared in self._shared:
+            shared.close()
+        self.store.close()
+

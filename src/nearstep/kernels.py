@@ -1,0 +1,441 @@
+"""The functions a device runs: one optimizer step over flat fp32 segments, plus the guards.
+
+A segment is a 1-D contiguous float32 view into the flat buffers the device reads
+from the store: the master weights, one region per optimizer state (see
+:func:`state_names`) and a scratch copy of the gradient. :func:`update_` applies
+one step in place to every segment of one param group and reports, per segment,
+what the guards did.
+
+The math is torch's own: AdamW, Adam and SGD call the fused CPU kernels
+(``torch._fused_adamw_``, ``torch._fused_adam_``, ``torch._fused_sgd_``) that
+``torch.optim`` uses with ``fused=True``, so ``sync`` mode matches ``torch.optim``.
+Lion has no fused kernel and runs on ``torch._foreach_*`` ops.
+
+The hyperparameter classes are what the host sends to the device each step; they
+are frozen and validated on construction, so a bad value fails on the host.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "AdamWHyper",
+    "AdamHyper",
+    "SGDHyper",
+    "LionHyper",
+    "Hyper",
+    "KERNELS",
+    "state_names",
+    "Guards",
+    "SegmentReport",
+    "flat_views",
+    "update_",
+]
+
+
+def _check_number(
+    obj: object, name: str, *, low: float = 0.0, high: float | None = None, positive: bool = False
+) -> None:
+    """Check that ``obj.name`` is a finite real in [low, high), >= low or > 0; store it as a float."""
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0 (or None to turn it off), got {value!r}")
+    if high is None and value < low:
+        raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
+    if high is not None and not low <= value < high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}), got {value!r}")
+    # Frozen dataclass: the only way to normalise ints and numpy scalars to float.
+    object.__setattr__(obj, name, float(value))
+
+
+def _check_flag(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class AdamWHyper:
+    """AdamW (decoupled weight decay), as ``torch.optim.AdamW``."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_adam_fields(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AdamHyper:
+    """Adam with L2 weight decay (added to the gradient), as ``torch.optim.Adam``."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_adam_fields(self)
+
+
+def _check_adam_fields(hyper: AdamWHyper | AdamHyper) -> None:
+    _check_number(hyper, "lr")
+    _check_number(hyper, "beta1", high=1.0)
+    _check_number(hyper, "beta2", high=1.0)
+    _check_number(hyper, "eps")
+    _check_number(hyper, "weight_decay")
+    _check_flag(hyper, "maximize")
+
+
+@dataclass(frozen=True, slots=True)
+class SGDHyper:
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_number(self, "lr")
+        _check_number(self, "momentum")
+        _check_number(self, "dampening")
+        _check_number(self, "weight_decay")
+        _check_flag(self, "nesterov")
+        _check_flag(self, "maximize")
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError(
+                "Nesterov momentum requires a momentum > 0 and zero dampening, "
+                f"got momentum={self.momentum}, dampening={self.dampening}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LionHyper:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms")."""
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_number(self, "lr")
+        _check_number(self, "beta1", high=1.0)
+        _check_number(self, "beta2", high=1.0)
+        _check_number(self, "weight_decay")
+        _check_flag(self, "maximize")
+
+
+Hyper = AdamWHyper | AdamHyper | SGDHyper | LionHyper
+
+KERNELS: dict[str, type] = {"adamw": AdamWHyper, "adam": AdamHyper, "sgd": SGDHyper, "lion": LionHyper}
+
+_STATE_NAMES: dict[type, tuple[str, ...]] = {
+    AdamWHyper: ("exp_avg", "exp_avg_sq"),
+    AdamHyper: ("exp_avg", "exp_avg_sq"),
+    # Kept even when momentum == 0 so a store's layout does not depend on a hyperparameter.
+    SGDHyper: ("momentum_buffer",),
+    LionHyper: ("exp_avg",),
+}
+
+
+def state_names(hyper_type: type) -> tuple[str, ...]:
+    """The optimizer-state regions kept besides the fp32 master weights, in file order."""
+    try:
+        return _STATE_NAMES[hyper_type]
+    except (KeyError, TypeError):
+        known = ", ".join(t.__name__ for t in _STATE_NAMES)
+        raise TypeError(f"no kernel for {hyper_type!r}; the kernels take one of {known}") from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Guards:
+    """Error reduction applied around the update; every guard is optional.
+
+    Attributes:
+        skip_nonfinite: skip the whole step when any gradient element is non-finite.
+            Decided on the host, which sees every slice; carried here so the
+            configuration lives in one place. The kernels do not look at it.
+        spike_clip: theta. Before the update, a gradient element with
+            ``g**2 > theta**2 * v`` (``v``: the second moment before this step) is
+            clipped to ``sign(g) * theta * sqrt(v)``. Elements with ``v == 0`` have no
+            history and are left alone. Adam and AdamW only; for Adam the raw gradient
+            is clipped, before L2 weight decay is added.
+        spike_warmup: spike clipping starts once ``step > spike_warmup``, so early,
+            noisy estimates of ``v`` do not clip.
+        update_clip: cap on the RMS of each segment's weight update
+            (``new_master - old_master``, weight decay included). A larger update is
+            scaled down to RMS ``update_clip``; moments keep their unclipped values.
+        telemetry: report each segment's update RMS and update-to-weight ratio even
+            when ``update_clip`` is off. Costs one copy of the segment's master weights.
+    """
+
+    skip_nonfinite: bool = True
+    spike_clip: float | None = None
+    spike_warmup: int = 100
+    update_clip: float | None = None
+    telemetry: bool = False
+
+    def __post_init__(self) -> None:
+        _check_flag(self, "skip_nonfinite")
+        _check_flag(self, "telemetry")
+        for name in ("spike_clip", "update_clip"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_number(self, name, positive=True)
+        warmup = self.spike_warmup
+        if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral):
+            raise TypeError(f"spike_warmup must be an int, got {type(warmup).__name__} ({warmup!r})")
+        if warmup < 0:
+            raise ValueError(f"spike_warmup must be >= 0, got {warmup!r}")
+
+    def check_for(self, hyper_type: type) -> None:
+        """Raise ValueError if these guards cannot run with the optimizer ``hyper_type``."""
+        if self.spike_clip is not None and state_names(hyper_type) != ("exp_avg", "exp_avg_sq"):
+            raise ValueError(
+                "spike_clip needs the second moment, which only Adam and AdamW keep; "
+                "remove spike_clip or use nearstep.AdamW"
+            )
+
+
+class SegmentReport(NamedTuple):
+    """What the guards did to one segment during one step."""
+
+    spike_clipped: int  # elements spike-clipped (0 when the guard is off or in warm-up)
+    update_rms: float  # RMS of the proposed update, before update_clip; nan when not computed
+    update_to_weight: float  # ||proposed update|| / ||old master|| (0 for an all-zero master); nan when not computed
+    update_clipped: bool  # update_clip scaled this segment's update
+
+
+def flat_views(buf: Tensor, numels: Sequence[int]) -> list[Tensor]:
+    """Consecutive 1-D views of the contiguous 1-D tensor ``buf``, of the given sizes."""
+    if buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(f"flat_views needs a contiguous 1-D tensor, got shape {tuple(buf.shape)}")
+    if any(n < 0 for n in numels):
+        raise ValueError(f"numels must be >= 0, got {list(numels)}")
+    if sum(numels) > buf.numel():
+        raise ValueError(f"numels sum to {sum(numels)}, but the buffer holds only {buf.numel()} elements")
+    views, offset = [], 0
+    for n in numels:
+        views.append(buf.narrow(0, offset, n))
+        offset += n
+    return views
+
+
+def update_(
+    hyper: Hyper,
+    masters: list[Tensor],
+    states: dict[str, list[Tensor]],
+    grads: list[Tensor],
+    steps: list[int],
+    guards: Guards,
+) -> list[SegmentReport]:
+    """Apply one optimizer step, in place, to the segments of one param group.
+
+    Every tensor is a 1-D contiguous float32 CPU tensor, usually a view into a
+    larger flat buffer; the master weights and states are updated in place and
+    never reallocated. Segment ``i`` is ``masters[i]``, ``states[name][i]`` and
+    ``grads[i]``, all of the same size.
+
+    Args:
+        hyper: the optimizer and its hyperparameters for this step.
+        masters: fp32 master weights, one per segment.
+        states: for each name in ``state_names(type(hyper))``, one tensor per segment.
+            SGD's momentum buffer is overwritten on a segment's first step and left
+            untouched when momentum is 0.
+        grads: gradients, one per segment. Scratch: they may be modified.
+        steps: each segment's step number after increment (1 on its first update);
+            Adam's bias correction uses it per segment.
+        guards: the guards to apply; ``guards.skip_nonfinite`` is the host's business.
+
+    Returns:
+        One :class:`SegmentReport` per segment, in order.
+
+    Raises:
+        ValueError: the lists disagree in length or size, a step is < 1, a state
+            region is missing, or a guard does not fit the optimizer.
+    """
+    kind = type(hyper)
+    names = state_names(kind)
+    guards.check_for(kind)
+    _check_segments(names, masters, states, grads, steps)
+    if not masters:
+        return []  # the fused ops cannot dispatch on empty lists
+
+    if guards.spike_clip is None:
+        spike_counts = [0] * len(masters)
+    else:
+        spike_counts = _spike_clip_(grads, states["exp_avg_sq"], steps, guards.spike_clip, guards.spike_warmup)
+
+    # The update RMS needs the old weights; only copy them when someone asked.
+    watching = guards.telemetry or guards.update_clip is not None
+    olds = [m.clone() for m in masters] if watching else None
+
+    match hyper:
+        case AdamWHyper() | AdamHyper():
+            _adam_step_(hyper, masters, states["exp_avg"], states["exp_avg_sq"], grads, steps)
+        case SGDHyper():
+            _sgd_step_(hyper, masters, states["momentum_buffer"], grads, steps)
+        case LionHyper():
+            _lion_step_(hyper, masters, states["exp_avg"], grads)
+
+    if olds is None:
+        return [SegmentReport(count, math.nan, math.nan, False) for count in spike_counts]
+    return [
+        _measure_and_clip_update_(master, old, count, guards.update_clip)
+        for master, old, count in zip(masters, olds, spike_counts)
+    ]
+
+
+def _check_segments(
+    names: tuple[str, ...],
+    masters: list[Tensor],
+    states: dict[str, list[Tensor]],
+    grads: list[Tensor],
+    steps: list[int],
+) -> None:
+    if set(states) != set(names):
+        raise ValueError(f"states must hold exactly the regions {list(names)}, got {sorted(states)}")
+    count = len(masters)
+    lengths = {"grads": len(grads), "steps": len(steps)} | {name: len(states[name]) for name in names}
+    for what, length in lengths.items():
+        if length != count:
+            raise ValueError(f"{what} has {length} segments but masters has {count}")
+    for i, master in enumerate(masters):
+        numel = master.numel()
+        others = [grads[i]] + [states[name][i] for name in names]
+        if any(t.numel() != numel for t in others):
+            sizes = [t.numel() for t in others]
+            raise ValueError(f"segment {i}: master has {numel} elements but grad/states have {sizes}")
+        if steps[i] < 1:
+            raise ValueError(f"segment {i}: steps are counted from 1 (after increment), got {steps[i]}")
+
+
+def _spike_clip_(grads: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int], theta: float, warmup: int) -> list[int]:
+    """Clip gradient spikes in place against the second moment; return the count per segment."""
+    counts = []
+    for grad, exp_avg_sq, step in zip(grads, exp_avg_sqs, steps):
+        if step <= warmup or grad.numel() == 0:
+            counts.append(0)
+            continue
+        bound = exp_avg_sq.sqrt().mul_(theta)
+        # v == 0: no history for this element. Clipping it to 0 would keep v at 0
+        # and freeze the element for good, so it is left alone.
+        bound.masked_fill_(bound == 0, math.inf)
+        over = torch.gt(grad.abs(), bound)
+        count = int(over.sum())
+        if count:
+            torch.where(over, bound.copysign_(grad), grad, out=grad)
+        counts.append(count)
+    return counts
+
+
+def _measure_and_clip_update_(master: Tensor, old: Tensor, spike_count: int, cap: float | None) -> SegmentReport:
+    numel = master.numel()
+    if numel == 0:
+        return SegmentReport(spike_count, 0.0, 0.0, False)
+    old_norm = torch.linalg.vector_norm(old).item()
+    update = torch.sub(master, old, out=old)  # the old weights are not needed past this line
+    update_norm = torch.linalg.vector_norm(update).item()
+    rms = update_norm / math.sqrt(numel)
+    ratio = update_norm / old_norm if old_norm > 0 else 0.0
+    clipped = cap is not None and rms > cap
+    if clipped:
+        # new - (1 - cap/rms) * update == old + (cap/rms) * update
+        master.sub_(update, alpha=1.0 - cap / rms)
+    return SegmentReport(spike_count, rms, ratio, clipped)
+
+
+def _adam_step_(
+    hyper: AdamWHyper | AdamHyper,
+    masters: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    grads: list[Tensor],
+    steps: list[int],
+) -> None:
+    fused = torch._fused_adamw_ if isinstance(hyper, AdamWHyper) else torch._fused_adam_
+    # The fused kernel reads each tensor's own step (float32 scalar, as torch.optim
+    # keeps it), so segments at different steps still share one call.
+    state_steps = [torch.tensor(float(step)) for step in steps]
+    fused(
+        masters,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],  # max_exp_avg_sqs: no amsgrad
+        state_steps,
+        lr=hyper.lr,
+        beta1=hyper.beta1,
+        beta2=hyper.beta2,
+        weight_decay=hyper.weight_decay,
+        eps=hyper.eps,
+        amsgrad=False,
+        maximize=hyper.maximize,
+        grad_scale=None,
+        found_inf=None,
+    )
+
+
+def _sgd_step_(hyper: SGDHyper, masters: list[Tensor], buffers: list[Tensor], grads: list[Tensor], steps: list[int]) -> None:
+    options = dict(
+        weight_decay=hyper.weight_decay,
+        momentum=hyper.momentum,
+        lr=hyper.lr,
+        dampening=hyper.dampening,
+        nesterov=hyper.nesterov,
+        maximize=hyper.maximize,
+    )
+    if hyper.momentum == 0:
+        torch._fused_sgd_(masters, grads, [], is_first_step=False, **options)
+        return
+    # is_first_step (buffer := decayed gradient, as torch.optim.SGD does on a fresh
+    # state) is one flag per call, so first-step segments get their own call.
+    first = [i for i, step in enumerate(steps) if step == 1]
+    if len(first) in (0, len(steps)):
+        torch._fused_sgd_(masters, grads, buffers, is_first_step=bool(first), **options)
+        return
+    later = [i for i, step in enumerate(steps) if step != 1]
+    for indices, is_first_step in ((first, True), (later, False)):
+        torch._fused_sgd_(
+            [masters[i] for i in indices],
+            [grads[i] for i in indices],
+            [buffers[i] for i in indices],
+            is_first_step=is_first_step,
+            **options,
+        )
+
+
+def _lion_step_(hyper: LionHyper, masters: list[Tensor], exp_avgs: list[Tensor], grads: list[Tensor]) -> None:
+    if hyper.maximize:
+        torch._foreach_neg_(grads)
+    # The direction interpolates with beta1 but the momentum keeps beta2, so the
+    # direction needs its own buffer: both read the old momentum.
+    directions = torch._foreach_lerp(exp_avgs, grads, 1.0 - hyper.beta1)
+    torch._foreach_sign_(directions)
+    if hyper.weight_decay != 0:
+        torch._foreach_mul_(masters, 1.0 - hyper.lr * hyper.weight_decay)
+    torch._foreach_add_(masters, directions, alpha=-hyper.lr)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - hyper.beta2)

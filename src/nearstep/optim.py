@@ -1,0 +1,582 @@
+"""The front end: ``torch.optim.Optimizer`` subclasses whose state lives on a store.
+
+``nearstep.AdamW`` (and ``Adam``, ``SGD``, ``Lion``) replace their torch
+counterparts in an unchanged training loop. The fp32 master weights and the
+moments live in a store on the SSD, owned by a device (an emulated
+computational-storage process by default). ``step()`` ships each slice's
+gradients to the device, the device updates the slice next to its state, and
+the new weights come back into the model's parameters.
+
+NOTE: these classes subclass ``torch.optim.Optimizer`` so that LR schedulers,
+``zero_grad`` and param groups work as users expect; ``self.state`` stays empty
+because the state is on the store (``state_dict()`` reads it from there).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from . import kernels
+from .device import Completion, Device, DeviceConfig, build_device
+from .engine import Apply, Commit, LoadState, Prefetch, StagingLayout
+from .errors import NearstepError, StoreMismatchError
+from .store import MANIFEST, Manifest, ParamSpec, Store, param_specs
+
+__all__ = ["NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "default_store_path"]
+
+Mode = Literal["sync", "overlap", "delayed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ParamTelemetry:
+    """What the guards saw of one parameter in the last step (and in total).
+
+    Attributes:
+        name: the parameter's name.
+        update_rms: RMS of its last weight update (nan unless telemetry or update_clip is on).
+        update_to_weight: ||update|| / ||weight|| of its last update (nan likewise).
+        spike_clipped: gradient elements spike-clipped, summed over all steps.
+        update_clipped: steps in which update_clip scaled its update.
+    """
+
+    name: str
+    update_rms: float
+    update_to_weight: float
+    spike_clipped: int
+    update_clipped: int
+
+
+def default_store_path(kind: str) -> Path:
+    """A fresh directory under ``./.nearstep/`` for a run that named no store."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(".nearstep") / f"{kind}-{stamp}-{os.getpid()}-{time.monotonic_ns() % 10**6:06d}"
+
+
+def _split_names(params: Any) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """Accept tensors, (name, tensor) pairs or group dicts of either; return groups and names."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or param-group dicts, not a single tensor; wrap it in a list")
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list; pass model.parameters() or model.named_parameters()")
+    groups = [dict(item) for item in items] if isinstance(items[0], dict) else [{"params": items}]
+    names: list[list[str]] = []
+    for g, group in enumerate(groups):
+        entries = group["params"]
+        entries = [entries] if isinstance(entries, torch.Tensor) else list(entries)
+        tensors, group_names = [], []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], torch.Tensor):
+                group_names.append(str(entry[0]))
+                tensors.append(entry[1])
+            elif isinstance(entry, torch.Tensor):
+                group_names.append(f"group{g}.param{i}")
+                tensors.append(entry)
+            else:
+                raise TypeError(f"param group {g} entry {i} is a {type(entry).__name__}; expected a tensor or a (name, tensor) pair")
+        group["params"] = tensors
+        group.pop("param_names", None)
+        names.append(group_names)
+    return groups, names
+
+
+class NearstepOptimizer(torch.optim.Optimizer):
+    """Base of the nearstep optimizers; see :class:`AdamW` for the arguments."""
+
+    kind: ClassVar[str]
+
+    def __init__(
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        store: str | os.PathLike | Store | None = None,
+        mode: Mode = "sync",
+        max_grad_norm: float | None = None,
+        guards: kernels.Guards | None = None,
+        device: DeviceConfig | str | None = None,
+        slice_mb: float = 64,
+    ) -> None:
+        if mode not in ("sync", "overlap", "delayed"):
+            raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
+        if mode != "sync":
+            raise NotImplementedError(
+                f"mode={mode!r} is not available in this release; use mode='sync' (same results as torch.optim)"
+            )
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
+        if not slice_mb > 0:
+            raise ValueError(f"slice_mb must be positive, got {slice_mb!r}")
+        guards = kernels.Guards() if guards is None else guards
+        if not isinstance(guards, kernels.Guards):
+            raise TypeError(f"guards must be a nearstep.Guards, got {type(guards).__name__}")
+        hyper_type = kernels.KERNELS[self.kind]
+        guards.check_for(hyper_type)
+        if isinstance(device, str):
+            device = DeviceConfig(backend=device)  # type: ignore[arg-type]
+        device = DeviceConfig() if device is None else device
+        if not isinstance(device, DeviceConfig):
+            raise TypeError(f"device must be a nearstep.DeviceConfig, 'emulated', 'inline' or None, got {type(device).__name__}")
+
+        groups, names = _split_names(params)
+        super().__init__(groups, defaults)
+        self._check_params()
+        for group in self.param_groups:
+            self._hyper(group)  # validate every group's values up front
+
+        self.mode = mode
+        self.max_grad_norm = max_grad_norm
+        self.guards = guards
+        self._params: list[torch.Tensor] = [p for group in self.param_groups for p in group["params"]]
+        self._names = [n for group_names in names for n in group_names]
+        specs = param_specs([list(zip(gn, g["params"])) for gn, g in zip(names, self.param_groups)])
+        self._store, resumed = self._open_store(store, specs, hyper_type, slice_mb)
+        self._closed = False
+        try:
+            manifest = self._store.manifest
+            self._layout = StagingLayout.from_manifest(manifest)
+            self._step = manifest.step
+            self._param_steps = list(manifest.param_steps)
+            self._counters = {"skipped_steps": 0, "spike_clipped": 0, "update_clipped": 0, **manifest.counters}
+            self._spike_by_param = [0] * len(self._params)
+            self._uclip_by_param = [0] * len(self._params)
+            self._last = [(math.nan, math.nan)] * len(self._params)
+            if resumed:
+                self._load_masters_into_params(manifest)
+            self._device: Device = build_device(self._store, device)
+            self._arena = self._device.alloc(self._layout.nbytes)
+        except BaseException:
+            self._store.close()
+            raise
+        self._times = {"steps": 0, "step_seconds": 0.0, "stage_seconds": 0.0, "wait_seconds": 0.0}
+        # Stop the device process even when the user forgets close().
+        self._finalizer = weakref.finalize(self, _close_quietly, self._device, self._store)
+
+    # -- set-up helpers --------------------------------------------------------
+
+    def _check_params(self) -> None:
+        seen: set[int] = set()
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise ValueError(f"a parameter appears twice (again in param group {g}); pass each parameter once")
+                seen.add(id(p))
+                if p.is_sparse or p.is_complex():
+                    raise TypeError("nearstep optimizers handle dense real parameters only")
+
+    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type, slice_mb: float) -> tuple[Store, bool]:
+        if isinstance(store, Store):
+            store.check_model(specs, self.kind)
+            return store, True  # its committed masters become the model's weights
+        path = Path(store) if store is not None else default_store_path(self.kind)
+        if (path / MANIFEST).exists():
+            opened = Store.open(path)
+            try:
+                opened.check_model(specs, self.kind)
+            except BaseException:
+                opened.close()
+                raise
+            return opened, True
+        created = Store.create(
+            path,
+            params=specs,
+            masters=lambda i: self._params[i],
+            optimizer=self.kind,
+            state_names=kernels.state_names(hyper_type),
+            hyperparameters=[self._group_json(g) for g in self.param_groups],
+            slice_bytes=int(slice_mb * 2**20),
+        )
+        return created, False
+
+    @torch.no_grad()
+    def _load_masters_into_params(self, manifest: Manifest) -> None:
+        """Resuming: the store's committed master weights become the model's weights."""
+        for spec in manifest.slices:
+            master = self._store.read_slice(spec.index)["master"]
+            offset = 0
+            for seg in spec.segments:
+                flat = self._params[seg.param].view(-1)
+                flat[seg.start : seg.start + seg.length].copy_(master[offset : offset + seg.length])
+                offset += seg.length
+
+    def _group_json(self, group: dict[str, Any]) -> dict[str, Any]:
+        return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in asdict(self._hyper(group)).items()}
+
+    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+        raise NotImplementedError
+
+    # -- the step ----------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """Update every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_open()
+        t0 = time.perf_counter()
+        grads = [p.grad for p in self._params]
+        for i, g in enumerate(grads):
+            if g is not None and (g.is_sparse or g.shape != self._params[i].shape):
+                raise ValueError(
+                    f"the gradient of {self._names[i]!r} has shape {tuple(g.shape)}{' (sparse)' if g.is_sparse else ''}, "
+                    f"expected {tuple(self._params[i].shape)} dense; nothing was updated"
+                )
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return loss
+        scale = 1.0
+        if self.max_grad_norm is not None or self.guards.skip_nonfinite:
+            norms = torch.stack([torch.linalg.vector_norm(grads[i], dtype=torch.float32) for i in present])
+            total = torch.linalg.vector_norm(norms)
+            if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
+                self._counters["skipped_steps"] += 1
+                return loss
+            if self.max_grad_norm is not None:
+                # The same rounding as torch.nn.utils.clip_grad_norm_: an fp32 coefficient.
+                scale = float(torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0))
+        new_steps = list(self._param_steps)
+        for i in present:
+            new_steps[i] += 1
+        self._stage(grads)
+        t1 = time.perf_counter()
+        hypers = tuple(self._hyper(g) for g in self.param_groups)
+        order = self._forward_order(present)
+        self._device.submit(Prefetch(tuple(order)))
+        applies = [
+            (k, self._device.submit(Apply(
+                k, hypers,
+                tuple(new_steps[s.param] if grads[s.param] is not None else 0 for s in self._layout.slices[k].segments),
+                scale, self.guards, self._arena.id,
+            )))
+            for k in order
+        ]
+        counters = dict(self._counters)
+        reports = self._wait_applies(applies)
+        for k, rep in reports:
+            for seg, r in zip(self._layout.slices[k].segments, rep):
+                counters["spike_clipped"] += r.spike_clipped
+                counters["update_clipped"] += int(r.update_clipped)
+        done = self._device.submit(Commit(self._step + 1, tuple(new_steps), tuple(self._group_json(g) for g in self.param_groups), counters))
+        done.wait()
+        # Only now, with the step durable, do the new weights enter the model: if any
+        # part failed above, model and store both stay at the last committed step.
+        self._unstage(order, grads)
+        self._account(reports)
+        self._counters = counters
+        self._param_steps = new_steps
+        self._step += 1
+        self._times["steps"] += 1
+        self._times["stage_seconds"] += t1 - t0
+        self._times["wait_seconds"] += time.perf_counter() - t1
+        self._times["step_seconds"] += time.perf_counter() - t0
+        return loss
+
+    def _forward_order(self, present: list[int]) -> list[int]:
+        """Slices with any gradient, in forward order (slices are numbered in backward order)."""
+        has = set(present)
+        return [s.index for s in reversed(self._layout.slices) if any(seg.param in has for seg in s.segments)]
+
+    def _stage(self, grads: list[torch.Tensor | None]) -> None:
+        arena = self._arena.bytes
+        for staged in self._layout.slices:
+            for seg in staged.segments:
+                g = grads[seg.param]
+                if g is not None:
+                    self._layout.grad_view(arena, seg, staged).copy_(g.reshape(-1)[seg.start : seg.start + seg.length])
+
+    def _unstage(self, order: list[int], grads: list[torch.Tensor | None]) -> None:
+        arena = self._arena.bytes
+        for k in order:
+            staged = self._layout.slices[k]
+            for seg in staged.segments:
+                if grads[seg.param] is not None:
+                    flat = self._params[seg.param].view(-1)
+                    flat[seg.start : seg.start + seg.length].copy_(self._layout.weight_view(arena, seg, staged))
+
+    def _wait_applies(self, applies: list[tuple[int, Completion]]) -> list[tuple[int, list[kernels.SegmentReport]]]:
+        out = []
+        error: BaseException | None = None
+        for k, done in applies:
+            try:
+                out.append((k, done.wait()))
+            except BaseException as exc:  # wait for the rest so none is left running
+                error = error or exc
+        if error is not None:
+            raise error
+        return out
+
+    def _account(self, reports: list[tuple[int, list[kernels.SegmentReport]]]) -> None:
+        sums: dict[int, list[float]] = {}
+        for k, rep in reports:
+            for seg, r in zip(self._layout.slices[k].segments, rep):
+                self._spike_by_param[seg.param] += r.spike_clipped
+                self._uclip_by_param[seg.param] += int(r.update_clipped)
+                if not math.isnan(r.update_rms):
+                    acc = sums.setdefault(seg.param, [0.0, 0.0, 0.0])
+                    acc[0] += r.update_rms**2 * seg.length
+                    acc[1] += seg.length
+                    # ratio^2 * ||w||^2 = ||u||^2 ; combine chunks by their update energy
+                    acc[2] += (r.update_to_weight**2) * seg.length
+        for i, (energy, n, ratio_energy) in sums.items():
+            self._last[i] = (math.sqrt(energy / n), math.sqrt(ratio_energy / n))
+
+    # -- everything else a torch optimizer has --------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise NearstepError("this optimizer is closed; create a new one on the same store to continue")
+
+    def synchronize(self) -> None:
+        """Wait until every queued update has reached the model and the store.
+
+        In ``sync`` mode ``step()`` already returns with everything done.
+        """
+        self._check_open()
+
+    def telemetry(self) -> list[ParamTelemetry]:
+        """Per parameter: last update RMS and update-to-weight ratio, and guard counts."""
+        return [
+            ParamTelemetry(self._names[i], self._last[i][0], self._last[i][1], self._spike_by_param[i], self._uclip_by_param[i])
+            for i in range(len(self._params))
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the host and the device: steps, times, bytes, guard counts."""
+        self._check_open()
+        device = self._device.stats()
+        steps = max(self._times["steps"], 1)
+        return {
+            "mode": self.mode,
+            "step": self._step,
+            "store": str(self._store.path),
+            "backend": self._device.info.backend,
+            **self._counters,
+            **{f"host_{k}": v for k, v in self._times.items()},
+            "step_ms": 1e3 * self._times["step_seconds"] / steps,
+            **{f"device_{k}": v for k, v in device.items()},
+        }
+
+    @property
+    def store_path(self) -> Path:
+        return self._store.path
+
+    @property
+    def device(self) -> Device:
+        return self._device
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer state in ``torch.optim``'s layout, read from the store's last commit.
+
+        Each parameter with a step has ``step`` and its moments shaped like the
+        parameter (as torch's optimizers keep them), plus ``master``: the fp32 master
+        weights. Loadable with :meth:`load_state_dict`, also into an optimizer on a
+        different store.
+        """
+        self.synchronize()
+        manifest = self._device.manifest()
+        self._store.manifest = manifest
+        flats: dict[str, list[torch.Tensor]] = {n: [torch.empty(0)] * len(self._params) for n in manifest.state_names}
+        for i, p in enumerate(self._params):
+            for n in manifest.state_names:
+                flats[n][i] = torch.zeros(p.numel(), dtype=torch.float32)
+        for spec in manifest.slices:
+            state = self._store.read_slice(spec.index)
+            offset = 0
+            for seg in spec.segments:
+                for n, flat in state.items():
+                    flats[n][seg.param][seg.start : seg.start + seg.length] = flat[offset : offset + seg.length]
+                offset += seg.length
+        state_out: dict[int, dict[str, Any]] = {}
+        for i, p in enumerate(self._params):
+            if self._param_steps[i] == 0:
+                continue
+            entry: dict[str, Any] = {"step": torch.tensor(float(self._param_steps[i]))}
+            for n in manifest.state_names:
+                entry[n] = flats[n][i].view(p.shape)
+            state_out[i] = entry
+        groups = []
+        index = 0
+        for group in self.param_groups:
+            packed = {k: v for k, v in group.items() if k != "params"}
+            packed["params"] = list(range(index, index + len(group["params"])))
+            index += len(group["params"])
+            groups.append(packed)
+        return {
+            "state": state_out,
+            "param_groups": groups,
+            "nearstep": {"kind": self.kind, "step": self._step, "counters": dict(self._counters), "names": list(self._names)},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Replace the state (on the store) and the hyperparameters with ``state_dict``'s.
+
+        The master weights it carries become the model's weights, as when resuming
+        from a store. Nothing changes unless the whole state dict fits this optimizer.
+        """
+        self._check_open()
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise StoreMismatchError(f"the state dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, this optimizer {len(self.param_groups)}")
+        for g, (saved, mine) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise StoreMismatchError(f"param group {g} has {len(saved['params'])} parameters in the state dict, {len(mine['params'])} here")
+        meta = state_dict.get("nearstep", {})
+        if meta.get("kind", self.kind) != self.kind:
+            raise StoreMismatchError(f"the state dict is from nearstep.{meta['kind']}, not {self.kind}")
+        manifest = self._store.manifest
+        saved_state = state_dict.get("state", {})
+        ids = [i for saved in groups for i in saved["params"]]
+        by_param: dict[int, dict[str, Any]] = {pos: saved_state.get(i, {}) for pos, i in enumerate(ids)}
+        flats: dict[str, list[torch.Tensor]] = {n: [] for n in manifest.state_names}
+        steps = []
+        for pos, p in enumerate(self._params):
+            entry = by_param[pos]
+            steps.append(int(float(entry.get("step", 0))))
+            for n in manifest.state_names:
+                value = entry.get(n, p if n == "master" else None)
+                if value is None:
+                    value = torch.zeros_like(p, dtype=torch.float32)
+                if tuple(value.shape) != tuple(p.shape):
+                    raise StoreMismatchError(f"state {n!r} of {self._names[pos]!r} has shape {tuple(value.shape)}, the parameter {tuple(p.shape)}")
+                flats[n].append(value.detach().to(torch.float32, copy=True).reshape(-1))
+        completions = []
+        for spec in manifest.slices:
+            arrays = {}
+            for n in manifest.state_names:
+                arrays[n] = torch.cat([flats[n][s.param][s.start : s.start + s.length] for s in spec.segments]).numpy()
+            completions.append(self._device.submit(LoadState(spec.index, arrays)))
+        for group, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = v
+        step = int(meta.get("step", max(steps, default=0)))
+        counters = {**self._counters, **meta.get("counters", {})}
+        completions.append(self._device.submit(Commit(step, tuple(steps), tuple(self._group_json(g) for g in self.param_groups), counters)))
+        self._wait_applies([(0, c) for c in completions])
+        for pos, p in enumerate(self._params):
+            p.copy_(flats["master"][pos].view(p.shape))
+        self._step, self._param_steps, self._counters = step, steps, counters
+
+    def close(self) -> None:
+        """Stop the device and release the store (its last commit stays on disk). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._finalizer()
+
+    def __enter__(self) -> NearstepOptimizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"nearstep.{type(self).__name__}(params={len(self._params)}, step={self._step}, mode={self.mode!r}, store='{self._store.path}')"
+
+
+def _close_quietly(device: Device, store: Store) -> None:
+    try:
+        device.close()
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------------------
+# The optimizers
+
+
+def _value(x: Any) -> float:
+    return float(x) if isinstance(x, torch.Tensor) else x
+
+
+class AdamW(NearstepOptimizer):
+    """AdamW with its state on a store; the same results as ``torch.optim.AdamW``.
+
+    Args:
+        params: ``model.parameters()``, ``model.named_parameters()`` (names make
+            errors and telemetry readable), or param-group dicts of either.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW``.
+        store: a store directory (created if new, resumed if it holds a store), an
+            open :class:`~nearstep.Store`, or None for a fresh directory under ``./.nearstep/``.
+        mode: ``"sync"``: the update completes inside ``step()``.
+        max_grad_norm: clip the global gradient norm to this (as ``clip_grad_norm_``).
+        guards: a :class:`~nearstep.Guards`; default skips steps with non-finite gradients.
+        device: a :class:`~nearstep.DeviceConfig`, ``"emulated"`` (default) or ``"inline"``.
+        slice_mb: about how many MiB of fp32 parameters move and update as one slice.
+
+    Example::
+
+        opt = nearstep.AdamW(model.named_parameters(), lr=3e-4, store="run/state")
+        for x, y in data:
+            loss_fn(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        opt.close()
+    """
+
+    kind = "adamw"
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize), **options)
+
+    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+        b1, b2 = group["betas"]
+        return kernels.AdamWHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2), eps=group["eps"],
+                                  weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class Adam(AdamW):
+    """Adam (L2 weight decay added to the gradient, as ``torch.optim.Adam``); see :class:`AdamW`."""
+
+    kind = "adam"
+
+    def __init__(self, params: Any, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, **options: Any) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, **options)
+
+    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+        b1, b2 = group["betas"]
+        return kernels.AdamHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2), eps=group["eps"],
+                                 weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class SGD(NearstepOptimizer):
+    """SGD with momentum, dampening and Nesterov, as ``torch.optim.SGD``; see :class:`AdamW`."""
+
+    kind = "sgd"
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize), **options)
+
+    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+        return kernels.SGDHyper(lr=_value(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+                                nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+
+
+class Lion(NearstepOptimizer):
+    """Lion (Chen et al., 2023): sign of an interpolated momentum, decoupled weight decay."""
+
+    kind = "lion"
+
+    def __init__(self, params: Any, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize), **options)
+
+    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+        b1, b2 = group["betas"]
+        return kernels.LionHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2),
+                                 weight_decay=group["weight_decay"], maximize=group["maximize"])
+

@@ -1,0 +1,640 @@
+"""The store: one model's optimizer state in a directory on the SSD.
+
+A store is a manifest plus one state file per slice and generation::
+
+    STORE/
+      manifest.json          what is committed: step, parameters, slices, checksums
+      LOCK                   flock()ed by the process that has the store open
+      slices/s000003.g1      fp32 master weights, then each moment, 4096-aligned
+
+It is also the checkpoint. A step writes every slice's *other* generation,
+fsyncs it, and only then replaces the manifest (write a temporary file, fsync,
+rename, fsync the directory). Until that rename the manifest names the old
+generation, so a crash at any instant reopens at the last committed step and
+never at a torn mix. See ``docs/guarantees.md`` in the repository.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import fcntl
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import aio
+from .errors import (
+    DiskFullError,
+    StoreCorruptError,
+    StoreError,
+    StoreLockedError,
+    StoreMismatchError,
+    StorePermissionError,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ParamSpec",
+    "Segment",
+    "SliceSpec",
+    "SliceState",
+    "Manifest",
+    "Store",
+    "plan_slices",
+    "param_specs",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK = "LOCK"
+SLICES = "slices"
+MASTER = "master"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise TypeError(
+        f"nearstep keeps fp32 master weights for float32, bfloat16 and float16 "
+        f"parameters; got a {dtype} parameter. Convert it, or leave it out of the optimizer."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """One parameter as the store knows it.
+
+    Attributes:
+        name: the parameter's name (``model.named_parameters()``) or ``group{g}.param{i}``.
+        shape: its shape.
+        dtype: the model-side dtype name (``float32``, ``bfloat16``, ``float16``).
+        group: index of its optimizer param group.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    group: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A run of ``length`` elements of parameter ``param``, starting at element ``start``."""
+
+    param: int
+    start: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class SliceSpec:
+    """A group of parameters (or chunks of a large one) that moves and is updated as a unit."""
+
+    index: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def numel(self) -> int:
+        return sum(s.length for s in self.segments)
+
+    @property
+    def region_bytes(self) -> int:
+        """Bytes of one fp32 region (master or a moment), padded to a page."""
+        return aio.align_up(max(self.numel, 1) * 4)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceState:
+    """Which generation of a slice is committed, and its checksum."""
+
+    generation: int
+    checksum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Everything the store commits, in one JSON file replaced atomically.
+
+    Attributes:
+        store_id: a random id, fixed at creation.
+        optimizer: the kernel name (``adamw``, ``adam``, ``sgd``, ``lion``).
+        state_names: the fp32 regions of each slice file, master first.
+        hyperparameters: per param group, as last committed (JSON values).
+        params: the parameter table.
+        slices: the slice table.
+        step: the committed optimizer step (0 right after creation).
+        param_steps: per parameter, how many updates it has had.
+        committed: per slice, the committed generation and its checksum.
+        checksum_block: block size the per-file checksums are computed over.
+        counters: guard counters (skipped steps, spike-clipped elements, ...).
+        created_at, committed_at: UNIX times.
+    """
+
+    store_id: str
+    optimizer: str
+    state_names: tuple[str, ...]
+    hyperparameters: tuple[dict[str, Any], ...]
+    params: tuple[ParamSpec, ...]
+    slices: tuple[SliceSpec, ...]
+    step: int
+    param_steps: tuple[int, ...]
+    committed: tuple[SliceState, ...]
+    checksum_block: int
+    counters: dict[str, int] = field(default_factory=dict)
+    created_at: float = 0.0
+    committed_at: float = 0.0
+    format_version: int = FORMAT_VERSION
+
+    def slice_file_bytes(self, index: int) -> int:
+        return self.slices[index].region_bytes * len(self.state_names)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of one generation of the whole state."""
+        return sum(self.slice_file_bytes(s.index) for s in self.slices)
+
+    def to_json(self) -> str:
+        doc = asdict(self)
+        return json.dumps(doc, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        """Parse and validate a manifest; anything malformed is a StoreCorruptError."""
+
+        def bad(why: str) -> StoreCorruptError:
+            return StoreCorruptError(
+                f"{where} is not a valid nearstep manifest ({why}). The store cannot be "
+                f"opened; restore it from a backup or delete the directory to start over."
+            )
+
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise bad(f"not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise bad("top level is not an object")
+        version = doc.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreCorruptError(
+                f"{where} has format version {version!r}; this nearstep reads version "
+                f"{FORMAT_VERSION}. Use the nearstep release that wrote it."
+            )
+        try:
+            params = tuple(
+                ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), str(p["dtype"]), int(p["group"]))
+                for p in doc["params"]
+            )
+            slices = tuple(
+                SliceSpec(
+                    int(s["index"]),
+                    tuple(Segment(int(g["param"]), int(g["start"]), int(g["length"])) for g in s["segments"]),
+                )
+                for s in doc["slices"]
+            )
+            committed = tuple(SliceState(int(c["generation"]), int(c["checksum"])) for c in doc["committed"])
+            manifest = cls(
+                store_id=str(doc["store_id"]),
+                optimizer=str(doc["optimizer"]),
+                state_names=tuple(str(n) for n in doc["state_names"]),
+                hyperparameters=tuple(dict(h) for h in doc["hyperparameters"]),
+                params=params,
+                slices=slices,
+                step=int(doc["step"]),
+                param_steps=tuple(int(s) for s in doc["param_steps"]),
+                committed=committed,
+                checksum_block=int(doc["checksum_block"]),
+                counters={str(k): int(v) for k, v in dict(doc.get("counters", {})).items()},
+                created_at=float(doc.get("created_at", 0.0)),
+                committed_at=float(doc.get("committed_at", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise bad(f"{type(exc).__name__}: {exc}") from None
+        manifest._check(bad)
+        return manifest
+
+    def _check(self, bad: Callable[[str], StoreCorruptError]) -> None:
+        if not self.state_names or self.state_names[0] != MASTER:
+            raise bad("state_names must start with 'master'")
+        if self.step < 0 or self.checksum_block <= 0 or self.checksum_block % aio.PAGE:
+            raise bad("step or checksum_block out of range")
+        if len(self.param_steps) != len(self.params) or len(self.committed) != len(self.slices):
+            raise bad("table lengths disagree")
+        for p in self.params:
+            if p.dtype not in _DTYPES or any(d < 0 for d in p.shape) or not 0 <= p.group < len(self.hyperparameters):
+                raise bad(f"parameter {p.name!r} has an invalid dtype, shape or group")
+        covered = [0] * len(self.params)
+        for i, s in enumerate(self.slices):
+            if s.index != i:
+                raise bad(f"slice {i} has index {s.index}")
+            for g in s.segments:
+                if not 0 <= g.param < len(self.params) or g.start != covered[g.param] or g.length <= 0:
+                    raise bad(f"slice {i} has a segment that does not continue its parameter")
+                covered[g.param] += g.length
+        for i, p in enumerate(self.params):
+            if covered[i] != p.numel:
+                raise bad(f"the slices cover {covered[i]} of the {p.numel} elements of {p.name!r}")
+        for c in self.committed:
+            if c.generation not in (0, 1) or not 0 <= c.checksum < 2**32:
+                raise bad("a committed generation or checksum is out of range")
+
+
+def param_specs(groups: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> tuple[ParamSpec, ...]:
+    """The parameter table for named parameters grouped like the optimizer's param groups."""
+    return tuple(
+        ParamSpec(name, tuple(p.shape), _dtype_name(p.dtype), g)
+        for g, group in enumerate(groups)
+        for name, p in group
+    )
+
+
+def plan_slices(params: Sequence[ParamSpec], slice_bytes: int) -> tuple[SliceSpec, ...]:
+    """Cut the parameters into slices of about ``slice_bytes`` of fp32 master weights.
+
+    Slices are formed in backward order (the reverse of registration), which is the
+    order in which backward finishes their gradients. A parameter that does not fit
+    in what is left of the current slice starts a new one; a parameter larger than a
+    whole slice is split into slice-sized chunks.
+    """
+    capacity = max(slice_bytes // 4, 1)
+    slices: list[SliceSpec] = []
+    current: list[Segment] = []
+    room = capacity
+
+    def close() -> None:
+        nonlocal current, room
+        if current:
+            slices.append(SliceSpec(len(slices), tuple(current)))
+        current, room = [], capacity
+
+    for index in reversed(range(len(params))):
+        numel = params[index].numel
+        if numel == 0:
+            continue  # nothing to update; the manifest check expects no segment for it
+        if numel <= capacity and numel > room:
+            close()
+        start = 0
+        while start < numel:
+            if room == 0:
+                close()
+            take = min(numel - start, room)
+            current.append(Segment(index, start, take))
+            start += take
+            room -= take
+    close()
+    return tuple(slices)
+
+
+# ---------------------------------------------------------------------------
+# Locking
+
+
+def _acquire_lock(path: Path) -> int:
+    lock_path = path / LOCK
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except PermissionError as exc:
+        raise StorePermissionError(
+            exc.errno, f"cannot open {lock_path}: permission denied. Check the ownership and mode of the store directory.", str(lock_path)
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise StoreLockedError(
+            f"store {path} is in use by process {holder}. Stop that process (or wait for it to "
+            f"close the optimizer), or give this run a different store directory."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+# ---------------------------------------------------------------------------
+# The store
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    """A directory holding one model's optimizer state; see the module docstring.
+
+    Open one with :meth:`create` or :meth:`open`; both take the store's exclusive
+    lock, which :meth:`close` releases. ``with Store.open(path) as store:`` works.
+    The emulated device process adopts the same lock (see :meth:`adopt`).
+    """
+
+    def __init__(self, path: Path, manifest: Manifest, lock_fd: int) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.lock_fd = lock_fd
+
+    # -- opening -----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike,
+        *,
+        params: Sequence[ParamSpec],
+        masters: Callable[[int], torch.Tensor],
+        optimizer: str,
+        state_names: Sequence[str],
+        hyperparameters: Sequence[dict[str, Any]],
+        slice_bytes: int = 64 << 20,
+        checksum_block: int = aio.DEFAULT_BLOCK_BYTES,
+        pool: aio.IOPool | None = None,
+    ) -> Store:
+        """Make a new store and write step 0.
+
+        Args:
+            path: a directory that does not exist yet or is empty.
+            params: the parameter table (see :func:`param_specs`).
+            masters: ``masters(i)`` returns parameter ``i``'s initial values (any dtype).
+            optimizer: the kernel name.
+            state_names: the moment names after ``master`` (``kernels.state_names``).
+            hyperparameters: one JSON-able dict per param group.
+            slice_bytes: target bytes of fp32 master weights per slice.
+            checksum_block: block size of the per-file checksums.
+            pool: the I/O pool to write with (one is made if omitted).
+        """
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            raise StoreError(f"{path} already holds a store; use Store.open() to continue it, or pick another directory.")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / SLICES).mkdir(exist_ok=True)
+        except PermissionError as exc:
+            raise StorePermissionError(
+                exc.errno, f"cannot create the store directory {path}: permission denied. "
+                "Check the ownership and mode of its parent, or choose another location.", str(path)
+            ) from None
+        leftovers = [p.name for p in path.iterdir() if p.name not in (LOCK, SLICES)]
+        leftovers += [p.name for p in (path / SLICES).iterdir()]
+        if leftovers:
+            raise StoreError(
+                f"{path} is not empty ({', '.join(sorted(leftovers)[:3])} ...) and holds no committed "
+                f"store; it may be a store whose creation was interrupted. Delete it or pick another directory."
+            )
+        lock_fd = _acquire_lock(path)
+        try:
+            slices = plan_slices(params, slice_bytes)
+            names = (MASTER, *state_names)
+            manifest = Manifest(
+                store_id=uuid.uuid4().hex,
+                optimizer=optimizer,
+                state_names=names,
+                hyperparameters=tuple(dict(h) for h in hyperparameters),
+                params=tuple(params),
+                slices=slices,
+                step=0,
+                param_steps=(0,) * len(params),
+                committed=(SliceState(0, 0),) * len(slices),
+                checksum_block=checksum_block,
+                created_at=time.time(),
+            )
+            need = 2 * manifest.state_bytes
+            free = shutil.disk_usage(path).free
+            if need > free:
+                raise DiskFullError(
+                    _errno.ENOSPC,
+                    f"the store needs {need / 2**30:.2f} GiB (two generations of "
+                    f"{manifest.state_bytes / 2**30:.2f} GiB) but {path} has only {free / 2**30:.2f} GiB "
+                    f"free. Free space there or put the store on a bigger disk.",
+                    str(path),
+                )
+            store = cls(path, manifest, lock_fd)
+            committed = store._write_initial(masters, pool)
+            store._replace_manifest(replace(manifest, committed=committed, committed_at=time.time()))
+            return store
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Store:
+        """Open an existing store and take its lock."""
+        path = Path(path)
+        if not path.is_dir():
+            raise StoreError(f"{path} is not a directory; create the store first (nearstep does so when the optimizer is given a new path).")
+        lock_fd = _acquire_lock(path)
+        try:
+            return cls(path, read_manifest(path), lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def adopt(cls, path: str | os.PathLike, lock_fd: int) -> Store:
+        """Open a store whose lock this process inherited from its owner (the device process)."""
+        path = Path(path)
+        return cls(path, read_manifest(path), lock_fd)
+
+    def close(self) -> None:
+        """Release the lock. Idempotent."""
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def refresh(self) -> Manifest:
+        """Re-read the manifest (after another process committed)."""
+        self.manifest = read_manifest(self.path)
+        return self.manifest
+
+    # -- checks ------------------------------------------------------------
+
+    def check_model(self, params: Sequence[ParamSpec], optimizer: str | None = None) -> None:
+        """Raise StoreMismatchError naming the first difference from ``params``."""
+        m = self.manifest
+        if optimizer is not None and optimizer != m.optimizer:
+            raise StoreMismatchError(
+                f"store {self.path} holds {m.optimizer} state, not {optimizer}. Use nearstep."
+                f"{_class_name(m.optimizer)} with it, or give this optimizer a new store."
+            )
+        for i, (have, want) in enumerate(zip(m.params, params)):
+            if (have.shape, have.dtype) != (want.shape, want.dtype) or (have.name != want.name):
+                raise StoreMismatchError(
+                    f"store {self.path} was made for a different model: parameter {i} is "
+                    f"{have.name!r} {list(have.shape)} {have.dtype} in the store but {want.name!r} "
+                    f"{list(want.shape)} {want.dtype} in the model. Pass the model it was made for, "
+                    f"or a new store path."
+                )
+        if len(m.params) != len(params):
+            raise StoreMismatchError(
+                f"store {self.path} has {len(m.params)} parameters but the optimizer was given "
+                f"{len(params)}; the first {min(len(m.params), len(params))} agree. Pass the same "
+                f"parameters (and param groups) it was made for, or a new store path."
+            )
+        for i, (have, want) in enumerate(zip(m.params, params)):
+            if have.group != want.group:
+                raise StoreMismatchError(
+                    f"store {self.path}: parameter {i} {have.name!r} was in param group {have.group}, "
+                    f"now in group {want.group}. Keep the param groups as they were."
+                )
+
+    # -- files -------------------------------------------------------------
+
+    def slice_path(self, index: int, generation: int) -> Path:
+        return self.path / SLICES / f"s{index:06d}.g{generation}"
+
+    def iter_slice_paths(self) -> Iterator[tuple[int, int, Path]]:
+        for s in self.manifest.slices:
+            for g in (0, 1):
+                yield s.index, g, self.slice_path(s.index, g)
+
+    def _write_initial(self, masters: Callable[[int], torch.Tensor], pool: aio.IOPool | None) -> tuple[SliceState, ...]:
+        m = self.manifest
+        own_pool = pool is None
+        pool = pool or aio.IOPool(block_bytes=m.checksum_block)
+        states = []
+        try:
+            for spec in m.slices:
+                nbytes = m.slice_file_bytes(spec.index)
+                with aio.AlignedBuffer(nbytes) as buf:
+                    master = buf.tensor(torch.float32, 0, spec.numel)
+                    offset = 0
+                    for seg in spec.segments:
+                        flat = masters(seg.param).detach().reshape(-1)
+                        master[offset : offset + seg.length].copy_(flat[seg.start : seg.start + seg.length])
+                        offset += seg.length
+                    for g in (0, 1):
+                        with aio.AlignedFile.open(self.slice_path(spec.index, g), create=True) as f:
+                            f.allocate(nbytes)
+                            if g == 0:
+                                result = pool.write(f, buf, 0, checksum=True).result()
+                                states.append(SliceState(0, aio.combine_crcs(result.crcs or ())))
+                            f.sync()
+        finally:
+            if own_pool:
+                pool.close()
+        _fsync_dir(self.path / SLICES)
+        return tuple(states)
+
+    def read_slice(self, index: int) -> dict[str, torch.Tensor]:
+        """Read the committed state of one slice, verifying its checksum.
+
+        Returns one flat fp32 tensor per state name (``master`` first), each a copy.
+        """
+        m = self.manifest
+        spec = m.slices[index]
+        state = m.committed[index]
+        nbytes = m.slice_file_bytes(index)
+        path = self.slice_path(index, state.generation)
+        with aio.AlignedBuffer(nbytes) as buf, aio.IOPool(threads=2, block_bytes=m.checksum_block) as pool:
+            with aio.AlignedFile.open(path, writable=False) as f:
+                result = pool.read(f, buf, 0, checksum=True).result()
+            self.check_checksum(index, path, result.crcs or ())
+            return {
+                name: buf.tensor(torch.float32, r * spec.region_bytes, spec.numel).clone()
+                for r, name in enumerate(m.state_names)
+            }
+
+    def check_checksum(self, index: int, path: Path, crcs: Sequence[int]) -> int:
+        got = aio.combine_crcs(crcs)
+        want = self.manifest.committed[index].checksum
+        if got != want:
+            raise StoreCorruptError(
+                f"slice {index} of store {self.path} is corrupted: {path.name} has checksum "
+                f"{got:#010x}, the manifest committed {want:#010x}. Nothing was loaded from it. "
+                f"Restore the store from a backup, or start from a fresh store."
+            )
+        return got
+
+    def verify(self) -> list[str]:
+        """Check every committed slice file; return one line per problem (empty when sound)."""
+        problems = []
+        for spec in self.manifest.slices:
+            try:
+                self.read_slice(spec.index)
+            except (StoreError, OSError) as exc:
+                problems.append(str(exc))
+        return problems
+
+    # -- committing --------------------------------------------------------
+
+    def commit(self, manifest: Manifest) -> None:
+        """Atomically make ``manifest`` the committed state.
+
+        The caller has written and fdatasync()ed every slice file it names.
+        """
+        self._replace_manifest(replace(manifest, committed_at=time.time()))
+
+    def _replace_manifest(self, manifest: Manifest) -> None:
+        tmp = self.path / (MANIFEST + ".tmp")
+        data = manifest.to_json().encode()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # The rename is the commit point: before it the old manifest (and the old
+            # generation it names) is what a reopen sees, after it the new one.
+            os.replace(tmp, self.path / MANIFEST)
+            _fsync_dir(self.path)
+        except OSError as exc:
+            raise aio.wrap_os_error(exc, "commit the manifest", tmp) from None
+        self.manifest = manifest
+
+
+def read_manifest(path: Path) -> Manifest:
+    where = path / MANIFEST
+    try:
+        text = where.read_text()
+    except FileNotFoundError:
+        raise StoreError(
+            f"{path} holds no manifest.json, so it is not a nearstep store (or its creation was "
+            f"interrupted before the first commit). Delete it or pass a new path to create a store."
+        ) from None
+    except PermissionError as exc:
+        raise StorePermissionError(
+            exc.errno, f"cannot read {where}: permission denied. Check the ownership and mode of the store directory.", str(where)
+        ) from None
+    except UnicodeDecodeError:
+        raise StoreCorruptError(f"{where} is not text; the store is corrupted. Restore it from a backup or start over.") from None
+    return Manifest.from_json(text, where)
+
+
+def _class_name(kind: str) -> str:
+    return {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lion": "Lion"}.get(kind, kind)
