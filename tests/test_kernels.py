@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from nearstep import kernels
 from nearstep.kernels import (
     KERNELS,
     AdamHyper,
@@ -41,7 +42,9 @@ CONFIGS = [
     pytest.param(SGDHyper(lr=0.1, momentum=0.9, dampening=0.1), id="sgd-momentum-dampening"),
     pytest.param(SGDHyper(lr=0.1, momentum=0.9, nesterov=True), id="sgd-nesterov"),
     pytest.param(SGDHyper(lr=0.1, momentum=0.9, weight_decay=0.05), id="sgd-momentum-wd"),
-    pytest.param(SGDHyper(lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.05, maximize=True), id="sgd-nesterov-wd-max"),
+    pytest.param(
+        SGDHyper(lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.05, maximize=True), id="sgd-nesterov-wd-max"
+    ),
     pytest.param(LionHyper(lr=1e-3), id="lion"),
     pytest.param(LionHyper(lr=1e-3, beta1=0.95, beta2=0.98, weight_decay=0.1, maximize=True), id="lion-wd-max"),
 ]
@@ -123,11 +126,20 @@ def ref_step_(hyper, master, states, grad, step, guards: Guards) -> SegmentRepor
     ratio = update.norm().item() / old_norm if old_norm > 0 else 0.0
     clipped = guards.update_clip is not None and rms > guards.update_clip
     if clipped:
-        master.copy_(old + (update * (guards.update_clip / rms)).float())
+        scale = guards.update_clip / rms
+        master.copy_(old + (update * scale).float())
+        rms, ratio = guards.update_clip, ratio * scale
     return SegmentReport(spiked, rms, ratio, clipped)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture(params=["default-blocks", "tiny-blocks"])
+def block(request, monkeypatch):
+    """The guards work in cache-sized blocks; tiny blocks split every segment and batch several."""
+    if request.param == "tiny-blocks":
+        monkeypatch.setattr(kernels, "_BLOCK", 16)
 
 
 def initial_state(name: str, numel: int, step: int, gen: torch.Generator) -> Tensor:
@@ -250,7 +262,7 @@ def test_update_empty_call_is_a_no_op():
 
 
 @pytest.mark.parametrize("hyper_type", [AdamWHyper, AdamHyper])
-def test_spike_clip_clips_known_elements(hyper_type):
+def test_spike_clip_clips_known_elements(hyper_type, block):
     theta, warmup = 2.0, 10
     exp_avg_sq = torch.full((20,), 0.25)  # bound = theta * sqrt(v) = 1.0
     exp_avg_sq[7] = 0.0  # no history: never clipped
@@ -265,8 +277,11 @@ def test_spike_clip_clips_known_elements(hyper_type):
     # beta1 = 0 and a zero first moment make the new first moment the clipped gradient.
     hyper = hyper_type(lr=1e-3, beta1=0.0, weight_decay=0.0)
     guards = Guards(spike_clip=theta, spike_warmup=warmup)
-    seg = lambda: [t.clone() for t in (torch.ones(20), torch.zeros(20), exp_avg_sq, grad)]  # noqa: E731
-    active, warming = seg(), seg()
+
+    def fresh_segment() -> list[Tensor]:  # master, exp_avg, exp_avg_sq, grad
+        return [t.clone() for t in (torch.ones(20), torch.zeros(20), exp_avg_sq, grad)]
+
+    active, warming = fresh_segment(), fresh_segment()
     reports = update_(
         hyper,
         [active[0], warming[0]],
@@ -283,8 +298,22 @@ def test_spike_clip_clips_known_elements(hyper_type):
     torch.testing.assert_close(loop_grad, expected)
 
 
+def test_spike_clip_with_nonfinite_gradients(block):
+    # Only reachable with skip_nonfinite off on the host: inf is a spike like any
+    # other, nan is not comparable and passes through (and is not counted).
+    exp_avg_sq = torch.full((6,), 4.0)  # bound = 1 * sqrt(4) = 2
+    grad = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 1.0, -3.0])
+    exp_avg = torch.zeros(6)
+    reports = update_(
+        AdamWHyper(lr=0.0, beta1=0.0), [torch.ones(6)], {"exp_avg": [exp_avg], "exp_avg_sq": [exp_avg_sq]},
+        [grad], [5], Guards(spike_clip=1.0, spike_warmup=0, skip_nonfinite=False),
+    )
+    assert reports[0].spike_clipped == 3
+    torch.testing.assert_close(exp_avg, torch.tensor([2.0, -2.0, math.nan, -0.0, 1.0, -2.0]), equal_nan=True)
+
+
 @pytest.mark.parametrize("hyper", [AdamWHyper(lr=1e-2), AdamHyper(lr=1e-2, weight_decay=0.1, maximize=True)])
-def test_spike_clip_over_steps_matches_loop_reference(hyper):
+def test_spike_clip_over_steps_matches_loop_reference(hyper, block):
     guards = Guards(spike_clip=1.5, spike_warmup=3)
     problem = Problem(hyper, (3, 50, 200), (1, 3, 9), NUM_STEPS, seed=2)
     total = 0
@@ -314,7 +343,7 @@ def test_spike_clip_refused_without_second_moment(hyper_type):
 # ---------------------------------------------------------------- update clip and telemetry
 
 
-def test_update_clip_caps_large_update_only():
+def test_update_clip_caps_large_update_only(block):
     cap = 0.1
     gen = torch.Generator().manual_seed(3)
     big_grad, small_grad = torch.randn(100, generator=gen), torch.randn(50, generator=gen) * 1e-3
@@ -332,25 +361,29 @@ def test_update_clip_caps_large_update_only():
     torch.testing.assert_close(big_update, -big_grad * (cap / rms(big_grad).item()), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(masters[1], 1.0 - small_grad)
     assert reports[0].update_clipped and not reports[1].update_clipped
-    assert reports[0].update_rms == pytest.approx(rms(big_grad).item(), rel=1e-5)  # the proposed update
+    assert reports[0].update_rms == pytest.approx(cap)  # the applied update
+    assert reports[0].update_to_weight == pytest.approx(big_update.double().norm().item() / 10.0, rel=1e-5)
     assert reports[1].update_rms == pytest.approx(rms(small_grad).item(), rel=1e-4)
 
 
 @pytest.mark.parametrize("hyper", [AdamWHyper(lr=0.5), LionHyper(lr=0.5)])
-def test_update_clip_leaves_moments_alone(hyper):
+def test_update_clip_leaves_moments_alone(hyper, block):
     guarded = Problem(hyper, (40, 9), (1, 4), 3, seed=4)
     plain = Problem(hyper, (40, 9), (1, 4), 3, seed=4)
     for t in range(3):
         reports = guarded.kernel_step(t, Guards(update_clip=0.05))
         plain.kernel_step(t, Guards())
-        guarded.reference_step(t, Guards(update_clip=0.05))
+        expected = guarded.reference_step(t, Guards(update_clip=0.05))
         assert all(r.update_clipped for r in reports)
+        for report, want in zip(reports, expected):
+            assert report.update_rms == pytest.approx(0.05)
+            assert report.update_to_weight == pytest.approx(want.update_to_weight, rel=1e-4)
         for name in guarded.names:
             assert torch.equal(guarded.flat_states[name], plain.flat_states[name])
         guarded.assert_matches_reference(rtol=1e-5, atol=1e-5)
 
 
-def test_telemetry_matches_hand_computation():
+def test_telemetry_matches_hand_computation(block):
     hyper = AdamWHyper(lr=1e-2, weight_decay=0.1)
     watched = Problem(hyper, (64, 0, 10, 5), (1, 1, 3, 1), 2, seed=5)
     plain = Problem(hyper, (64, 0, 10, 5), (1, 1, 3, 1), 2, seed=5)

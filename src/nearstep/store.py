@@ -21,6 +21,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import time
 import uuid
@@ -490,7 +491,7 @@ class Store:
                 f"{_class_name(m.optimizer)} with it, or give this optimizer a new store."
             )
         for i, (have, want) in enumerate(zip(m.params, params)):
-            if (have.shape, have.dtype) != (want.shape, want.dtype) or (have.name != want.name):
+            if (have.shape, have.dtype) != (want.shape, want.dtype) or not _same_name(have.name, want.name):
                 raise StoreMismatchError(
                     f"store {self.path} was made for a different model: parameter {i} is "
                     f"{have.name!r} {list(have.shape)} {have.dtype} in the store but {want.name!r} "
@@ -634,6 +635,14 @@ def read_manifest(path: Path) -> Manifest:
     except UnicodeDecodeError:
         raise StoreCorruptError(f"{where} is not text; the store is corrupted. Restore it from a backup or start over.") from None
     return Manifest.from_json(text, where)
+
+
+def _same_name(a: str, b: str) -> bool:
+    """Names count only when both are real: ``parameters()`` gives only positional ones."""
+    return a == b or bool(_POSITIONAL.fullmatch(a) or _POSITIONAL.fullmatch(b))
+
+
+_POSITIONAL = re.compile(r"group\d+\.param\d+")
 
 
 def _class_name(kind: str) -> str:

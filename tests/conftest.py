@@ -1,0 +1,44 @@
+"""Shared fixtures: small models that stress slicing, and both device backends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+BACKENDS = ["inline", "emulated"]
+
+
+class TinyNet(nn.Module):
+    """An embedding, linear layers and a norm: the shapes real fine-tuning has, in miniature."""
+
+    def __init__(self, vocab: int = 64, dim: int = 24, classes: int = 5) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.proj = nn.Linear(dim, 48)
+        self.norm = nn.LayerNorm(48)
+        self.head = nn.Linear(48, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens).mean(dim=1)
+        return self.head(self.norm(torch.relu(self.proj(h))))
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet().to(dtype)
+
+
+def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, 64, (8, 6), generator=g), torch.randint(0, 5, (8,), generator=g)) for _ in range(n)]
+
+
+def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x).float(), y)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
