@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,13 +49,17 @@ __all__ = [
     "Apply",
     "Commit",
     "LoadState",
+    "Stage",
+    "Abort",
     "Query",
     "Request",
+    "TraceEvent",
     "EngineConfig",
     "Engine",
 ]
 
 _STAGE_ALIGN = 64
+_MAX_TRACE_EVENTS = 200_000  # a bound on memory when nobody collects the trace
 
 
 # ---------------------------------------------------------------------------
@@ -229,13 +233,39 @@ class LoadState:
 
 
 @dataclass(frozen=True, slots=True)
+class Stage:
+    """The gradients of a slice are complete in staging memory (the ``stage`` verb).
+
+    With the emulated device the bytes are already in shared memory, so this only
+    tells the device that the slice's inputs are ready; a drive that copies them
+    into its own memory would start that copy here.
+    """
+
+    slice: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """Drop everything queued or applied since the last commit (a skipped or failed step)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Query:
-    """Ask for ``info`` or ``stats``."""
+    """Ask for ``stats``, ``manifest`` or ``trace`` (the device's timeline events since the last ask)."""
 
     what: str
 
 
-Request = MapMemory | Prefetch | Apply | Commit | LoadState | Query
+Request = MapMemory | Prefetch | Stage | Apply | Commit | Abort | LoadState | Query
+
+
+class TraceEvent(NamedTuple):
+    """One interval on a timeline lane; times are CLOCK_MONOTONIC nanoseconds, shared by all processes."""
+
+    lane: str
+    name: str
+    start_ns: int
+    end_ns: int
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -303,6 +333,9 @@ class Engine:
         self._tickets: dict[int, _Ticket] = {}
         self._writes: dict[int, tuple[Future[aio.IOResult], int]] = {}
         self._closing = False
+        self._trace: list[TraceEvent] = []
+        # Guard counts of the applies since the last commit; the commit adds them to the manifest's.
+        self._kernel_counts = {"spike_clipped": 0, "update_clipped": 0}
         self.counters = {
             "link_in_bytes": 0,
             "link_out_bytes": 0,
@@ -310,6 +343,7 @@ class Engine:
             "load_wait_seconds": 0.0,
             "commit_seconds": 0.0,
             "slices_applied": 0,
+            "slices_staged": 0,
             "steps_committed": 0,
             "peak_slots": 0,
         }
@@ -323,8 +357,15 @@ class Engine:
             return self._apply(request)
         if isinstance(request, Prefetch):
             return self._prefetch(request.slices)
+        if isinstance(request, Stage):
+            self._check_slice(request.slice)
+            self.counters["slices_staged"] += 1
+            return None
         if isinstance(request, Commit):
             return self._commit(request)
+        if isinstance(request, Abort):
+            self.abort_step()
+            return None
         if isinstance(request, LoadState):
             return self._load_state(request)
         if isinstance(request, MapMemory):
@@ -337,6 +378,10 @@ class Engine:
                 return self.stats()
             if request.what == "manifest":
                 return self.manifest
+            if request.what == "trace":
+                with self._cv:
+                    events, self._trace = self._trace, []
+                return events
         raise ValueError(f"the device does not know the request {request!r}")
 
     def stats(self) -> dict[str, float]:
@@ -349,7 +394,18 @@ class Engine:
         out["slots"] = self.max_slots
         out["slot_bytes"] = self.slot_bytes
         out["step"] = self.manifest.step
+        out["counters"] = dict(self.manifest.counters)
         return out
+
+    def _event(self, lane: str, name: str, start_ns: int, end_ns: int) -> None:
+        with self._cv:
+            if len(self._trace) < _MAX_TRACE_EVENTS:
+                self._trace.append(TraceEvent(lane, name, start_ns, end_ns))
+
+    def _timed(self, future: Future[aio.IOResult], lane: str, name: str) -> Future[aio.IOResult]:
+        start = time.monotonic_ns()
+        future.add_done_callback(lambda _f: self._event(lane, name, start, time.monotonic_ns()))
+        return future
 
     # -- loading -------------------------------------------------------------
 
@@ -381,7 +437,10 @@ class Engine:
             try:
                 gen = self.manifest.committed[k].generation
                 nbytes = self.manifest.slice_file_bytes(k)
-                ticket.future = self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True)
+                ticket.future = self._timed(
+                    self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True),
+                    "device-io", f"read s{k}",
+                )
             except BaseException as exc:  # surfaced by the apply that waits on this ticket
                 failed: Future[aio.IOResult] = Future()
                 failed.set_exception(exc)
@@ -452,8 +511,14 @@ class Engine:
         if k in self._writes:
             raise RuntimeError(f"slice {k} was already applied in this step; commit before applying it again")
         slot, _ = self._take_loaded(k)
+        if not any(req.steps):
+            # Prefetched, but nothing of it had a gradient this step: the state is unchanged.
+            self._release(slot)
+            return [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         try:
+            start = time.monotonic_ns()
             reports = self._run_kernel(req, slot, arena)
+            self._event("device-compute", f"apply s{k}", start, time.monotonic_ns())
             self._write_back(k, slot)
         except BaseException:
             self._release(slot)
@@ -498,6 +563,8 @@ class Engine:
             out = kernels.update_(req.hypers[group], masters, states, grads, [req.steps[j] for j in members], req.guards)
             for j, rep in zip(members, out):
                 reports[j] = rep
+                self._kernel_counts["spike_clipped"] += rep.spike_clipped
+                self._kernel_counts["update_clipped"] += int(rep.update_clipped)
         # Post the new weights, cast to the model dtype, where the host will pick them up.
         link_out = 0
         for members in by_group.values():
@@ -515,7 +582,10 @@ class Engine:
     def _write_back(self, k: int, slot: _Slot) -> None:
         gen = self.manifest.committed[k].generation ^ 1
         nbytes = self.manifest.slice_file_bytes(k)
-        future = self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True)
+        future = self._timed(
+            self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True),
+            "device-io", f"write s{k}",
+        )
         # The slot is free only once the write has read its bytes.
         future.add_done_callback(lambda _f, slot=slot: self._release(slot))
         self._writes[k] = (future, gen)
@@ -543,8 +613,12 @@ class Engine:
 
     def _commit(self, req: Commit) -> Manifest:
         t0 = time.perf_counter()
+        start_ns = time.monotonic_ns()
         m = self.manifest
         committed = list(m.committed)
+        counters = {**m.counters, **req.counters}
+        for name, value in self._kernel_counts.items():
+            counters[name] = m.counters.get(name, 0) + value
         try:
             for k, (future, gen) in sorted(self._writes.items()):
                 result = future.result()
@@ -559,16 +633,18 @@ class Engine:
             step=req.step,
             param_steps=tuple(req.param_steps),
             hyperparameters=tuple(req.hyperparameters),
-            counters=dict(req.counters),
+            counters=counters,
             committed=tuple(committed),
         )
         self.store.commit(manifest)
         self.manifest = self.store.manifest
+        self._event("device-io", f"commit {req.step}", start_ns, time.monotonic_ns())
         self.counters["steps_committed"] += 1
         self.counters["commit_seconds"] += time.perf_counter() - t0
         return self.manifest
 
     def _writes_abort(self) -> None:
+        self._kernel_counts = dict.fromkeys(self._kernel_counts, 0)
         for future, _gen in self._writes.values():
             try:
                 future.result()

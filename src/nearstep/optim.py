@@ -26,7 +26,9 @@ import torch
 
 from . import kernels
 from .device import Completion, Device, DeviceConfig, build_device
-from .engine import Apply, Commit, LoadState, Prefetch, StagingLayout
+from .engine import Commit, LoadState, Query, StagingLayout
+from .pipeline import InFlight, Pipeline
+from .trace import Trace
 from .errors import NearstepError, StoreMismatchError
 from .store import MANIFEST, Manifest, ParamSpec, Store, param_specs
 
@@ -104,13 +106,21 @@ class NearstepOptimizer(torch.optim.Optimizer):
         guards: kernels.Guards | None = None,
         device: DeviceConfig | str | None = None,
         slice_mb: float = 64,
+        model: torch.nn.Module | None = None,
+        warmup_steps: int = 10,
+        offload_gradients: bool = False,
     ) -> None:
         if mode not in ("sync", "overlap", "delayed"):
             raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
-        if mode != "sync":
-            raise NotImplementedError(
-                f"mode={mode!r} is not available in this release; use mode='sync' (same results as torch.optim)"
+        if mode == "overlap" and model is None:
+            raise ValueError(
+                "mode='overlap' needs the model, to wait for each module's new weights just before its "
+                "forward: pass model=model (or use mode='sync')"
             )
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if not slice_mb > 0:
@@ -135,6 +145,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self.mode = mode
         self.max_grad_norm = max_grad_norm
         self.guards = guards
+        self.warmup_steps = warmup_steps
         self._params: list[torch.Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._names = [n for group_names in names for n in group_names]
         specs = param_specs([list(zip(gn, g["params"])) for gn, g in zip(names, self.param_groups)])
@@ -152,13 +163,25 @@ class NearstepOptimizer(torch.optim.Optimizer):
             if resumed:
                 self._load_masters_into_params(manifest)
             self._device: Device = build_device(self._store, device)
-            self._arena = self._device.alloc(self._layout.nbytes)
         except BaseException:
             self._store.close()
             raise
-        self._times = {"steps": 0, "step_seconds": 0.0, "stage_seconds": 0.0, "wait_seconds": 0.0}
+        self.trace = Trace(collect=self._device_events)
         # Stop the device process even when the user forgets close().
         self._finalizer = weakref.finalize(self, _close_quietly, self._device, self._store)
+        self._pipeline = Pipeline(
+            self._params, self._names, self._layout, self._device, self.trace,
+            arenas=2 if mode == "delayed" else 1,
+            offload_gradients=offload_gradients and mode != "sync",
+            rollback=self._rollback,
+        )
+        self._pipeline.need_norms = max_grad_norm is not None or guards.skip_nonfinite
+        if mode != "sync":
+            self._pipeline.attach_grad_hooks()
+        if model is not None:
+            self._pipeline.attach_forward_hooks(model, land_in_forward=mode == "overlap")
+        self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
+        self._loop_start: int | None = None
 
     # -- set-up helpers --------------------------------------------------------
 
@@ -217,107 +240,89 @@ class NearstepOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        """Update every parameter that has a gradient; returns the closure's loss."""
+        """Update every parameter that has a gradient; returns the closure's loss.
+
+        In ``sync`` mode the update is complete (and committed) when this returns. In
+        ``overlap`` mode it returns once the updates are queued; each module's new
+        weights land just before its next forward. In ``delayed`` mode the new
+        weights land at the next ``step()``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         self._check_open()
-        t0 = time.perf_counter()
-        grads = [p.grad for p in self._params]
-        for i, g in enumerate(grads):
+        t0 = time.monotonic_ns()
+        if self._loop_start is not None:
+            self.trace.add("compute", "forward/backward", self._loop_start, t0)
+        pipeline = self._pipeline
+        # The barrier: the previous step must be in the model before this one starts.
+        self._account(pipeline.finish())
+        present = [i for i in range(len(self._params)) if pipeline.has_gradient(i)]
+        if not present:
+            pipeline.abort()
+            return self._end_step(t0, loss)
+        for i in present:
+            g = self._params[i].grad
             if g is not None and (g.is_sparse or g.shape != self._params[i].shape):
+                pipeline.abort()
                 raise ValueError(
                     f"the gradient of {self._names[i]!r} has shape {tuple(g.shape)}{' (sparse)' if g.is_sparse else ''}, "
                     f"expected {tuple(self._params[i].shape)} dense; nothing was updated"
                 )
-        present = [i for i, g in enumerate(grads) if g is not None]
-        if not present:
-            return loss
+        pipeline.stage_rest(present)
         scale = 1.0
-        if self.max_grad_norm is not None or self.guards.skip_nonfinite:
-            norms = torch.stack([torch.linalg.vector_norm(grads[i], dtype=torch.float32) for i in present])
-            total = torch.linalg.vector_norm(norms)
+        if pipeline.need_norms:
+            total = torch.linalg.vector_norm(torch.stack([pipeline.grad_norm(i) for i in present]))
             if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
                 self._counters["skipped_steps"] += 1
-                return loss
+                pipeline.abort()
+                return self._end_step(t0, loss)
             if self.max_grad_norm is not None:
                 # The same rounding as torch.nn.utils.clip_grad_norm_: an fp32 coefficient.
                 scale = float(torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0))
         new_steps = list(self._param_steps)
         for i in present:
             new_steps[i] += 1
-        self._stage(grads)
-        t1 = time.perf_counter()
         hypers = tuple(self._hyper(g) for g in self.param_groups)
-        order = self._forward_order(present)
-        self._device.submit(Prefetch(tuple(order)))
-        applies = [
-            (k, self._device.submit(Apply(
-                k, hypers,
-                tuple(new_steps[s.param] if grads[s.param] is not None else 0 for s in self._layout.slices[k].segments),
-                scale, self.guards, self._arena.id,
-            )))
-            for k in order
-        ]
-        counters = dict(self._counters)
-        reports = self._wait_applies(applies)
-        for k, rep in reports:
-            for seg, r in zip(self._layout.slices[k].segments, rep):
-                counters["spike_clipped"] += r.spike_clipped
-                counters["update_clipped"] += int(r.update_clipped)
-        done = self._device.submit(Commit(self._step + 1, tuple(new_steps), tuple(self._group_json(g) for g in self.param_groups), counters))
-        done.wait()
-        # Only now, with the step durable, do the new weights enter the model: if any
-        # part failed above, model and store both stay at the last committed step.
-        self._unstage(order, grads)
-        self._account(reports)
-        self._counters = counters
+        commit = Commit(self._step + 1, tuple(new_steps), tuple(self._group_json(g) for g in self.param_groups),
+                        {"skipped_steps": self._counters["skipped_steps"]})
+        pipeline.launch(self._step + 1, present, hypers, new_steps, scale, self.guards, commit)
         self._param_steps = new_steps
         self._step += 1
+        if self.mode == "sync" or (self.mode == "delayed" and self._step <= self.warmup_steps):
+            self._account(pipeline.finish())
+        return self._end_step(t0, loss)
+
+    def _end_step(self, t0: int, loss: Any) -> Any:
+        end = time.monotonic_ns()
+        self.trace.add("compute", "step", t0, end)
         self._times["steps"] += 1
-        self._times["stage_seconds"] += t1 - t0
-        self._times["wait_seconds"] += time.perf_counter() - t1
-        self._times["step_seconds"] += time.perf_counter() - t0
+        self._times["step_seconds"] += (end - t0) / 1e9
+        self._loop_start = end
         return loss
 
-    def _forward_order(self, present: list[int]) -> list[int]:
-        """Slices with any gradient, in forward order (slices are numbered in backward order)."""
-        has = set(present)
-        return [s.index for s in reversed(self._layout.slices) if any(seg.param in has for seg in s.segments)]
+    def _device_events(self) -> list[Any]:
+        if self._closed or not self._device.alive:
+            return []
+        return self._device.submit(Query("trace")).wait()
 
-    def _stage(self, grads: list[torch.Tensor | None]) -> None:
-        arena = self._arena.bytes
-        for staged in self._layout.slices:
-            for seg in staged.segments:
-                g = grads[seg.param]
-                if g is not None:
-                    self._layout.grad_view(arena, seg, staged).copy_(g.reshape(-1)[seg.start : seg.start + seg.length])
+    @torch.no_grad()
+    def _rollback(self) -> None:
+        """After a failed step: the model gets the store's last committed weights back."""
+        try:
+            manifest = self._store.refresh()
+            self._load_masters_into_params(manifest)
+        except NearstepError:
+            return  # nothing readable to roll back to; the error being raised says why
+        self._step = manifest.step
+        self._param_steps = list(manifest.param_steps)
 
-    def _unstage(self, order: list[int], grads: list[torch.Tensor | None]) -> None:
-        arena = self._arena.bytes
-        for k in order:
-            staged = self._layout.slices[k]
-            for seg in staged.segments:
-                if grads[seg.param] is not None:
-                    flat = self._params[seg.param].view(-1)
-                    flat[seg.start : seg.start + seg.length].copy_(self._layout.weight_view(arena, seg, staged))
-
-    def _wait_applies(self, applies: list[tuple[int, Completion]]) -> list[tuple[int, list[kernels.SegmentReport]]]:
-        out = []
-        error: BaseException | None = None
-        for k, done in applies:
-            try:
-                out.append((k, done.wait()))
-            except BaseException as exc:  # wait for the rest so none is left running
-                error = error or exc
-        if error is not None:
-            raise error
-        return out
-
-    def _account(self, reports: list[tuple[int, list[kernels.SegmentReport]]]) -> None:
+    def _account(self, inflight: InFlight | None) -> None:
+        if inflight is None:
+            return
         sums: dict[int, list[float]] = {}
-        for k, rep in reports:
+        for k, rep in inflight.reports.items():
             for seg, r in zip(self._layout.slices[k].segments, rep):
                 self._spike_by_param[seg.param] += r.spike_clipped
                 self._uclip_by_param[seg.param] += int(r.update_clipped)
@@ -325,7 +330,6 @@ class NearstepOptimizer(torch.optim.Optimizer):
                     acc = sums.setdefault(seg.param, [0.0, 0.0, 0.0])
                     acc[0] += r.update_rms**2 * seg.length
                     acc[1] += seg.length
-                    # ratio^2 * ||w||^2 = ||u||^2 ; combine chunks by their update energy
                     acc[2] += (r.update_to_weight**2) * seg.length
         for i, (energy, n, ratio_energy) in sums.items():
             self._last[i] = (math.sqrt(energy / n), math.sqrt(ratio_energy / n))
@@ -339,30 +343,41 @@ class NearstepOptimizer(torch.optim.Optimizer):
     def synchronize(self) -> None:
         """Wait until every queued update has reached the model and the store.
 
-        In ``sync`` mode ``step()`` already returns with everything done.
+        ``state_dict()`` (the optimizer's, and the model's when ``model=`` was given)
+        calls it; call it yourself before reading weights in other ways between steps,
+        for example before ``model.to()`` or an evaluation in delayed mode.
         """
         self._check_open()
+        self._account(self._pipeline.finish())
 
     def telemetry(self) -> list[ParamTelemetry]:
         """Per parameter: last update RMS and update-to-weight ratio, and guard counts."""
+        self.synchronize()
         return [
             ParamTelemetry(self._names[i], self._last[i][0], self._last[i][1], self._spike_by_param[i], self._uclip_by_param[i])
             for i in range(len(self._params))
         ]
 
     def stats(self) -> dict[str, Any]:
-        """Counters of the host and the device: steps, times, bytes, guard counts."""
+        """Counters of the host and the device: steps, times, bytes, guard counts, overlap."""
         self._check_open()
         device = self._device.stats()
+        committed = device.pop("counters")
         steps = max(self._times["steps"], 1)
+        summary = self.trace.summary()
         return {
             "mode": self.mode,
             "step": self._step,
             "store": str(self._store.path),
             "backend": self._device.info.backend,
-            **self._counters,
-            **{f"host_{k}": v for k, v in self._times.items()},
+            "spike_clipped": committed.get("spike_clipped", 0),
+            "update_clipped": committed.get("update_clipped", 0),
+            "skipped_steps": self._counters["skipped_steps"],
             "step_ms": 1e3 * self._times["step_seconds"] / steps,
+            "host_steps": self._times["steps"],
+            "overlap_fraction": summary["overlap_fraction"],
+            "link_bytes_per_step": (device["link_in_bytes"] + device["link_out_bytes"]) / steps,
+            "store_bytes_per_step": (device["store_read_bytes"] + device["store_write_bytes"]) / steps,
             **{f"device_{k}": v for k, v in device.items()},
         }
 
@@ -424,7 +439,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         The master weights it carries become the model's weights, as when resuming
         from a store. Nothing changes unless the whole state dict fits this optimizer.
         """
-        self._check_open()
+        self.synchronize()
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise StoreMismatchError(f"the state dict has {len(groups) if isinstance(groups, list) else 'no'} param groups, this optimizer {len(self.param_groups)}")
@@ -463,15 +478,23 @@ class NearstepOptimizer(torch.optim.Optimizer):
         step = int(meta.get("step", max(steps, default=0)))
         counters = {**self._counters, **meta.get("counters", {})}
         completions.append(self._device.submit(Commit(step, tuple(steps), tuple(self._group_json(g) for g in self.param_groups), counters)))
-        self._wait_applies([(0, c) for c in completions])
+        _wait_all(completions)
         for pos, p in enumerate(self._params):
             p.copy_(flats["master"][pos].view(p.shape))
         self._step, self._param_steps, self._counters = step, steps, counters
 
     def close(self) -> None:
-        """Stop the device and release the store (its last commit stays on disk). Idempotent."""
-        if not self._closed:
+        """Finish the last step, stop the device and release the store. Idempotent.
+
+        The store keeps the last committed step; reopen it to continue.
+        """
+        if self._closed:
+            return
+        try:
+            self._account(self._pipeline.finish())
+        finally:
             self._closed = True
+            self._pipeline.detach()
             self._finalizer()
 
     def __enter__(self) -> NearstepOptimizer:
@@ -482,6 +505,18 @@ class NearstepOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"nearstep.{type(self).__name__}(params={len(self._params)}, step={self._step}, mode={self.mode!r}, store='{self._store.path}')"
+
+
+def _wait_all(completions: list[Completion]) -> None:
+    """Wait for every completion (none is left running), then raise the first error."""
+    error: BaseException | None = None
+    for done in completions:
+        try:
+            done.wait()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _close_quietly(device: Device, store: Store) -> None:
