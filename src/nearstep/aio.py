@@ -129,7 +129,8 @@ class AlignedBuffer(_ContextManager):
         if nbytes <= 0:
             raise ValueError(f"AlignedBuffer needs a positive size, got {nbytes}")
         self.nbytes = align_up(nbytes)
-        self._mmap: mmap.mmap | None = mmap.mmap(-1, self.nbytes)
+        # Private, so the memory counts (and is budgeted) as the process's own, not as shared memory.
+        self._mmap: mmap.mmap | None = mmap.mmap(-1, self.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # The ctypes object exports the mmap's buffer; drop it at once or close() could never unmap.
         anchor = ctypes.c_char.from_buffer(self._mmap)
         self.address = ctypes.addressof(anchor)

@@ -7,6 +7,11 @@ import sys
 
 __all__ = ["main"]
 
+_BENCHES = {
+    "io": (".bench.io", "store bandwidth, update rate, device memory"),
+    "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -17,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("demo", help="train a model with its optimizer state in a store (no configuration)", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
-    bench.add_argument("which", choices=["io"], help="io: store bandwidth, update rate, device memory")
+    bench.add_argument("which", choices=sorted(_BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCHES.items())))
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -25,12 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
-    if argv[0] == "bench":
-        known, rest = bench.parse_known_args(argv[1:])
-        if known.which == "io":
-            from .bench.io import main as io_main
+    if argv[0] == "bench" and len(argv) > 1 and argv[1] in _BENCHES:
+        import importlib
 
-            return io_main(rest)
+        module = importlib.import_module(_BENCHES[argv[1]][0], __package__)
+        return module.main(argv[2:])
     parser.parse_args(argv)  # prints the usage error for an unknown command
     return 2
 

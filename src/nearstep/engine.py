@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 _STAGE_ALIGN = 64
+_MARGIN_BYTES = 16 << 20
 _MAX_TRACE_EVENTS = 200_000  # a bound on memory when nobody collects the trace
 
 
@@ -314,12 +315,16 @@ class Engine:
         self.slot_bytes = max(
             (m.slice_file_bytes(s.index) + s.region_bytes for s in m.slices), default=aio.PAGE
         )
-        self.max_slots = config.memory_budget // self.slot_bytes
+        # Slots get the budget less a margin for what else the engine allocates while it
+        # works (the guards' block scratch, I/O bookkeeping, thread stacks).
+        usable = config.memory_budget - max(_MARGIN_BYTES, config.memory_budget // 32)
+        self.max_slots = max(usable, 0) // self.slot_bytes
         if self.max_slots < 1:
             raise ValueError(
-                f"memory_budget of {config.memory_budget / 2**20:.0f} MiB is smaller than one slice's "
+                f"memory_budget of {config.memory_budget / 2**20:.0f} MiB cannot hold one slice's "
                 f"working set ({self.slot_bytes / 2**20:.0f} MiB: its state plus a gradient scratch "
-                f"area). Raise memory_budget or make slices smaller (slice_mb)."
+                f"area) and a {max(_MARGIN_BYTES, config.memory_budget // 32) / 2**20:.0f} MiB margin. "
+                f"Raise memory_budget or make slices smaller (slice_mb)."
             )
         self.max_slots = min(self.max_slots, max(len(m.slices), 1))
         self.pool = aio.IOPool(threads=config.io_threads, block_bytes=m.checksum_block)

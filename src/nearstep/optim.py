@@ -273,7 +273,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         pipeline.stage_rest(present)
         scale = 1.0
         if pipeline.need_norms:
-            total = torch.linalg.vector_norm(torch.stack([pipeline.grad_norm(i) for i in present]))
+            norms = [pipeline.grad_norm(i) for i in present]
+            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
             if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
                 self._counters["skipped_steps"] += 1
                 pipeline.abort()

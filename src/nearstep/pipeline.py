@@ -67,6 +67,17 @@ class InFlight:
     reports: dict[int, list[kernels.SegmentReport]] = field(default_factory=dict)
 
 
+def _norm(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient's L2 norm as torch's clip_grad_norm_ takes it: in the gradient's dtype.
+
+    fp16 is the exception: its norms overflow at 65504, which would read as a
+    non-finite gradient, so they are taken in fp32.
+    """
+    if grad.dtype == torch.float16:
+        return torch.linalg.vector_norm(grad, dtype=torch.float32)
+    return torch.linalg.vector_norm(grad)
+
+
 def _pin(memory: DeviceMemory) -> bool:
     """Page-lock staging memory for asynchronous copies; False where CUDA refuses."""
     cudart = torch.cuda.cudart()
@@ -212,7 +223,7 @@ class Pipeline:
         if accumulate or not self.need_norms:
             self.norms[i] = None  # computed from staging at step(), if needed
         else:
-            self.norms[i] = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            self.norms[i] = _norm(grad)
         first = not self.staged[i]
         self.staged[i] = True
         if self.offload_gradients:
@@ -242,7 +253,7 @@ class Pipeline:
     def stage_rest(self, present: Sequence[int]) -> None:
         """Stage the gradients no hook staged (sync mode, or parameters without hooks)."""
         if self.phase is not Phase.STAGING:
-            self.phase = Phase.STAGING
+            self._begin_staging()  # the device reads state while the host copies gradients
         for i in present:
             if not self.staged[i]:
                 self.stage(i, self.params[i])
@@ -252,11 +263,11 @@ class Pipeline:
         if norm is None:
             p = self.params[i]
             if p.grad is not None and not self.offload_gradients:
-                norm = torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+                norm = _norm(p.grad)
             else:
                 arena = self.arenas[self.current].bytes
                 pieces = [self.layout.grad_view(arena, seg, staged) for staged, seg in self.segments[i]]
-                norm = torch.linalg.vector_norm(torch.cat(pieces) if len(pieces) > 1 else pieces[0], dtype=torch.float32)
+                norm = _norm(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
             self.norms[i] = norm
         return norm
 

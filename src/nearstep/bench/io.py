@@ -1,0 +1,554 @@
+"""``nearstep bench io``: store bandwidth against raw O_DIRECT, update rate per core, device peak memory.
+
+Three measurements, one table on stdout, every number in a JSON file:
+
+1. Store bandwidth: one generation of AdamW state read and written the way the engine
+   moves a step's state (IOPool, checksums, fdatasync), side by side with a plain
+   single-threaded O_DIRECT loop over the same bytes in the same directory; then full
+   inline-device ``nearstep.AdamW`` steps over that much state.
+2. Update rate per core: ``kernels.update_`` against ``torch.optim.AdamW(fused=True)``.
+3. Peak memory of the emulated device process during one step, against its budget.
+
+Everything the run writes under ``--dir`` is deleted at the end, also on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import errno
+import json
+import mmap
+import os
+import pathlib
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import nearstep
+from nearstep import aio, kernels
+from nearstep.device import parse_bytes
+from nearstep.store import ParamSpec, Store
+
+__all__ = ["main"]
+
+TARGET = 0.9  # store/raw and nearstep/torch ratios at or above this PASS
+GB, GiB, MiB = 1e9, 2**30, 2**20  # bandwidth in decimal GB/s, as drives are rated
+RAW_BLOCK = 8 << 20
+ADAMW_BYTES_PER_PARAM = 12  # fp32 master weights, exp_avg, exp_avg_sq
+STORE_BUFFERS = 4  # slice-sized buffers the store passes reuse: the engine's slot count at a 1 GiB budget
+UPDATE_ROUNDS = 5
+SAMPLE_SECONDS = 0.005
+STATUS_FIELDS = ("RssAnon", "VmRSS", "RssShmem", "VmHWM")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Options:
+    """What to measure, and where.
+
+    Attributes:
+        dir: a directory on the file system under test; the run works in a fresh subdirectory of it.
+        json: where the results are written.
+        state_bytes: bytes of one generation of AdamW state in the bandwidth test.
+        repeats: rounds of the bandwidth test, and timed steps of the end-to-end step.
+        update_params: parameters of the update-rate test.
+        peak_params: parameters of the peak-memory test.
+        budget: device memory budget of the peak-memory test, like ``"1GiB"``.
+        skip_peak: leave the peak-memory test out.
+        quick: tiny sizes, for smoke tests.
+    """
+
+    dir: pathlib.Path
+    json: pathlib.Path
+    state_bytes: int
+    repeats: int
+    update_params: int
+    peak_params: int
+    budget: str
+    skip_peak: bool
+    quick: bool
+
+
+def _parse(argv: list[str] | None) -> Options:
+    parser = argparse.ArgumentParser(prog="nearstep bench io", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path(".nearstep/bench-io"),
+                        help="scratch directory on the disk to test (default: ./.nearstep/bench-io)")
+    parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("bench-io.json"), help="results file")
+    parser.add_argument("--gib", type=float, default=1.0, help="GiB of AdamW state in the bandwidth test")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the bandwidth test")
+    parser.add_argument("--update-params", type=int, default=16_000_000)
+    parser.add_argument("--peak-params", type=int, default=250_000_000)
+    parser.add_argument("--budget", default="1GiB", help="device memory budget of the peak-memory test")
+    parser.add_argument("--skip-peak", action="store_true", help="leave out the peak-memory test")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 16 MiB of state, 1M update params, 2M peak params, 1 repeat")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.gib, args.update_params, args.peak_params, args.repeats = 1 / 64, 1_000_000, 2_000_000, 1
+    if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8:
+        parser.error("--gib must be > 0, --repeats >= 1, --update-params >= 4 and --peak-params >= 8")
+    try:
+        parse_bytes(args.budget)
+    except ValueError as exc:
+        parser.error(f"--budget: {exc}")
+    return Options(dir=args.dir, json=args.json, state_bytes=int(args.gib * GiB), repeats=args.repeats,
+                   update_params=args.update_params, peak_params=args.peak_params, budget=args.budget,
+                   skip_peak=args.skip_peak, quick=args.quick)
+
+
+def _machine(where: pathlib.Path) -> str:
+    cpu = "unknown cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {_fs_type(where)} at {where.resolve()}"
+
+
+def _fs_type(path: pathlib.Path) -> str:
+    """The file system type of ``path`` as ``df -T`` prints it: that of the longest mount point above it."""
+    real, best, kind = os.path.realpath(path), "", "unknown"
+    for line in _read_text("/proc/self/mounts").splitlines():
+        _dev, mount, fstype, *_ = line.split()
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount)  # "\040" is a space
+        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
+            best, kind = mount, fstype  # >=: a later mount on the same point hides the earlier one
+    return kind
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""  # e.g. the process whose /proc entry this was has exited
+
+
+def _split(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _bf16_params(sizes: list[int]) -> list[torch.nn.Parameter]:
+    """Flat bf16 parameters with small random gradients: the host side stays a third of the fp32 state."""
+    params = [torch.nn.Parameter(torch.empty(n, dtype=torch.bfloat16).uniform_(-1, 1)) for n in sizes]
+    for p in params:
+        p.grad = torch.empty_like(p).uniform_(-1e-3, 1e-3)
+    return params
+
+
+# ---------------------------------------------------------------------------
+# 1. Store bandwidth against raw O_DIRECT
+
+
+class _RawFile:
+    """The yardstick: one thread, one 8 MiB mmap buffer, sequential O_DIRECT pwritev/preadv."""
+
+    def __init__(self, path: pathlib.Path, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.buffer = mmap.mmap(-1, RAW_BLOCK)  # page-aligned, as O_DIRECT needs
+        self.buffer.write(os.urandom(RAW_BLOCK))
+        self.view = memoryview(self.buffer)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        try:
+            self.fd, self.direct = os.open(path, flags | os.O_DIRECT, 0o644), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.fd, self.direct = os.open(path, flags, 0o644), False  # no O_DIRECT here: buffered, as aio does
+        try:
+            os.posix_fallocate(self.fd, 0, nbytes)  # as the store preallocates its slice files
+            self.write()  # untimed fill: never-written extents read back as zeros without touching the disk
+        except BaseException:
+            self.close()
+            raise
+
+    def _sweep(self, op: Callable[[int, list[memoryview], int], int]) -> None:
+        offset = 0
+        while offset < self.nbytes:
+            done = op(self.fd, [self.view[: min(RAW_BLOCK, self.nbytes - offset)]], offset)
+            if done <= 0:
+                raise OSError(errno.EIO, f"{op.__name__} moved nothing at offset {offset} of {self.nbytes}")
+            offset += done
+
+    def read(self) -> float:
+        return _timed(lambda: self._sweep(os.preadv))
+
+    def write(self) -> float:
+        # fdatasync inside the timing, as the store's write: see _StorePass.write.
+        return _timed(lambda: (self._sweep(os.pwritev), os.fdatasync(self.fd)))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.view.release()
+        self.buffer.close()
+
+
+def _synthetic_store(path: pathlib.Path, state_bytes: int) -> Store:
+    """A real AdamW store over four fp32 parameters, about ``state_bytes`` per generation."""
+    sizes = _split(max(state_bytes // ADAMW_BYTES_PER_PARAM, 4), 4)
+    values = torch.randn(max(sizes), generator=torch.Generator().manual_seed(0))
+    return Store.create(path, params=[ParamSpec(f"p{i}", (n,), "float32", 0) for i, n in enumerate(sizes)],
+                        masters=lambda i: values[: sizes[i]], optimizer="adamw",
+                        state_names=kernels.state_names(kernels.AdamWHyper),
+                        hyperparameters=[asdict(kernels.AdamWHyper(lr=1e-3))])
+
+
+class _StorePass:
+    """A step's state traffic, moved as the engine moves it (engine.Engine._load_loop and _commit)."""
+
+    def __init__(self, store: Store) -> None:
+        m = self.manifest = store.manifest
+        self.store = store
+        self.pool = aio.IOPool(threads=4, block_bytes=m.checksum_block)
+        size = max(m.slice_file_bytes(s.index) for s in m.slices)
+        self.buffers = [aio.AlignedBuffer(size) for _ in range(min(STORE_BUFFERS, len(m.slices)))]
+        self.files = {(k, g): aio.AlignedFile.open(path) for k, g, path in store.iter_slice_paths()}
+
+    def _view(self, k: int) -> memoryview:
+        return self.buffers[k % len(self.buffers)].memoryview(0, self.manifest.slice_file_bytes(k))
+
+    def read(self) -> float:
+        """Read and verify every committed slice file, as many in flight as there are buffers."""
+        start, in_flight = time.perf_counter(), deque()
+        for spec in self.manifest.slices:
+            if len(in_flight) == len(self.buffers):
+                self._verify(*in_flight.popleft())  # its buffer is the one this slice takes
+            gen = self.manifest.committed[spec.index].generation
+            future = self.pool.read(self.files[spec.index, gen], self._view(spec.index), 0, checksum=True)
+            in_flight.append((spec.index, gen, future))
+        while in_flight:
+            self._verify(*in_flight.popleft())
+        return time.perf_counter() - start
+
+    def _verify(self, k: int, gen: int, future: Any) -> None:
+        self.store.check_checksum(k, self.store.slice_path(k, gen), future.result().crcs or ())
+
+    def write(self) -> float:
+        """Write every slice to its other generation with checksums, then fdatasync each file.
+
+        The buffers hold whatever the last read left: only the bytes and the checksum work matter.
+        The fdatasync is timed because a step cannot commit before it returns: O_DIRECT skips the
+        page cache, not the drive's (or the VM host's) volatile cache nor the extents' metadata.
+        """
+        start, writes = time.perf_counter(), []
+        for spec in self.manifest.slices:
+            if len(writes) >= len(self.buffers):
+                writes[-len(self.buffers)][2].result()  # the write that last used this slice's buffer
+            gen = self.manifest.committed[spec.index].generation ^ 1
+            future = self.pool.write(self.files[spec.index, gen], self._view(spec.index), 0, checksum=True)
+            writes.append((spec.index, gen, future))
+        for k, gen, future in writes:
+            future.result()
+            self.files[k, gen].sync()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.pool.close()
+        for f in self.files.values():
+            f.close()
+        for buf in self.buffers:
+            buf.close()
+
+
+def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
+    store = _synthetic_store(work / "store", opts.state_bytes)
+    moved = raw = None
+    try:
+        moved = _StorePass(store)
+        nbytes = store.manifest.state_bytes  # the raw loop moves exactly the store's bytes
+        raw = _RawFile(work / "raw.bin", nbytes)
+        # Untimed warm-up of both sides: the first touches of fresh buffers fault pages in and the
+        # first write into fallocated extents converts them; either would weigh on one side's round 1.
+        moved.read(), moved.write(), raw.read(), raw.write()
+        times: dict[str, list[float]] = {"raw_read": [], "raw_write": [], "store_read": [], "store_write": []}
+        for r in range(opts.repeats):
+            _progress(f"bandwidth round {r + 1}/{opts.repeats}")
+            # Alternate A B A B: a VM disk drifts 2-5x between runs (host cache, neighbours); rounds
+            # side by side see the same drift, so the ratio holds where the absolute numbers do not.
+            times["raw_read"].append(raw.read())
+            times["raw_write"].append(raw.write())
+            times["store_read"].append(moved.read())
+            times["store_write"].append(moved.write())
+        direct = raw.direct and all(f.direct for f in moved.files.values())
+    finally:
+        for thing in (moved, raw, store):
+            if thing is not None:
+                thing.close()
+        shutil.rmtree(work / "store", ignore_errors=True)
+        (work / "raw.bin").unlink(missing_ok=True)
+    median = {k: nbytes / statistics.median(v) / GB for k, v in times.items()}
+    ratios = {op: median[f"store_{op}"] / median[f"raw_{op}"] for op in ("read", "write")}
+    return {"bytes": nbytes, "slices": len(store.manifest.slices), "direct_io": direct, "seconds": times,
+            "rounds_gbps": [{k: nbytes / v[r] / GB for k, v in times.items()} for r in range(opts.repeats)],
+            "median_gbps": median, "target": TARGET, "read_ratio": ratios["read"], "write_ratio": ratios["write"],
+            "read_pass": ratios["read"] >= TARGET, "write_pass": ratios["write"] >= TARGET}
+
+
+def _end_to_end(opts: Options, work: pathlib.Path) -> dict[str, Any]:
+    """Full inline-device AdamW steps over as many parameters as the bandwidth test's state holds."""
+    sizes = _split(max(opts.state_bytes // ADAMW_BYTES_PER_PARAM, 4), 4)
+    opt = nearstep.AdamW(_bf16_params(sizes), lr=1e-3, store=work / "e2e", device="inline")
+    try:
+        opt.step()  # warm-up: first touches of slots and staging, first writes into generation 1
+        before = opt.stats()
+        times = [_timed(opt.step) for _ in range(opts.repeats)]
+        after = opt.stats()
+    finally:
+        opt.close()
+        shutil.rmtree(work / "e2e", ignore_errors=True)
+    # Every byte and time counter the optimizer reports, per timed step (whichever this version has).
+    per_step = {k: (v - before[k]) / opts.repeats for k, v in after.items() if k.endswith(("_bytes", "_seconds"))
+                and isinstance(v, (int, float)) and isinstance(before.get(k), (int, float))}
+    moved = per_step["device_store_read_bytes"] + per_step["device_store_write_bytes"]
+    step = statistics.median(times)
+    return {"params": sum(sizes), "step_seconds": times, "per_step": per_step, "params_per_second": sum(sizes) / step,
+            "state_bytes_per_step": moved, "state_gbps": moved / step / GB}
+
+
+# ---------------------------------------------------------------------------
+# 2. Update rate per core
+
+
+def _update_rate(opts: Options) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per core: the emulated device runs its kernels on one pinned core
+    try:
+        return _race_update(opts.update_params)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _race_update(n: int) -> dict[str, Any]:
+    sizes = _split(n, 4)
+    gen = torch.Generator().manual_seed(0)
+    master, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen).mul_(1e-3)
+    masters, grads = kernels.flat_views(master, sizes), kernels.flat_views(grad, sizes)
+    states = {name: kernels.flat_views(torch.zeros(n), sizes) for name in ("exp_avg", "exp_avg_sq")}
+    hyper, guards = kernels.AdamWHyper(lr=1e-3), kernels.Guards(skip_nonfinite=False)
+    params = [torch.nn.Parameter(m.clone()) for m in masters]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    reference = torch.optim.AdamW(params, lr=1e-3, fused=True)  # the same defaults as AdamWHyper
+    step = [0]
+
+    def ours() -> None:
+        step[0] += 1
+        kernels.update_(hyper, masters, states, grads, [step[0]] * len(sizes), guards)
+
+    ours(), reference.step()  # warm-up: torch.optim allocates its moments in its first step
+    times: dict[str, list[float]] = {"nearstep": [], "torch": []}
+    for _ in range(UPDATE_ROUNDS):  # alternating, for the same reason as the bandwidth rounds
+        times["nearstep"].append(_timed(ours))
+        times["torch"].append(_timed(reference.step))
+    rates = {k: n / statistics.median(v) for k, v in times.items()}
+    ratio = rates["nearstep"] / rates["torch"]
+    return {"params": n, "segments": len(sizes), "threads": 1, "seconds": times,
+            "nearstep_params_per_second": rates["nearstep"], "torch_params_per_second": rates["torch"],
+            "target": TARGET, "ratio": ratio, "pass": ratio >= TARGET}
+
+
+# ---------------------------------------------------------------------------
+# 3. Device peak memory
+
+
+def _status(pid: int) -> dict[str, int]:
+    """RssAnon, VmRSS, RssShmem and VmHWM from /proc/<pid>/status, in bytes."""
+    fields = (line.split() for line in _read_text(f"/proc/{pid}/status").splitlines())
+    return {f[0][:-1]: int(f[1]) * 1024 for f in fields if f and f[0][:-1] in STATUS_FIELDS}
+
+
+def _smaps(pid: int) -> dict[str, int]:
+    """Resident bytes by kind, from /proc/<pid>/smaps.
+
+    [Note: shared anonymous memory] ``AlignedBuffer`` maps ``mmap.mmap(-1, n)``, which is
+    MAP_SHARED: the kernel keeps those pages in shmem, so the device's slots count in RssShmem
+    (as mappings of "/dev/zero (deleted)"), not in RssAnon. Private memory is RssAnon plus
+    those mappings; the staging file (/dev/shm/nearstep-*) is told apart by its name.
+    """
+    out, name = {"anon": 0, "shared_anon": 0, "staging": 0}, ""
+    for line in _read_text(f"/proc/{pid}/smaps").splitlines():
+        head = line.split(None, 5)
+        if head and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else ""
+        elif head and head[0] == "Anonymous:":
+            out["anon"] += int(head[1]) * 1024
+        elif head and head[0] == "Rss:":
+            kind = "shared_anon" if name.startswith("/dev/zero") else "staging" if "/nearstep-" in name else None
+            if kind:
+                out[kind] += int(head[1]) * 1024
+    return out | {"private": out["anon"] + out["shared_anon"]}
+
+
+def _run_sampled(pid: int, fn: Callable[[], object]) -> tuple[float, dict[str, int], int]:
+    """Time ``fn()`` while a thread keeps the peaks of process ``pid``'s memory; returns (seconds, peaks, samples).
+
+    /proc status is read every 5 ms, smaps every 50 ms: it walks every mapping (about 2 ms with
+    torch loaded), and what it adds are the slots, which live until the device closes.
+    """
+    peaks = dict.fromkeys((*STATUS_FIELDS, "anon", "shared_anon", "staging", "private"), 0)
+    samples, stop = [0], threading.Event()
+
+    def sample(smaps: bool) -> None:
+        for key, value in (_status(pid) | (_smaps(pid) if smaps else {})).items():
+            peaks[key] = max(peaks[key], value)
+        samples[0] += 1
+
+    def loop() -> None:
+        while not stop.wait(SAMPLE_SECONDS):
+            sample(smaps=samples[0] % 10 == 0)
+
+    sample(smaps=True)
+    thread = threading.Thread(target=loop, name="nearstep-bench-sampler", daemon=True)
+    thread.start()
+    try:
+        seconds = _timed(fn)
+    finally:
+        stop.set()
+        thread.join()
+    sample(smaps=True)
+    return seconds, peaks, samples[0]
+
+
+def _peak_memory(opts: Options, work: pathlib.Path) -> dict[str, Any]:
+    budget, sizes = parse_bytes(opts.budget), _split(opts.peak_params, 8)
+    opt = nearstep.AdamW(_bf16_params(sizes), lr=1e-3, store=work / "peak",
+                         device=nearstep.DeviceConfig(memory_budget=opts.budget))
+    try:
+        pid = opt.device.info.pid
+        # The process baseline (interpreter, torch, engine threads), taken before any slot exists.
+        baseline, baseline_private = _status(pid).get("RssAnon", 0), _smaps(pid)["private"]
+        step_seconds, peak, samples = _run_sampled(pid, opt.step)
+        stats, state_bytes = opt.stats(), opt.device.manifest().state_bytes
+    finally:
+        opt.close()
+        shutil.rmtree(work / "peak", ignore_errors=True)
+    slots = int(stats["device_peak_slots"]) * int(stats["device_slot_bytes"])
+    return {"params": sum(sizes), "state_bytes": state_bytes, "budget_bytes": budget, "step_seconds": step_seconds,
+            "samples": samples, "baseline_rss_anon": baseline, "baseline_private": baseline_private,
+            "peak_rss_anon": peak["RssAnon"], "peak_vm_rss": peak["VmRSS"], "peak_rss_shmem": peak["RssShmem"],
+            "vm_hwm": peak["VmHWM"], "peak_shared_anon": peak["shared_anon"], "peak_staging": peak["staging"],
+            "peak_private": peak["private"], "peak_slots": int(stats["device_peak_slots"]),
+            "slot_bytes": int(stats["device_slot_bytes"]), "peak_slot_memory": slots,
+            "slot_ratio": slots / budget, "slot_pass": slots <= budget,
+            "rss_anon_ratio": peak["RssAnon"] / (budget + baseline),
+            "rss_anon_pass": peak["RssAnon"] <= budget + baseline,
+            "private_ratio": peak["private"] / (budget + baseline_private),
+            "private_over_bytes": peak["private"] - budget - baseline_private,
+            "private_pass": peak["private"] <= budget + baseline_private}
+
+
+# ---------------------------------------------------------------------------
+# The table and the run
+
+
+def _verdict(ok: bool, rule: str) -> str:
+    return f"{'PASS' if ok else 'MISS'} ({rule})"
+
+
+def _line(label: str, value: str, note: str = "") -> str:
+    return f"  {label:<30}{value:>16}  {note}".rstrip()
+
+
+def _mib(n: float) -> str:
+    return f"{n / MiB:,.0f} MiB"
+
+
+def _signed_mib(over: float) -> str:
+    return f"{abs(over) / MiB:,.1f} MiB {'over' if over > 0 else 'to spare'}"
+
+
+def _render(res: dict[str, Any]) -> str:
+    bw, e2e, up, pk = res["bandwidth"], res["end_to_end"], res["update"], res.get("peak")
+    cols, target = ("raw_read", "raw_write", "store_read", "store_write"), f"target >= {TARGET}"
+    out = ["nearstep bench io", f"machine: {res['machine']}, {res['date']}", "",
+           f"1. store bandwidth vs raw O_DIRECT, GB/s (1e9 B/s): {bw['bytes'] / GiB:.2f} GiB of AdamW state, "
+           f"{bw['slices']} slice file(s){'' if bw['direct_io'] else ', BUFFERED: no O_DIRECT on this file system'}",
+           f"  {'round':<10}" + "".join(f"{c.replace('_', ' '):>13}" for c in cols)]
+    rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
+    out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
+    out += [_line("store/raw read", f"{bw['read_ratio']:.3f}", _verdict(bw["read_pass"], target)),
+            _line("store/raw write", f"{bw['write_ratio']:.3f}", _verdict(bw["write_pass"], target)),
+            _line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
+                  f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
+                  f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
+            "", f"2. update rate per core: 1 thread, {up['params'] / 1e6:.1f} M fp32 params in {up['segments']} "
+            f"segments, median of {UPDATE_ROUNDS}",
+            _line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
+            _line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
+            _line("nearstep/torch", f"{up['ratio']:.3f}", _verdict(up["pass"], target)), ""]
+    if pk is None:
+        return "\n".join(out + ["3. device peak memory: skipped (--skip-peak)"])
+    out += [f"3. device peak memory: emulated device, {pk['params'] / 1e6:.1f} M bf16 params, one step of "
+            f"{pk['step_seconds']:.2f} s, /proc read every {SAMPLE_SECONDS * 1e3:.0f} ms (achieved: {pk['samples']} "
+            f"samples, one per {pk['step_seconds'] / max(pk['samples'], 1) * 1e3:.1f} ms)",
+            _line("state size (one generation)", f"{pk['state_bytes'] / GiB:.2f} GiB"),
+            _line("budget", _mib(pk["budget_bytes"])),
+            _line("baseline RssAnon", _mib(pk["baseline_rss_anon"]), "device process before the step"),
+            _line("peak slot memory", _mib(pk["peak_slot_memory"]), _verdict(
+                pk["slot_pass"], f"<= budget; {pk['peak_slots']} slot(s) x {_mib(pk['slot_bytes'])}")),
+            _line("peak RssAnon", _mib(pk["peak_rss_anon"]), _verdict(
+                pk["rss_anon_pass"], "<= budget + baseline; blind to the slots, see the next line")),
+            _line("peak private memory", _mib(pk["peak_private"]), _verdict(
+                pk["private_pass"],
+                f"<= budget + {_mib(pk['baseline_private'])}, {_signed_mib(pk['private_over_bytes'])}; "
+                f"RssAnon + {_mib(pk['peak_shared_anon'])} of MAP_SHARED anonymous AlignedBuffers")),
+            _line("peak VmRSS", _mib(pk["peak_vm_rss"]), f"VmHWM {_mib(pk['vm_hwm'])}"),
+            _line("peak RssShmem", _mib(pk["peak_rss_shmem"]), "the AlignedBuffers above + staging below"),
+            _line("  of which staging", _mib(pk["peak_staging"]),
+                  "model-sized host-link staging (grads in, weights out): not device memory")]
+    return "\n".join(out)
+
+
+def _progress(what: str) -> None:
+    print(f"nearstep bench io: {what}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three measurements, print the table, write the JSON; returns 0 (PASS/MISS are reported)."""
+    opts = _parse(argv)
+    made = [p for p in (opts.dir, *opts.dir.parents) if not p.exists()]  # removed at the end if left empty
+    opts.dir.mkdir(parents=True, exist_ok=True)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="run-", dir=opts.dir))
+    options = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in asdict(opts).items()}
+    res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                           "machine": _machine(opts.dir), "options": options}
+    try:
+        _progress("store bandwidth")
+        res["bandwidth"] = _bandwidth(opts, work)
+        _progress("end-to-end inline step")
+        res["end_to_end"] = _end_to_end(opts, work)
+        _progress("update rate")
+        res["update"] = _update_rate(opts)
+        if not opts.skip_peak:
+            _progress("device peak memory")
+            res["peak"] = _peak_memory(opts, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        for p in made:  # deepest first; stops at the first one something else has landed in
+            try:
+                p.rmdir()
+            except OSError:
+                break
+    print(_render(res))
+    opts.json.parent.mkdir(parents=True, exist_ok=True)
+    opts.json.write_text(json.dumps(res, indent=1) + "\n")
+    return 0
