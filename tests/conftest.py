@@ -24,9 +24,9 @@ class TinyNet(nn.Module):
         return self.head(self.norm(torch.relu(self.proj(h))))
 
 
-def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyNet:
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu") -> TinyNet:
     torch.manual_seed(seed)
-    return TinyNet().to(dtype)
+    return TinyNet().to(dtype).to(device)
 
 
 def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -35,10 +35,20 @@ def batches(n: int, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    device = next(model.parameters()).device
     x, y = batch
-    return nn.functional.cross_entropy(model(x).float(), y)
+    return nn.functional.cross_entropy(model(x.to(device)).float(), y.to(device))
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+# The same tests run on CUDA where it exists; nothing in CI needs a GPU.
+COMPUTE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.fixture(params=COMPUTE_DEVICES)
+def compute_device(request: pytest.FixtureRequest) -> str:
     return request.param

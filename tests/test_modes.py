@@ -15,8 +15,8 @@ SLICE_MB = 0.004
 
 
 def run(mode: str, tmp_path, *, dtype=torch.float32, clip=None, accumulate=1, steps=20, backend="inline",
-        offload=False, scheduler=True, name="s"):
-    model = make_model(dtype=dtype)
+        offload=False, scheduler=True, name="s", device="cpu"):
+    model = make_model(dtype=dtype, device=device)
     opt = nearstep.AdamW(model.named_parameters(), lr=1e-2, store=tmp_path / f"{name}-{mode}", device=backend,
                          slice_mb=SLICE_MB, mode=mode, model=model, max_grad_norm=clip, offload_gradients=offload)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s)) if scheduler else None
@@ -32,25 +32,25 @@ def run(mode: str, tmp_path, *, dtype=torch.float32, clip=None, accumulate=1, st
                 if sched is not None:
                     sched.step()
         opt.synchronize()
-        weights = [p.detach().clone() for p in model.parameters()]
+        weights = [p.detach().cpu().clone() for p in model.parameters()]
         assert opt.stats()["step"] == steps
     return weights, losses
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("clip", [None, 0.5], ids=["noclip", "clip"])
-def test_overlap_is_bitwise_equal_to_sync(dtype, clip, tmp_path) -> None:
-    sync_w, sync_l = run("sync", tmp_path, dtype=dtype, clip=clip)
-    over_w, over_l = run("overlap", tmp_path, dtype=dtype, clip=clip)
+def test_overlap_is_bitwise_equal_to_sync(dtype, clip, compute_device, tmp_path) -> None:
+    sync_w, sync_l = run("sync", tmp_path, dtype=dtype, clip=clip, device=compute_device)
+    over_w, over_l = run("overlap", tmp_path, dtype=dtype, clip=clip, device=compute_device)
     assert sync_l == over_l
     for a, b in zip(sync_w, over_w):
         assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("offload", [False, True], ids=["keep-grads", "offload-grads"])
-def test_overlap_with_gradient_accumulation_is_bitwise_equal_to_sync(offload, tmp_path) -> None:
-    sync_w, _ = run("sync", tmp_path, clip=1.0, accumulate=3, steps=8)
-    over_w, _ = run("overlap", tmp_path, clip=1.0, accumulate=3, steps=8, offload=offload)
+def test_overlap_with_gradient_accumulation_is_bitwise_equal_to_sync(offload, compute_device, tmp_path) -> None:
+    sync_w, _ = run("sync", tmp_path, clip=1.0, accumulate=3, steps=8, device=compute_device)
+    over_w, _ = run("overlap", tmp_path, clip=1.0, accumulate=3, steps=8, offload=offload, device=compute_device)
     for a, b in zip(sync_w, over_w):
         assert torch.equal(a, b)
 

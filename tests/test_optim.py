@@ -71,8 +71,8 @@ def test_matches_torch_optim_with_groups_and_scheduler(case: str, backend: str, 
     assert_same_weights(ref_model, our_model)
 
 
-def test_max_grad_norm_and_accumulation_match_torch(backend: str, tmp_path) -> None:
-    ref_model, our_model = make_model(), make_model()
+def test_max_grad_norm_and_accumulation_match_torch(backend: str, compute_device: str, tmp_path) -> None:
+    ref_model, our_model = make_model(device=compute_device), make_model(device=compute_device)
     ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
     ours = nearstep.AdamW(our_model.parameters(), lr=1e-2, store=tmp_path / "s", device=backend, slice_mb=SLICE_MB, max_grad_norm=0.05)
     with ours:

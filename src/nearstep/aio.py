@@ -321,6 +321,14 @@ class IOStats:
     requests: int = 0
 
 
+def _lower_priority(nice: int) -> None:
+    if nice > 0:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except (OSError, AttributeError):
+            pass  # best effort: priorities are a scheduling hint, not a requirement
+
+
 class IOPool(_ContextManager):
     """A small thread pool that keeps several block-sized requests in flight.
 
@@ -332,7 +340,9 @@ class IOPool(_ContextManager):
     by :meth:`read`/:meth:`write` themselves; I/O errors come through the future.
     """
 
-    def __init__(self, threads: int = 4, block_bytes: int = DEFAULT_BLOCK_BYTES):
+    def __init__(self, threads: int = 4, block_bytes: int = DEFAULT_BLOCK_BYTES, nice: int = 0):
+        """``nice`` > 0 lowers the workers' CPU priority (Linux: per thread), so that on a
+        shared core the checksums and copies of I/O yield to whatever else runs there."""
         if threads <= 0:
             raise ValueError(f"IOPool needs at least one thread, got {threads}")
         if block_bytes <= 0 or block_bytes % PAGE:
@@ -340,7 +350,9 @@ class IOPool(_ContextManager):
         self.block_bytes = block_bytes
         self.stats = IOStats()
         self._stats_lock = threading.Lock()
-        self._executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="nearstep-io")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="nearstep-io", initializer=_lower_priority, initargs=(nice,)
+        )
         self._closed = False
 
     def counters(self) -> dict[str, int | float]:

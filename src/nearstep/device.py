@@ -96,9 +96,9 @@ class DeviceConfig:
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.cores is not None:
-            available = os.sched_getaffinity(0)
-            if not self.cores or not set(self.cores) <= available:
-                raise ValueError(f"cores {self.cores} are not all available to this process (it may use {sorted(available)})")
+            count = os.cpu_count() or 1
+            if not self.cores or not all(isinstance(c, int) and 0 <= c < count for c in self.cores):
+                raise ValueError(f"cores must be a non-empty tuple of core numbers in 0..{count - 1}, got {self.cores!r}")
 
     def resolved_cores(self) -> tuple[int, ...]:
         if self.cores is not None:

@@ -60,6 +60,7 @@ __all__ = [
 
 _STAGE_ALIGN = 64
 _MARGIN_BYTES = 16 << 20
+_IO_NICE = 10
 _MAX_TRACE_EVENTS = 200_000  # a bound on memory when nobody collects the trace
 
 
@@ -327,7 +328,10 @@ class Engine:
                 f"Raise memory_budget or make slices smaller (slice_mb)."
             )
         self.max_slots = min(self.max_slots, max(len(m.slices), 1))
-        self.pool = aio.IOPool(threads=config.io_threads, block_bytes=m.checksum_block)
+        # [Note: kernels before I/O] The next forward waits for the kernels (new weights),
+        # never for the write-back, which only has to finish before the commit; on a
+        # shared core the I/O threads' checksums and copies therefore run at a lower priority.
+        self.pool = aio.IOPool(threads=config.io_threads, block_bytes=m.checksum_block, nice=_IO_NICE)
         self.memory: dict[int, torch.Tensor] = {}
         self._shared: list[SharedMemory] = []
         self._files: dict[tuple[int, int], aio.AlignedFile] = {}

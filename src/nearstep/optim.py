@@ -274,7 +274,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         scale = 1.0
         if pipeline.need_norms:
             norms = [pipeline.grad_norm(i) for i in present]
-            total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+            where = self._params[0].device  # norms come from p.grad (there) or from staging (host)
+            total = torch.linalg.vector_norm(torch.stack([n.to(where, torch.float32) for n in norms]))
             if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
                 self._counters["skipped_steps"] += 1
                 pipeline.abort()

@@ -215,7 +215,8 @@ class Pipeline:
                 view = self.layout.grad_view(arena, seg, staged)
                 piece = flat[seg.start : seg.start + seg.length]
                 if accumulate:
-                    view.add_(piece.to(view.device, non_blocking=True))
+                    # A blocking copy: the host adds it at once, so it must have arrived.
+                    view.add_(piece.to(view.device))
                 else:
                     view.copy_(piece, non_blocking=self.cuda)
         # The global norm is taken over each whole gradient, the way sync mode does,
@@ -251,12 +252,17 @@ class Pipeline:
                 self.trace.add("compute", f"wait s{staged.index}", start, time.monotonic_ns())
 
     def stage_rest(self, present: Sequence[int]) -> None:
-        """Stage the gradients no hook staged (sync mode, or parameters without hooks)."""
+        """Stage the gradients no hook staged (sync mode, or parameters without hooks).
+
+        On return every staged gradient is in host memory (norms may read it).
+        """
         if self.phase is not Phase.STAGING:
             self._begin_staging()  # the device reads state while the host copies gradients
         for i in present:
             if not self.staged[i]:
                 self.stage(i, self.params[i])
+        if self._side is not None:
+            self._side.synchronize()
 
     def grad_norm(self, i: int) -> torch.Tensor:
         norm = self.norms[i]

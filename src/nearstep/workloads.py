@@ -97,6 +97,7 @@ def load_minilm_classifier(classes: int, seed: int = 0) -> tuple[MiniLMClassifie
     except ImportError as exc:
         raise ImportError(f"the MiniLM workload needs transformers: {DEMO_PACKAGES}") from exc
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     encoder = AutoModel.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager")
     torch.manual_seed(seed)
