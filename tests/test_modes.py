@@ -124,7 +124,7 @@ def test_state_dict_between_steps_sees_updated_weights(tmp_path) -> None:
 class SleepyNet(nn.Module):
     """Compute emulated by sleeps (as FSDP2's overlap tests do); real parameters to update."""
 
-    def __init__(self, layers: int = 4, width: int = 512, forward_s: float = 0.015) -> None:
+    def __init__(self, layers: int = 4, width: int = 1024, forward_s: float = 0.03) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
         self.forward_s = forward_s
@@ -139,15 +139,15 @@ class SleepyNet(nn.Module):
 def _time_steps(mode: str, tmp_path, steps: int = 8) -> float:
     torch.manual_seed(0)
     model = SleepyNet()
-    x = torch.randn(4, 512)
-    opt = nearstep.AdamW(model.parameters(), lr=1e-3, store=tmp_path / mode, mode=mode, model=model,
-                         slice_mb=0.5, device=nearstep.DeviceConfig(backend="emulated"))
+    x = torch.randn(4, 1024)
+    opt = nearstep.AdamW(model.parameters(), lr=1e-3, store=tmp_path, mode=mode, model=model,
+                         slice_mb=2, device=nearstep.DeviceConfig(backend="emulated"))
     with opt:
         for i in range(steps + 2):
             if i == 2:
                 start = time.perf_counter()  # after warm-up
             model(x).square().mean().backward()
-            time.sleep(0.03)  # backward's share of the emulated compute
+            time.sleep(0.06)  # backward's share of the emulated compute
             opt.step()
             opt.zero_grad()
         opt.synchronize()
@@ -157,8 +157,13 @@ def _time_steps(mode: str, tmp_path, steps: int = 8) -> float:
 
 
 def test_overlap_is_faster_than_sync_with_emulated_compute(tmp_path) -> None:
-    sync_s, _ = _time_steps("sync", tmp_path)
-    overlap_s, summary = _time_steps("overlap", tmp_path)
+    # Alternate and keep each mode's best run: the machine is shared, other load comes and goes.
+    runs = {"sync": [], "overlap": []}
+    for round_ in range(2):
+        for mode in runs:
+            runs[mode].append(_time_steps(mode, tmp_path / f"{mode}{round_}"))
+    sync_s = min(t for t, _ in runs["sync"])
+    overlap_s, summary = min(runs["overlap"], key=lambda r: r[0])
     assert overlap_s < sync_s, (overlap_s, sync_s)
     assert summary["overlap_fraction"] > 0.3, summary
 
@@ -181,3 +186,46 @@ def test_trace_json_has_events_on_every_lane(tmp_path) -> None:
     used = {tid_of[e["tid"]] for e in doc["traceEvents"] if e["ph"] == "X"}
     assert lanes == used == set(nearstep.trace.LANES)
     assert all(e["dur"] >= 0 for e in doc["traceEvents"] if e["ph"] == "X")
+
+
+def test_without_clipping_slices_are_applied_during_backward(tmp_path) -> None:
+    model = make_model()
+    with nearstep.AdamW(model.parameters(), lr=1e-2, store=tmp_path / "s", device="emulated", slice_mb=SLICE_MB,
+                        mode="overlap", model=model) as opt:
+        loss_of(model, batches(1)[0]).backward()
+        early = dict(opt._pipeline._early)
+        assert len(early) == len(opt._layout.slices)  # every slice was queued before step()
+        opt.step()
+
+
+def test_accumulation_after_an_early_apply_falls_back_and_stays_exact(tmp_path) -> None:
+    sync_w, _ = run("sync", tmp_path, accumulate=2, steps=6)
+    with pytest.warns(RuntimeWarning, match="accumulation detected"):
+        over_w, _ = run("overlap", tmp_path, accumulate=2, steps=6)
+    for a, b in zip(sync_w, over_w):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["overlap", "delayed"])
+def test_non_finite_gradient_drops_the_early_applies(mode, tmp_path) -> None:
+    def train(mode: str) -> list[torch.Tensor]:
+        model = make_model()
+        with nearstep.AdamW(model.parameters(), lr=1e-2, store=tmp_path / mode, device="inline", slice_mb=SLICE_MB,
+                            mode=mode, model=model, warmup_steps=0) as opt:
+            for t, batch in enumerate(batches(6)):
+                # Non-finite gradients must come out of backward itself: in overlap and delayed
+                # modes they leave during backward, so editing p.grad afterwards is not seen.
+                (loss_of(model, batch) * (float("inf") if t == 3 else 1.0)).backward()
+                opt.step()
+                opt.zero_grad()
+            opt.synchronize()
+            stats = opt.stats()
+            assert stats["skipped_steps"] == 1 and stats["step"] == 5
+            return [p.detach().clone() for p in model.parameters()]
+
+    reference = train("sync")
+    if mode == "overlap":
+        for a, b in zip(reference, train(mode)):
+            assert torch.equal(a, b)
+    else:
+        train(mode)  # delayed differs by design; it must still skip and keep counting right

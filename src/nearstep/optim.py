@@ -26,7 +26,7 @@ import torch
 
 from . import kernels
 from .device import Completion, Device, DeviceConfig, build_device
-from .engine import Commit, LoadState, Query, StagingLayout
+from .engine import Apply, Commit, LoadState, Query, StagingLayout
 from .pipeline import InFlight, Pipeline
 from .trace import Trace
 from .errors import NearstepError, StoreMismatchError
@@ -176,6 +176,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
             rollback=self._rollback,
         )
         self._pipeline.need_norms = max_grad_norm is not None or guards.skip_nonfinite
+        if mode != "sync" and max_grad_norm is None:
+            self._pipeline.early_apply = self._early_apply
         if mode != "sync":
             self._pipeline.attach_grad_hooks()
         if model is not None:
@@ -295,6 +297,14 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if self.mode == "sync" or (self.mode == "delayed" and self._step <= self.warmup_steps):
             self._account(pipeline.finish())
         return self._end_step(t0, loss)
+
+    def _early_apply(self, k: int) -> Apply:
+        """The update of slice k, built while backward runs (no clip scale: see [Note: early apply])."""
+        pipeline = self._pipeline
+        steps = tuple(self._param_steps[s.param] + 1 if pipeline.staged[s.param] else 0
+                      for s in self._layout.slices[k].segments)
+        hypers = tuple(self._hyper(g) for g in self.param_groups)
+        return Apply(k, hypers, steps, 1.0, self.guards, pipeline.arenas[pipeline.current].id)
 
     def _end_step(self, t0: int, loss: Any) -> Any:
         end = time.monotonic_ns()

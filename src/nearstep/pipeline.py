@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,6 +128,11 @@ class Pipeline:
         self.norms: list[torch.Tensor | None] = [None] * len(self.params)
         self._remaining = [len(m) for m in self.slice_params]
         self._prefetched = False
+        self._prefetch_order: tuple[int, ...] = ()
+        # Set by the optimizer when no global scalar rescales the gradients: each slice is
+        # then applied as soon as backward finished its gradients (see [Note: early apply]).
+        self.early_apply: Callable[[int], Apply] | None = None
+        self._early: dict[int, Completion] = {}
         self._handles: list[Any] = []
         devices = {p.device for p in self.params}
         if len(devices) > 1:
@@ -189,7 +195,11 @@ class Pipeline:
         self.phase = Phase.STAGING
         if not self._prefetched:
             self._prefetched = True
-            self.device.submit(Prefetch(tuple(k for k in self.forward_order if self.slice_params[k])))
+            # Loads follow the order the applies will come in (see engine's [Note: the slot
+            # pipeline]): backward order when slices are applied as backward finishes them.
+            order = reversed(self.forward_order) if self.early_apply is not None else self.forward_order
+            self._prefetch_order = tuple(k for k in order if self.slice_params[k])
+            self.device.submit(Prefetch(self._prefetch_order))
 
     def stage(self, i: int, p: torch.Tensor) -> None:
         """Copy (or, after an offloaded micro-batch, add) parameter i's gradient into staging."""
@@ -202,6 +212,8 @@ class Pipeline:
                 f"expected {tuple(p.shape)} dense; nothing was updated"
             )
         start = time.monotonic_ns()
+        if self._early and any(staged.index in self._early for staged, _seg in self.segments[i]):
+            self._cancel_early(i)
         self._wait_staging_free(i)
         arena = self.arenas[self.current].bytes
         flat = grad.detach().reshape(-1)
@@ -238,6 +250,36 @@ class Pipeline:
                 self._remaining[staged.index] -= 1
                 if self._remaining[staged.index] == 0:
                     self.device.submit(Stage(staged.index))
+                    if self.early_apply is not None:
+                        self._early[staged.index] = self.device.submit(self.early_apply(staged.index))
+
+    # [Note: early apply]
+    # Without global-norm clipping nothing rescales the gradients, so a slice can be
+    # updated as soon as backward has finished its gradients: no barrier at step().
+    # It is speculative: the new state goes to the slice's other generation and the
+    # new weights to staging, and neither counts until step() commits. If step()
+    # finds a non-finite gradient, Abort drops them and the store keeps its last
+    # commit. If another backward adds to a slice already applied (gradient
+    # accumulation), the early applies of the step are dropped the same way and the
+    # optimizer falls back to applying at step() from then on.
+
+    def _cancel_early(self, i: int) -> None:
+        warnings.warn(
+            f"the gradient of {self.names[i]!r} was accumulated over several backward passes after its slice "
+            "had been applied; nearstep now waits for step() before applying (gradient accumulation detected)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self.early_apply = None
+        for done in self._early.values():
+            try:
+                done.wait()
+            except BaseException:
+                pass  # dropped below either way
+        self._early.clear()
+        self.device.submit(Abort())
+        self._prefetch_order = tuple(k for k in self.forward_order if self.slice_params[k])
+        self.device.submit(Prefetch(self._prefetch_order))
 
     def _wait_staging_free(self, i: int) -> None:
         """Staging of a slice is reused only after the device finished reading it."""
@@ -292,12 +334,17 @@ class Pipeline:
                 event.synchronize()  # the device overwrites the staging weights
             self._landed_events.clear()
         has = frozenset(updated)
-        order = [k for k in self.forward_order if self.slice_params[k] & has or (self._prefetched and self.slice_params[k])]
-        if not self._prefetched:
+        if self._prefetched:
+            order = list(self._prefetch_order)
+        else:
+            order = [k for k in self.forward_order if self.slice_params[k] & has]
             self.device.submit(Prefetch(tuple(order)))
         arena_id = self.arenas[self.current].id
         applies = {}
         for k in order:
+            if k in self._early:
+                applies[k] = self._early[k]
+                continue
             steps = tuple(param_steps[s.param] if s.param in has else 0 for s in self.layout.slices[k].segments)
             applies[k] = self.device.submit(Apply(k, hypers, steps, scale, guards, arena_id))
         inflight = InFlight(step, self.current, applies, self.device.submit(commit), has)
@@ -312,6 +359,7 @@ class Pipeline:
         self.norms = [None] * len(self.params)
         self._remaining = [len(m) for m in self.slice_params]
         self._prefetched = False
+        self._early = {}
 
     def abort(self) -> None:
         """The step is skipped: forget its staged gradients, release prefetched slots."""
