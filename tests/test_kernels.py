@@ -486,3 +486,23 @@ def test_flat_views_are_consecutive_views():
         flat_views(buf.view(2, 5), [2])
     with pytest.raises(ValueError, match="numels must be >= 0"):
         flat_views(buf, [-1])
+
+
+@pytest.mark.parametrize("hyper", [
+    kernels.AdamWHyper(lr=0.1, weight_decay=0.1, maximize=True),
+    kernels.AdamHyper(lr=0.1, weight_decay=0.1, maximize=True),
+    kernels.SGDHyper(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True),
+    kernels.SGDHyper(lr=0.1, momentum=0.5, dampening=0.2, weight_decay=0.1),
+], ids=["adamw", "adam", "sgd-nesterov", "sgd-dampening"])
+def test_unguarded_fused_kernels_leave_the_gradients_untouched(hyper) -> None:
+    # The engine hands staged fp32 gradients to these kernels in place (no copy); see
+    # [Note: gradients in place] in engine.py.
+    torch.manual_seed(0)
+    masters = [torch.randn(1000), torch.randn(37)]
+    grads = [torch.randn(1000), torch.randn(37)]
+    before = [g.clone() for g in grads]
+    states = {name: [torch.rand(1000), torch.rand(37)] for name in kernels.state_names(type(hyper))}
+    for step in (1, 2, 3):
+        kernels.update_(hyper, masters, states, grads, [step, step], kernels.Guards())
+    for g, b in zip(grads, before):
+        assert torch.equal(g, b)

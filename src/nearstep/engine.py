@@ -287,6 +287,12 @@ class EngineConfig:
 # The engine
 
 
+def _reads_grads_only(hyper: kernels.Hyper, guards: kernels.Guards) -> bool:
+    """Whether the kernel leaves the gradients as it found them (no guard uses them as scratch)."""
+    unguarded = guards.spike_clip is None and guards.update_clip is None and not guards.telemetry
+    return unguarded and isinstance(hyper, (kernels.AdamWHyper, kernels.AdamHyper, kernels.SGDHyper))
+
+
 class _Slot:
     __slots__ = ("buffer",)
 
@@ -553,23 +559,32 @@ class Engine:
         reports = [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         link_in = 0
         for group, members in by_group.items():
+            hyper = req.hypers[group]
             grads = []
             for j in members:
                 seg = staged.segments[j]
                 lo, hi = bounds[j]
-                g = scratch[lo:hi]
                 src = self.layout.grad_view(arena, seg, staged)
-                g.copy_(src)
                 link_in += src.numel() * src.element_size()
-                if req.grad_scale != 1.0:
-                    g.mul_(req.grad_scale)
+                if src.dtype == torch.float32 and _reads_grads_only(hyper, req.guards):
+                    # [Note: gradients in place] The fused kernels only read the gradient, and
+                    # the host is done with staged gradients once it queued this apply (a
+                    # scale != 1 comes only with step()'s barrier, never with an early apply
+                    # that could be dropped and redone): use them where they lie.
+                    g = src
+                    if req.grad_scale != 1.0:
+                        g.mul_(req.grad_scale)
+                elif req.grad_scale != 1.0:
+                    g = torch.mul(src, req.grad_scale, out=scratch[lo:hi])
+                else:
+                    g = scratch[lo:hi].copy_(src)
                 grads.append(g)
             masters = [regions[0][bounds[j][0] : bounds[j][1]] for j in members]
             states = {
                 name: [regions[r][bounds[j][0] : bounds[j][1]] for j in members]
                 for r, name in enumerate(m.state_names[1:], start=1)
             }
-            out = kernels.update_(req.hypers[group], masters, states, grads, [req.steps[j] for j in members], req.guards)
+            out = kernels.update_(hyper, masters, states, grads, [req.steps[j] for j in members], req.guards)
             for j, rep in zip(members, out):
                 reports[j] = rep
                 self._kernel_counts["spike_clipped"] += rep.spike_clipped
