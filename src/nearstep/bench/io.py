@@ -379,10 +379,11 @@ def _status(pid: int) -> dict[str, int]:
 def _smaps(pid: int) -> dict[str, int]:
     """Resident bytes by kind, from /proc/<pid>/smaps.
 
-    [Note: shared anonymous memory] ``AlignedBuffer`` maps ``mmap.mmap(-1, n)``, which is
-    MAP_SHARED: the kernel keeps those pages in shmem, so the device's slots count in RssShmem
-    (as mappings of "/dev/zero (deleted)"), not in RssAnon. Private memory is RssAnon plus
-    those mappings; the staging file (/dev/shm/nearstep-*) is told apart by its name.
+    [Note: shared anonymous memory] ``AlignedBuffer`` maps its memory MAP_PRIVATE, so the
+    device's slots count in RssAnon. A shared anonymous mapping ("/dev/zero (deleted)") would
+    count in RssShmem instead; it is added to private memory so that no such regression can
+    hide a slot from the budget check. The staging file (/dev/shm/nearstep-*) is told apart
+    by its name: it is host-link memory, not the device's.
     """
     out, name = {"anon": 0, "shared_anon": 0, "staging": 0}, ""
     for line in _read_text(f"/proc/{pid}/smaps").splitlines():
@@ -506,13 +507,13 @@ def _render(res: dict[str, Any]) -> str:
             _line("peak slot memory", _mib(pk["peak_slot_memory"]), _verdict(
                 pk["slot_pass"], f"<= budget; {pk['peak_slots']} slot(s) x {_mib(pk['slot_bytes'])}")),
             _line("peak RssAnon", _mib(pk["peak_rss_anon"]), _verdict(
-                pk["rss_anon_pass"], "<= budget + baseline; blind to the slots, see the next line")),
+                pk["rss_anon_pass"], "<= budget + baseline")),
             _line("peak private memory", _mib(pk["peak_private"]), _verdict(
                 pk["private_pass"],
                 f"<= budget + {_mib(pk['baseline_private'])}, {_signed_mib(pk['private_over_bytes'])}; "
-                f"RssAnon + {_mib(pk['peak_shared_anon'])} of MAP_SHARED anonymous AlignedBuffers")),
+                f"RssAnon + {_mib(pk['peak_shared_anon'])} of shared anonymous memory")),
             _line("peak VmRSS", _mib(pk["peak_vm_rss"]), f"VmHWM {_mib(pk['vm_hwm'])}"),
-            _line("peak RssShmem", _mib(pk["peak_rss_shmem"]), "the AlignedBuffers above + staging below"),
+            _line("peak RssShmem", _mib(pk["peak_rss_shmem"]), "shared memory: the staging below"),
             _line("  of which staging", _mib(pk["peak_staging"]),
                   "model-sized host-link staging (grads in, weights out): not device memory")]
     return "\n".join(out)
