@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -38,6 +40,13 @@ def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     device = next(model.parameters()).device
     x, y = batch
     return nn.functional.cross_entropy(model(x.to(device)).float(), y.to(device))
+
+
+def assert_positive(section: dict, *keys: str) -> None:
+    """Each of ``keys`` in ``section`` is a finite number > 0 (benchmark results)."""
+    for key in keys:
+        value = section[key]
+        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
 
 
 @pytest.fixture(params=BACKENDS)

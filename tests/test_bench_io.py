@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
+from conftest import assert_positive
 from nearstep.bench import io
 from nearstep.bench.io import main
-
-
-def _positive(section: dict, *keys: str) -> None:
-    for key in keys:
-        value = section[key]
-        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
 
 
 def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, capsys):
@@ -27,18 +21,18 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     assert res["machine"] and res["date"] and res["options"]["quick"] is True
 
     bw = res["bandwidth"]
-    _positive(bw, "bytes", "read_ratio", "write_ratio")
-    _positive(bw["median_gbps"], "raw_read", "raw_write", "store_read", "store_write")
+    assert_positive(bw, "bytes", "read_ratio", "write_ratio")
+    assert_positive(bw["median_gbps"], "raw_read", "raw_write", "store_read", "store_write")
     assert len(bw["rounds_gbps"]) == res["options"]["repeats"] == 1
     assert isinstance(bw["read_pass"], bool) and isinstance(bw["write_pass"], bool)
-    _positive(res["end_to_end"], "params", "params_per_second", "state_bytes_per_step", "state_gbps")
+    assert_positive(res["end_to_end"], "params", "params_per_second", "state_bytes_per_step", "state_gbps")
 
     update = res["update"]
-    _positive(update, "nearstep_params_per_second", "torch_params_per_second", "ratio")
+    assert_positive(update, "nearstep_params_per_second", "torch_params_per_second", "ratio")
     assert isinstance(update["pass"], bool)
 
     peak = res["peak"]
-    _positive(peak, "state_bytes", "budget_bytes", "baseline_rss_anon", "peak_rss_anon", "peak_vm_rss",
+    assert_positive(peak, "state_bytes", "budget_bytes", "baseline_rss_anon", "peak_rss_anon", "peak_vm_rss",
               "peak_rss_shmem", "peak_private", "peak_slot_memory", "slot_ratio", "rss_anon_ratio", "private_ratio")
     # Tiny sizes sit far inside a 1 GiB budget: a MISS here is a wrong measurement, not a slow disk.
     assert peak["slot_pass"] and peak["private_pass"]

@@ -8,14 +8,9 @@ import math
 
 import pytest
 
+from conftest import assert_positive
 from nearstep.bench import step
 from nearstep.bench.step import VARIANTS, main
-
-
-def _positive(section: dict, *keys: str) -> None:
-    for key in keys:
-        value = section[key]
-        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, value)
 
 
 def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path, capsys):
@@ -29,12 +24,12 @@ def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path,
     assert res["options"]["width"] == 512 and res["options"]["rounds"] == 1
     assert list(res["variants"]) == list(VARIANTS)
     for name, v in res["variants"].items():
-        _positive(v, "ms_per_step", "steps_per_second")
+        assert_positive(v, "ms_per_step", "steps_per_second")
         assert len(v["round_ms_per_step"]) == len(v["rounds"]) == 1
         assert v["rounds"][0]["affinity"] == [res["cores"]["compute"]] and v["rounds"][0]["torch_threads"] == 1
     for name in ("sync", "overlap", "delayed"):
         v = res["variants"][name]
-        _positive(v, "device_busy_ms_per_step", "store_bytes_per_step", "link_bytes_per_step")
+        assert_positive(v, "device_busy_ms_per_step", "store_bytes_per_step", "link_bytes_per_step")
         assert 0 <= v["overlap_fraction"] <= 1
         assert v["rounds"][0]["device"]["cores"] == [res["cores"]["device"]]
         # AdamW state (master, exp_avg, exp_avg_sq) is read and written once per step; fp32 grads in, weights out.
@@ -43,7 +38,7 @@ def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path,
         assert v["link_bytes_per_step"] == 2 * 4 * params
 
     derived = res["derived"]
-    _positive(derived, "device_only_ms", "compute_only_ms", "ideal_ms", "ideal_speedup", "overlap_speedup",
+    assert_positive(derived, "device_only_ms", "compute_only_ms", "ideal_ms", "ideal_speedup", "overlap_speedup",
               "delayed_speedup", "overlap_efficiency", "delayed_efficiency", "speedup_vs_ideal_speedup",
               "overlap_fraction")
     assert derived["ideal_ms"] == max(derived["compute_only_ms"], derived["device_only_ms"])

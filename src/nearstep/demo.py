@@ -106,7 +106,7 @@ def _train(model: nn.Module, opt: AdamW, batches: _Batches, steps: int, first: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearstep demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60, help="fine-tuning steps (default 60)")
+    parser.add_argument("--steps", type=int, default=90, help="fine-tuning steps (default 90)")
     parser.add_argument("--mode", choices=["overlap", "sync", "delayed"], default="overlap")
     parser.add_argument("--store", type=Path, default=None, help="store directory (default: new under ./.nearstep/)")
     parser.add_argument("--batch", type=int, default=16)

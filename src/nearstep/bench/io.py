@@ -21,11 +21,9 @@ import json
 import mmap
 import os
 import pathlib
-import re
 import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections import deque
@@ -39,6 +37,7 @@ import nearstep
 from nearstep import aio, kernels
 from nearstep.device import parse_bytes
 from nearstep.store import ParamSpec, Store
+from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
 
 __all__ = ["main"]
 
@@ -104,35 +103,6 @@ def _parse(argv: list[str] | None) -> Options:
     return Options(dir=args.dir, json=args.json, state_bytes=int(args.gib * GiB), repeats=args.repeats,
                    update_params=args.update_params, peak_params=args.peak_params, budget=args.budget,
                    skip_peak=args.skip_peak, quick=args.quick)
-
-
-def _machine(where: pathlib.Path) -> str:
-    cpu = "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {_fs_type(where)} at {where.resolve()}"
-
-
-def _fs_type(path: pathlib.Path) -> str:
-    """The file system type of ``path`` as ``df -T`` prints it: that of the longest mount point above it."""
-    real, best, kind = os.path.realpath(path), "", "unknown"
-    for line in _read_text("/proc/self/mounts").splitlines():
-        _dev, mount, fstype, *_ = line.split()
-        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), mount)  # "\040" is a space
-        if (real == mount or real.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(best):
-            best, kind = mount, fstype  # >=: a later mount on the same point hides the earlier one
-    return kind
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""  # e.g. the process whose /proc entry this was has exited
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -372,7 +342,7 @@ def _race_update(n: int) -> dict[str, Any]:
 
 def _status(pid: int) -> dict[str, int]:
     """RssAnon, VmRSS, RssShmem and VmHWM from /proc/<pid>/status, in bytes."""
-    fields = (line.split() for line in _read_text(f"/proc/{pid}/status").splitlines())
+    fields = (line.split() for line in read_text(f"/proc/{pid}/status").splitlines())
     return {f[0][:-1]: int(f[1]) * 1024 for f in fields if f and f[0][:-1] in STATUS_FIELDS}
 
 
@@ -386,7 +356,7 @@ def _smaps(pid: int) -> dict[str, int]:
     by its name: it is host-link memory, not the device's.
     """
     out, name = {"anon": 0, "shared_anon": 0, "staging": 0}, ""
-    for line in _read_text(f"/proc/{pid}/smaps").splitlines():
+    for line in read_text(f"/proc/{pid}/smaps").splitlines():
         head = line.split(None, 5)
         if head and not head[0].endswith(":"):
             name = head[5] if len(head) > 5 else ""
@@ -461,14 +431,6 @@ def _peak_memory(opts: Options, work: pathlib.Path) -> dict[str, Any]:
 # The table and the run
 
 
-def _verdict(ok: bool, rule: str) -> str:
-    return f"{'PASS' if ok else 'MISS'} ({rule})"
-
-
-def _line(label: str, value: str, note: str = "") -> str:
-    return f"  {label:<30}{value:>16}  {note}".rstrip()
-
-
 def _mib(n: float) -> str:
     return f"{n / MiB:,.0f} MiB"
 
@@ -486,35 +448,35 @@ def _render(res: dict[str, Any]) -> str:
            f"  {'round':<10}" + "".join(f"{c.replace('_', ' '):>13}" for c in cols)]
     rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
     out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
-    out += [_line("store/raw read", f"{bw['read_ratio']:.3f}", _verdict(bw["read_pass"], target)),
-            _line("store/raw write", f"{bw['write_ratio']:.3f}", _verdict(bw["write_pass"], target)),
-            _line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
+    out += [table_line("store/raw read", f"{bw['read_ratio']:.3f}", verdict(bw["read_pass"], target)),
+            table_line("store/raw write", f"{bw['write_ratio']:.3f}", verdict(bw["write_pass"], target)),
+            table_line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
                   f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
                   f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
             "", f"2. update rate per core: 1 thread, {up['params'] / 1e6:.1f} M fp32 params in {up['segments']} "
             f"segments, median of {UPDATE_ROUNDS}",
-            _line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
-            _line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
-            _line("nearstep/torch", f"{up['ratio']:.3f}", _verdict(up["pass"], target)), ""]
+            table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
+            table_line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
+            table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), ""]
     if pk is None:
         return "\n".join(out + ["3. device peak memory: skipped (--skip-peak)"])
     out += [f"3. device peak memory: emulated device, {pk['params'] / 1e6:.1f} M bf16 params, one step of "
             f"{pk['step_seconds']:.2f} s, /proc read every {SAMPLE_SECONDS * 1e3:.0f} ms (achieved: {pk['samples']} "
             f"samples, one per {pk['step_seconds'] / max(pk['samples'], 1) * 1e3:.1f} ms)",
-            _line("state size (one generation)", f"{pk['state_bytes'] / GiB:.2f} GiB"),
-            _line("budget", _mib(pk["budget_bytes"])),
-            _line("baseline RssAnon", _mib(pk["baseline_rss_anon"]), "device process before the step"),
-            _line("peak slot memory", _mib(pk["peak_slot_memory"]), _verdict(
+            table_line("state size (one generation)", f"{pk['state_bytes'] / GiB:.2f} GiB"),
+            table_line("budget", _mib(pk["budget_bytes"])),
+            table_line("baseline RssAnon", _mib(pk["baseline_rss_anon"]), "device process before the step"),
+            table_line("peak slot memory", _mib(pk["peak_slot_memory"]), verdict(
                 pk["slot_pass"], f"<= budget; {pk['peak_slots']} slot(s) x {_mib(pk['slot_bytes'])}")),
-            _line("peak RssAnon", _mib(pk["peak_rss_anon"]), _verdict(
+            table_line("peak RssAnon", _mib(pk["peak_rss_anon"]), verdict(
                 pk["rss_anon_pass"], "<= budget + baseline")),
-            _line("peak private memory", _mib(pk["peak_private"]), _verdict(
+            table_line("peak private memory", _mib(pk["peak_private"]), verdict(
                 pk["private_pass"],
                 f"<= budget + {_mib(pk['baseline_private'])}, {_signed_mib(pk['private_over_bytes'])}; "
                 f"RssAnon + {_mib(pk['peak_shared_anon'])} of shared anonymous memory")),
-            _line("peak VmRSS", _mib(pk["peak_vm_rss"]), f"VmHWM {_mib(pk['vm_hwm'])}"),
-            _line("peak RssShmem", _mib(pk["peak_rss_shmem"]), "shared memory: the staging below"),
-            _line("  of which staging", _mib(pk["peak_staging"]),
+            table_line("peak VmRSS", _mib(pk["peak_vm_rss"]), f"VmHWM {_mib(pk['vm_hwm'])}"),
+            table_line("peak RssShmem", _mib(pk["peak_rss_shmem"]), "shared memory: the staging below"),
+            table_line("  of which staging", _mib(pk["peak_staging"]),
                   "model-sized host-link staging (grads in, weights out): not device memory")]
     return "\n".join(out)
 
@@ -526,13 +488,11 @@ def _progress(what: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the three measurements, print the table, write the JSON; returns 0 (PASS/MISS are reported)."""
     opts = _parse(argv)
-    made = [p for p in (opts.dir, *opts.dir.parents) if not p.exists()]  # removed at the end if left empty
-    opts.dir.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="run-", dir=opts.dir))
     options = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in asdict(opts).items()}
     res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                           "machine": _machine(opts.dir), "options": options}
-    try:
+                           "options": options}
+    with scratch(opts.dir) as work:
+        res["machine"] = machine(opts.dir)
         _progress("store bandwidth")
         res["bandwidth"] = _bandwidth(opts, work)
         _progress("end-to-end inline step")
@@ -542,13 +502,6 @@ def main(argv: list[str] | None = None) -> int:
         if not opts.skip_peak:
             _progress("device peak memory")
             res["peak"] = _peak_memory(opts, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for p in made:  # deepest first; stops at the first one something else has landed in
-            try:
-                p.rmdir()
-            except OSError:
-                break
     print(_render(res))
     opts.json.parent.mkdir(parents=True, exist_ok=True)
     opts.json.write_text(json.dumps(res, indent=1) + "\n")

@@ -32,7 +32,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,7 +41,7 @@ import torch
 
 import nearstep
 from nearstep import workloads
-from nearstep.bench.io import _line, _machine, _verdict
+from nearstep.bench.report import machine, scratch, table_line, verdict
 from nearstep.device import parse_bytes
 
 __all__ = ["main"]
@@ -481,38 +480,58 @@ def _render(res: dict[str, Any]) -> str:
         out.append(row.rstrip())
     out.append("")
     if "device_only_ms" in d:
-        out.append(_line("device-only step", f"{d['device_only_ms']:.1f} ms", "sync worker: trace device busy / steps"))
+        out.append(table_line("device-only step", f"{d['device_only_ms']:.1f} ms", "sync worker: trace device busy / steps"))
     if "sync_minus_none_ms" in d:
-        out.append(_line("sync - none", f"{d['sync_minus_none_ms']:.1f} ms", "cross-check of the device-only step"))
+        out.append(table_line("sync - none", f"{d['sync_minus_none_ms']:.1f} ms", "cross-check of the device-only step"))
     if "torch_minus_none_ms" in d:
-        out.append(_line("torch - none", f"{d['torch_minus_none_ms']:.1f} ms", "the in-memory fused AdamW step"))
+        out.append(table_line("torch - none", f"{d['torch_minus_none_ms']:.1f} ms", "the in-memory fused AdamW step"))
     if "ideal_ms" in d:
-        out.append(_line("ideal = max(compute, device)", f"{d['ideal_ms']:.1f} ms",
+        out.append(table_line("ideal = max(compute, device)", f"{d['ideal_ms']:.1f} ms",
                          f"compute-only (none) {d['compute_only_ms']:.1f} ms, device-only {d['device_only_ms']:.1f} ms"))
     for name in ("overlap", "delayed"):
         if f"{name}_speedup" in d:
-            out.append(_line(f"{name}/sync speed-up", f"{d[f'{name}_speedup']:.3f}x", "sync ms / " + name + " ms"))
+            out.append(table_line(f"{name}/sync speed-up", f"{d[f'{name}_speedup']:.3f}x", "sync ms / " + name + " ms"))
     if "overlap_efficiency" in d:
         limit = OVERLAP_SLACK * d["ideal_ms"]
-        out.append(_line("overlap efficiency", f"{d['overlap_efficiency']:.3f}", _verdict(
+        out.append(table_line("overlap efficiency", f"{d['overlap_efficiency']:.3f}", verdict(
             d["overlap_within_slack"],
             f"ideal/overlap; target overlap <= {OVERLAP_SLACK:.2f} x ideal: {var['overlap']['ms_per_step']:.1f} "
             f"{'<=' if d['overlap_within_slack'] else '>'} {limit:.1f} ms")))
-        out.append(_line("speed-up vs ideal speed-up", f"{d['speedup_vs_ideal_speedup']:.3f}", _verdict(
+        out.append(table_line("speed-up vs ideal speed-up", f"{d['speedup_vs_ideal_speedup']:.3f}", verdict(
             d["speedup_vs_ideal_pass"], f"target >= {SPEEDUP_TARGET}; ideal speed-up {d['ideal_speedup']:.3f}x")))
     if "delayed_efficiency" in d:
-        out.append(_line("delayed efficiency", f"{d['delayed_efficiency']:.3f}", "ideal/delayed (no target)"))
+        out.append(table_line("delayed efficiency", f"{d['delayed_efficiency']:.3f}", "ideal/delayed (no target)"))
     if "overlap_fraction" in d:
-        out.append(_line("overlap fraction (overlap)", f"{d['overlap_fraction']:.3f}", _verdict(
+        out.append(table_line("overlap fraction (overlap)", f"{d['overlap_fraction']:.3f}", verdict(
             d["overlap_fraction_pass"], f"target >= {FRACTION_TARGET}; device busy while the loop computes")))
     if "overlap_losses_equal_sync" in d:
-        out.append(_line("overlap losses == sync", "yes" if d["overlap_losses_equal_sync"] else "NO",
+        out.append(table_line("overlap losses == sync", "yes" if d["overlap_losses_equal_sync"] else "NO",
                          "overlap is exact: bitwise the same losses"))
     return "\n".join(out)
 
 
 def _progress(what: str) -> None:
     print(f"nearstep bench step: {what}", file=sys.stderr, flush=True)
+
+
+def _run_rounds(opts: Options, runs: dict[str, list[dict[str, Any]]], work: pathlib.Path,
+                compute_core: int, device_core: int) -> None:
+    for r in range(opts.rounds):
+        # Alternate A B C D E A B C D E: a shared VM drifts between runs; side by side, every variant sees it.
+        for variant in opts.variants:
+            trace = None
+            if opts.trace_dir is not None and r == opts.rounds - 1 and variant in NEARSTEP_VARIANTS:
+                trace = str(opts.trace_dir.resolve() / f"bench-step-{opts.model}-{variant}.json")
+            spec = WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch,
+                              seq_len=opts.seq_len, width=opts.width, steps=opts.steps, warmup=opts.warmup,
+                              memory_budget=opts.memory_budget, slice_mb=opts.slice_mb,
+                              store=str((work / f"store-{variant}-{r + 1}").resolve()),
+                              compute_core=compute_core, device_core=device_core, trace=trace,
+                              device=opts.device)
+            result = _run_worker(spec, work)
+            runs[variant].append(result)
+            _progress(f"round {r + 1}/{opts.rounds} {variant}: {result['ms_per_step']:.1f} ms/step "
+                      f"(worker process {result['process_seconds']:.1f} s)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -527,12 +546,9 @@ def main(argv: list[str] | None = None) -> int:
               f"Install them with: {INSTALL[opts.model]}", file=sys.stderr)
         return 2
     compute_core, device_core = _cores()
-    made = [p for p in (opts.dir, *opts.dir.parents) if not p.exists()]  # removed at the end if left empty
-    opts.dir.mkdir(parents=True, exist_ok=True)
-    work = pathlib.Path(tempfile.mkdtemp(prefix="run-", dir=opts.dir))
     options = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in asdict(opts).items()}
     res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                           "machine": _machine(opts.dir), "options": options,
+                           "options": options,
                            "cores": {"compute": compute_core, "device": device_core,
                                      "shared": compute_core == device_core},
                            "targets": {"overlap_slack": OVERLAP_SLACK, "speedup_vs_ideal": SPEEDUP_TARGET,
@@ -543,33 +559,13 @@ def main(argv: list[str] | None = None) -> int:
                                       "sha1": _source_digest()}}
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in opts.variants}
     started = time.perf_counter()
-    try:
-        for r in range(opts.rounds):
-            # Alternate A B C D E A B C D E: a shared VM drifts between runs; side by side, every variant sees it.
-            for variant in opts.variants:
-                trace = None
-                if opts.trace_dir is not None and r == opts.rounds - 1 and variant in NEARSTEP_VARIANTS:
-                    trace = str(opts.trace_dir.resolve() / f"bench-step-{opts.model}-{variant}.json")
-                spec = WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch,
-                                  seq_len=opts.seq_len, width=opts.width, steps=opts.steps, warmup=opts.warmup,
-                                  memory_budget=opts.memory_budget, slice_mb=opts.slice_mb,
-                                  store=str((work / f"store-{variant}-{r + 1}").resolve()),
-                                  compute_core=compute_core, device_core=device_core, trace=trace,
-                                  device=opts.device)
-                result = _run_worker(spec, work)
-                runs[variant].append(result)
-                _progress(f"round {r + 1}/{opts.rounds} {variant}: {result['ms_per_step']:.1f} ms/step "
-                          f"(worker process {result['process_seconds']:.1f} s)")
-    except WorkerError as exc:
-        print(f"nearstep bench step: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        for p in made:  # deepest first; stops at the first one something else has landed in
-            try:
-                p.rmdir()
-            except OSError:
-                break
+    with scratch(opts.dir) as work:
+        res["machine"] = machine(opts.dir)
+        try:
+            _run_rounds(opts, runs, work, compute_core, device_core)
+        except WorkerError as exc:
+            print(f"nearstep bench step: {exc}", file=sys.stderr)
+            return 1
     res["run_seconds"] = time.perf_counter() - started
     res["variants"], res["derived"] = _summarize(opts, runs)
     res["source"]["workers_sha1"] = sorted({r["source"] for rounds in runs.values() for r in rounds})
