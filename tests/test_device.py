@@ -9,7 +9,8 @@ import torch
 
 import nearstep
 from nearstep import kernels
-from nearstep.engine import Apply, Commit, Prefetch, StagingLayout
+from nearstep.engine import Apply, Commit, Prefetch
+from nearstep.staging import StagingLayout
 from test_store import ADAM_STATE, make_store, specs
 
 

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import torch
 
 from . import aio, kernels
-from .engine import Engine, EngineConfig, MapMemory, Query, Request, SharedMemory
+from .engine import Engine, EngineConfig, MapMemory, Query, Request
+from .staging import SharedMemory
 from .errors import DeviceDiedError, DeviceError, NearstepError
 from .store import Store
 

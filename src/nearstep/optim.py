@@ -26,7 +26,8 @@ import torch
 
 from . import kernels
 from .device import Completion, Device, DeviceConfig, build_device
-from .engine import Apply, Commit, LoadState, Query, StagingLayout
+from .engine import Apply, Commit, LoadState, Query
+from .staging import StagingLayout
 from .pipeline import InFlight, Pipeline
 from .trace import Trace
 from .errors import NearstepError, StoreMismatchError

@@ -43,7 +43,8 @@ import torch
 
 from . import kernels
 from .device import Completion, Device, DeviceMemory
-from .engine import Abort, Apply, Commit, Prefetch, Stage, StagedSegment, StagedSlice, StagingLayout
+from .engine import Abort, Apply, Commit, Prefetch, Stage
+from .staging import StagedSegment, StagedSlice, StagingLayout
 from .trace import Trace
 
 __all__ = ["Phase", "InFlight", "Pipeline"]
