@@ -2,16 +2,18 @@
 
 from .device import Device, DeviceConfig, DeviceInfo, open_device
 from .errors import (DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError, StoreCorruptError,
-                     StoreError, StoreLockedError, StoreMismatchError)
+                     StoreError, StoreIOError, StoreLockedError, StoreMismatchError, StorePermissionError)
 from .kernels import Guards
 from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer, ParamTelemetry
 from .store import Store
+from .tools import export_safetensors, inspect_store, resume, verify_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamW", "Adam", "SGD", "Lion", "NearstepOptimizer", "Guards", "ParamTelemetry",
-    "Store", "open_device", "Device", "DeviceConfig", "DeviceInfo",
+    "Store", "resume", "inspect_store", "verify_store", "export_safetensors",
+    "open_device", "Device", "DeviceConfig", "DeviceInfo",
     "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",
-    "MisalignedIOError", "DeviceError", "DeviceDiedError",
+    "StoreIOError", "StorePermissionError", "MisalignedIOError", "DeviceError", "DeviceDiedError",
 ]

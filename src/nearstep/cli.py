@@ -1,4 +1,4 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``."""
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,13 @@ _BENCHES = {
     "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed"),
 }
 
+# The store tools; each is a function in nearstep.tools, which also parses their arguments.
+_TOOLS = {
+    "inspect": "print a store's step, optimizer, parameters, sizes and guard counters (--json)",
+    "verify": "check every slice file of a store (presence, size, checksum); exit 1 if any is bad",
+    "export": "write a store's fp32 master weights to a safetensors file",
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -23,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="train a model with its optimizer state in a store (no configuration)", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks that print a table and write JSON")
     bench.add_argument("which", choices=sorted(_BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCHES.items())))
+    for name, text in _TOOLS.items():
+        sub.add_parser(name, help=text, add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -30,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[0] in _TOOLS:
+        from .tools import main as tools_main
+
+        return tools_main(argv)
     if argv[0] == "bench" and len(argv) > 1 and argv[1] in _BENCHES:
         import importlib
 

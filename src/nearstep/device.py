@@ -241,8 +241,7 @@ class InlineDevice(Device):
             return done
         try:
             done._finish(self._engine.handle(request))
-        except Exception as exc:
-            self._engine.abort_step()
+        except Exception as exc:  # the engine has dropped the step
             done._finish(error=_remote_error(done.what, exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return done
 
@@ -294,8 +293,7 @@ def _device_main(conn: Any, store_path: str, lock_fd: int, config: DeviceConfig,
                 break
             try:
                 conn.send((rid, engine.handle(request), None))
-            except Exception as exc:
-                engine.abort_step()
+            except Exception as exc:  # the engine has dropped the step
                 conn.send((rid, None, _pack_error(exc)))
     finally:
         engine.close()

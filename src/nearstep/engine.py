@@ -232,6 +232,7 @@ class Engine:
         self._tickets: dict[int, _Ticket] = {}
         self._writes: dict[int, tuple[Future[aio.IOResult], int]] = {}
         self._closing = False
+        self._failed: BaseException | None = None  # see _refuse_if_failed
         self._trace: list[TraceEvent] = []
         # Guard counts of the applies since the last commit; the commit adds them to the manifest's.
         self._kernel_counts = {"spike_clipped": 0, "update_clipped": 0}
@@ -252,6 +253,16 @@ class Engine:
     # -- request dispatch ----------------------------------------------------
 
     def handle(self, request: Request) -> Any:
+        """Run one request; on failure the step in progress is dropped (see :meth:`_refuse_if_failed`)."""
+        try:
+            return self._dispatch(request)
+        except Exception as exc:
+            self.abort_step()
+            if not isinstance(request, (Commit, Abort, Query)) and self._failed is None:
+                self._failed = exc  # this step's remaining applies and its commit are refused
+            raise
+
+    def _dispatch(self, request: Request) -> Any:
         if isinstance(request, Apply):
             return self._apply(request)
         if isinstance(request, Prefetch):
@@ -264,6 +275,7 @@ class Engine:
             return self._commit(request)
         if isinstance(request, Abort):
             self.abort_step()
+            self._failed = None  # the host dropped the step: what follows starts afresh
             return None
         if isinstance(request, LoadState):
             return self._load_state(request)
@@ -399,6 +411,7 @@ class Engine:
     # -- applying ------------------------------------------------------------
 
     def _apply(self, req: Apply) -> list[kernels.SegmentReport]:
+        self._refuse_if_failed()
         k = req.slice
         self._check_slice(k)
         staged = self.layout.slices[k]
@@ -520,6 +533,10 @@ class Engine:
     # -- committing ----------------------------------------------------------
 
     def _commit(self, req: Commit) -> Manifest:
+        try:
+            self._refuse_if_failed()
+        finally:
+            self._failed = None  # the next step starts afresh
         t0 = time.perf_counter()
         start_ns = time.monotonic_ns()
         m = self.manifest
@@ -544,8 +561,10 @@ class Engine:
             counters=counters,
             committed=tuple(committed),
         )
-        self.store.commit(manifest)
-        self.manifest = self.store.manifest
+        try:
+            self.store.commit(manifest)
+        finally:
+            self.manifest = self.store.manifest  # the new one, if the rename happened
         self._event("device-io", f"commit {req.step}", start_ns, time.monotonic_ns())
         self.counters["steps_committed"] += 1
         self.counters["commit_seconds"] += time.perf_counter() - t0
@@ -559,6 +578,15 @@ class Engine:
             except BaseException:
                 pass
         self._writes.clear()
+
+    def _refuse_if_failed(self) -> None:
+        """A step is committed whole or not at all: after one of its requests failed, its
+        remaining applies and its commit are refused, naming the first failure."""
+        if self._failed is not None:
+            raise RuntimeError(
+                f"an earlier request of this step failed ({type(self._failed).__name__}: {self._failed}); "
+                f"the step is dropped and the store stays at step {self.manifest.step}"
+            )
 
     def abort_step(self) -> None:
         """Forget everything applied since the last commit (after an error).

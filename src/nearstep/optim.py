@@ -239,9 +239,13 @@ class NearstepOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _load_masters_into_params(self, manifest: Manifest) -> None:
-        """Resuming: the store's committed master weights become the model's weights."""
-        for spec in manifest.slices:
-            master = self._store.read_slice(spec.index)["master"]
+        """Resuming: the store's committed master weights become the model's weights.
+
+        Every slice is read (and its checksum verified) before any parameter changes,
+        so a damaged store leaves the model as it was.
+        """
+        masters = [self._store.read_slice(spec.index)["master"] for spec in manifest.slices]
+        for spec, master in zip(manifest.slices, masters):
             offset = 0
             for seg in spec.segments:
                 flat = self._params[seg.param].view(-1)
@@ -336,11 +340,12 @@ class NearstepOptimizer(torch.optim.Optimizer):
         return self._device.submit(Query("trace")).wait()
 
     @torch.no_grad()
-    def _rollback(self) -> None:
-        """After a failed step: the model gets the store's last committed weights back."""
+    def _rollback(self, reload_weights: bool) -> None:
+        """After a failed step: back to the store's last commit (step counters, and weights if asked)."""
         try:
             manifest = self._store.refresh()
-            self._load_masters_into_params(manifest)
+            if reload_weights:
+                self._load_masters_into_params(manifest)
         except NearstepError:
             return  # nothing readable to roll back to; the error being raised says why
         self._step = manifest.step

@@ -100,7 +100,7 @@ class Pipeline:
         *,
         arenas: int,
         offload_gradients: bool,
-        rollback: Callable[[], None],
+        rollback: Callable[[bool], None],
     ) -> None:
         self.params = list(params)
         self._ids = {id(p): i for i, p in enumerate(self.params)}
@@ -440,6 +440,7 @@ class Pipeline:
             except BaseException:
                 pass
         self.phase = Phase.STAGING if self.phase is Phase.STAGING else Phase.IDLE
-        if inflight.landed:
-            self._rollback()  # some new weights reached the model before the step failed
+        # The step counters go back to the store's last commit in any case; the weights
+        # only if some new ones already reached the model.
+        self._rollback(bool(inflight.landed))
 

@@ -232,7 +232,7 @@ class Manifest:
                 created_at=float(doc.get("created_at", 0.0)),
                 committed_at=float(doc.get("committed_at", 0.0)),
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise bad(f"{type(exc).__name__}: {exc}") from None
         manifest._check(bad)
         return manifest
@@ -317,10 +317,13 @@ def _acquire_lock(path: Path) -> int:
     lock_path = path / LOCK
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except PermissionError as exc:
-        raise StorePermissionError(
-            exc.errno, f"cannot open {lock_path}: permission denied. Check the ownership and mode of the store directory.", str(lock_path)
-        ) from None
+    except OSError as exc:
+        if exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+            raise StorePermissionError(
+                exc.errno, f"cannot open {lock_path} for writing: {exc.strerror}. Check the ownership and mode of "
+                f"the store directory, and that its file system is mounted read-write.", str(lock_path)
+            ) from None
+        raise aio.wrap_os_error(exc, "open the lock file", lock_path) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -329,7 +332,8 @@ def _acquire_lock(path: Path) -> int:
         finally:
             os.close(fd)
         raise StoreLockedError(
-            f"store {path} is in use by process {holder}. Stop that process (or wait for it to "
+            f"store {path} is in use by process {holder} (or by its device process, which exits within "
+            f"a second of it). Stop that process (or wait for it to "
             f"close the optimizer), or give this run a different store directory."
         ) from None
     os.ftruncate(fd, 0)
@@ -586,7 +590,8 @@ class Store:
             try:
                 self.read_slice(spec.index)
             except (StoreError, OSError) as exc:
-                problems.append(str(exc))
+                text = str(exc)
+                problems.append(text if text.startswith(f"slice {spec.index} ") else f"slice {spec.index}: {text}")
         return problems
 
     # -- committing --------------------------------------------------------
@@ -613,10 +618,12 @@ class Store:
             # The rename is the commit point: before it the old manifest (and the old
             # generation it names) is what a reopen sees, after it the new one.
             os.replace(tmp, self.path / MANIFEST)
+            # From here on the new manifest is what a reopen may see: the next step must
+            # write the other generations, even if the directory fsync below fails.
+            self.manifest = manifest
             _fsync_dir(self.path)
         except OSError as exc:
             raise aio.wrap_os_error(exc, "commit the manifest", tmp) from None
-        self.manifest = manifest
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -1,0 +1,571 @@
+"""Store tools: look inside a store, check it, export its weights, resume from it.
+
+The functions are the API; :func:`main` is ``nearstep inspect|verify|export``.
+None of them changes the store's state. They differ in how they share it with
+a training process that may have it open:
+
+- :func:`inspect_store` reads only the manifest, which is replaced atomically,
+  and never takes the lock; it reports whether someone holds it.
+- :func:`verify_store` takes the lock (:meth:`Store.open`, which writes this
+  process's pid into ``LOCK``), so a store in use is refused with
+  :class:`~nearstep.StoreLockedError`.
+- :func:`export_safetensors` reads without the lock and checks afterwards that
+  nothing was committed meanwhile (see [Note: reading a store in use]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import NearstepError, StoreError
+from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer
+from .store import LOCK, MANIFEST, Manifest, ParamSpec, Segment, Store, read_manifest
+
+__all__ = [
+    "LockState", "StoreInfo", "VerifyReport", "ExportResult",
+    "inspect_store", "format_store_info", "verify_store", "read_masters", "export_safetensors", "resume", "main",
+]
+
+_OPTIMIZERS: dict[str, type[NearstepOptimizer]] = {cls.kind: cls for cls in (AdamW, Adam, SGD, Lion)}
+_GUARD_COUNTERS = ("skipped_steps", "spike_clipped", "update_clipped")
+_POSITIONAL = re.compile(r"group\d+\.param\d+")  # the names of parameters given without names
+
+
+def _require_store(path: Path, todo: str = "Check the path: a store is the directory given to the optimizer as store=.") -> Manifest:
+    """The manifest at ``path``, or a StoreError that says the path holds no store."""
+    if not (path / MANIFEST).is_file():
+        what = "does not exist" if not path.exists() else "is not a directory" if not path.is_dir() else f"has no {MANIFEST}"
+        raise StoreError(f"{path} holds no nearstep store: it {what}. {todo}")
+    return read_manifest(path)
+
+
+# ---------------------------------------------------------------------------
+# inspect
+
+
+@dataclass(frozen=True, slots=True)
+class LockState:
+    """Whether a process holds the store's lock, as seen at one instant.
+
+    Attributes:
+        in_use: True when the lock is held, False when free, None when it could not be probed.
+        holder_pid: the pid the holder wrote into ``LOCK`` (the training process; its
+            emulated device process shares the lock), when in use.
+        detail: why ``in_use`` is None.
+    """
+
+    in_use: bool | None
+    holder_pid: int | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreInfo:
+    """What :func:`inspect_store` found.
+
+    Attributes:
+        path: the store directory.
+        manifest: the committed manifest.
+        lock: whether the store is in use.
+        disk_bytes: bytes allocated on disk by the slice files of both generations and the manifest.
+        missing_files: slice files the manifest implies but the directory lacks (see ``nearstep verify``).
+    """
+
+    path: Path
+    manifest: Manifest
+    lock: LockState
+    disk_bytes: int
+    missing_files: int
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+    @property
+    def counters(self) -> dict[str, int]:
+        return {**dict.fromkeys(_GUARD_COUNTERS, 0), **self.manifest.counters}
+
+    def to_dict(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "path": str(self.path),
+            "store_id": m.store_id,
+            "format_version": m.format_version,
+            "optimizer": m.optimizer,
+            "optimizer_class": f"nearstep.{_OPTIMIZERS[m.optimizer].__name__}" if m.optimizer in _OPTIMIZERS else None,
+            "step": m.step,
+            "created_at": _iso(m.created_at),
+            "committed_at": _iso(m.committed_at),
+            "committed_at_unix": m.committed_at,
+            "in_use": self.lock.in_use,
+            "lock_holder_pid": self.lock.holder_pid,
+            "state_names": list(m.state_names),
+            "hyperparameters": [dict(h) for h in m.hyperparameters],
+            "params": [
+                {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "numel": p.numel, "group": p.group,
+                 "steps": m.param_steps[i]}
+                for i, p in enumerate(m.params)
+            ],
+            "slices": [
+                {"index": s.index, "numel": s.numel, "file_bytes": m.slice_file_bytes(s.index),
+                 "generation": m.committed[s.index].generation,
+                 "segments": [{"param": g.param, "start": g.start, "length": g.length} for g in s.segments]}
+                for s in m.slices
+            ],
+            "sizes": {
+                "numel": sum(p.numel for p in m.params),
+                "state_bytes_per_generation": m.state_bytes,
+                "store_bytes_two_generations": 2 * m.state_bytes,
+                "disk_bytes": self.disk_bytes,
+                "slice_count": len(m.slices),
+                "slice_file_bytes_min": min((m.slice_file_bytes(s.index) for s in m.slices), default=0),
+                "slice_file_bytes_max": max((m.slice_file_bytes(s.index) for s in m.slices), default=0),
+                "missing_files": self.missing_files,
+            },
+            "counters": self.counters,
+        }
+
+
+def _probe_lock(path: Path) -> LockState:
+    """Whether another process holds the store's lock, without taking it for longer than a probe.
+
+    The probe is a non-blocking shared ``flock`` on a descriptor of our own, released at
+    once. For that instant a training process opening the store would be refused,
+    as by any other holder; a shared lock keeps two probes from refusing each other.
+    """
+    lock_path = path / LOCK
+    try:
+        # O_RDONLY without O_CREAT: inspecting must not create or change anything.
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return LockState(False)
+    except OSError as exc:
+        return LockState(None, detail=f"cannot open {lock_path}: {exc.strerror}")
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            return LockState(True, int(text) if text.isdigit() else None)
+        except OSError as exc:
+            return LockState(None, detail=f"cannot flock {lock_path}: {exc.strerror}")
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return LockState(False)
+    finally:
+        os.close(fd)
+
+
+def inspect_store(path: str | os.PathLike) -> StoreInfo:
+    """Read a store's manifest (without its lock) and say whether it is in use.
+
+    Raises:
+        StoreError: ``path`` holds no store; StoreCorruptError if its manifest is invalid.
+    """
+    path = Path(path)
+    manifest = _require_store(path)
+    view = Store(path, manifest, lock_fd=-1)  # for slice_path only; holds no lock
+    disk_bytes, missing = 0, 0
+    for _k, _g, file in view.iter_slice_paths():
+        try:
+            disk_bytes += os.stat(file).st_blocks * 512
+        except FileNotFoundError:
+            missing += 1
+    disk_bytes += os.stat(path / MANIFEST).st_blocks * 512  # os.replace() never leaves the name missing
+    return StoreInfo(path, manifest, _probe_lock(path), disk_bytes, missing)
+
+
+def _iso(unix: float) -> str | None:
+    return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds") if unix > 0 else None
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return ["  " + "  ".join(cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+            for row in rows]
+
+
+def _segment_text(params: tuple[ParamSpec, ...], seg: Segment) -> str:
+    p = params[seg.param]
+    if seg.length == p.numel:
+        return p.name
+    return f"{p.name}[{seg.start}:{seg.start + seg.length}]"
+
+
+def format_store_info(info: StoreInfo) -> str:
+    """The text ``nearstep inspect`` prints."""
+    m = info.manifest
+    lock = info.lock
+    if lock.in_use is None:
+        in_use = f"unknown ({lock.detail})"
+    elif lock.in_use:
+        who = f"process {lock.holder_pid}" if lock.holder_pid is not None else "an unknown process"
+        in_use = f"yes, LOCK held by {who}; what follows is its last commit"
+    else:
+        in_use = "no"
+    kind = f"{m.optimizer} (nearstep.{_OPTIMIZERS[m.optimizer].__name__})" if m.optimizer in _OPTIMIZERS else m.optimizer
+    file_sizes = sorted({m.slice_file_bytes(s.index) for s in m.slices}) or [0]
+    size_range = _size(file_sizes[0]) if len(file_sizes) == 1 else f"{_size(file_sizes[0])} to {_size(file_sizes[-1])}"
+    counters = info.counters
+    lines = [
+        f"store        {info.path}",
+        f"store id     {m.store_id}",
+        f"in use       {in_use}",
+        f"optimizer    {kind}",
+        f"step         {m.step}",
+        f"committed    {_iso(m.committed_at) or 'never'}",
+        f"created      {_iso(m.created_at) or 'unknown'}",
+        f"state        {', '.join(m.state_names)} (fp32)",
+        f"size         {_size(m.state_bytes)} per generation ({m.state_bytes:,} bytes); "
+        f"{_size(2 * m.state_bytes)} for the two generations; {_size(info.disk_bytes)} allocated on disk",
+        f"slices       {len(m.slices)}, {size_range} per file",
+        "guards       " + ", ".join(f"{k} {counters[k]}" for k in _GUARD_COUNTERS),
+    ]
+    if info.missing_files:
+        lines.append(f"WARNING      {info.missing_files} slice files are missing; run `nearstep verify {info.path}`")
+    lines += ["", f"hyperparameters (per param group, as committed at step {m.step})"]
+    for g, hyper in enumerate(m.hyperparameters):
+        lines.append(f"  group {g}: " + " ".join(f"{k}={v}" for k, v in hyper.items()))
+    total = sum(p.numel for p in m.params)
+    lines += ["", f"parameters ({len(m.params)}, {total:,} elements)"]
+    rows = [("#", "name", "shape", "dtype", "numel", "group", "steps")]
+    rows += [(str(i), p.name, str(list(p.shape)), p.dtype, f"{p.numel:,}", str(p.group), str(m.param_steps[i]))
+             for i, p in enumerate(m.params)]
+    lines += _table(rows, right={0, 4, 5, 6})
+    lines += ["", f"slices ({len(m.slices)}; one file per generation)"]
+    rows = [("#", "numel", "file bytes", "gen", "parameters")]
+    for s in m.slices:
+        names = ", ".join(_segment_text(m.params, g) for g in s.segments)
+        rows.append((str(s.index), f"{s.numel:,}", f"{m.slice_file_bytes(s.index):,}", str(m.committed[s.index].generation),
+                     names if len(names) <= 72 else names[:69] + "..."))
+    lines += _table(rows, right={0, 1, 2, 3})
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# verify
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :func:`verify_store` found.
+
+    Attributes:
+        path: the store directory.
+        step: the committed step that was checked.
+        slices: how many slices the store has.
+        bad_slices: the indices of slices with at least one problem.
+        problems: one line per problem, each naming the file.
+    """
+
+    path: Path
+    step: int
+    slices: int
+    bad_slices: tuple[int, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"{self.slices} slices, all checksums match (step {self.step})"
+        return f"{len(self.bad_slices)} of {self.slices} slices bad (step {self.step})"
+
+
+def verify_store(path: str | os.PathLike) -> VerifyReport:
+    """Check every slice file of a store: present, the expected size, and (committed ones) the checksum.
+
+    Takes the store's lock for a consistent view; changes nothing but the pid in ``LOCK``.
+    Both generations must exist at full size: the committed one holds the state,
+    the other is where the next step writes (it is opened, not created, then).
+
+    Raises:
+        StoreLockedError: another process has the store open.
+        StoreError: ``path`` holds no store (StoreCorruptError: its manifest is invalid).
+    """
+    _require_store(Path(path))  # before Store.open, which would create LOCK in any directory
+    problems: dict[int, list[str]] = {}
+    with Store.open(path) as store:
+        m = store.manifest
+        for spec in m.slices:
+            k = spec.index
+            want = m.slice_file_bytes(k)
+            committed = m.committed[k].generation
+            readable = False
+            for gen in (committed, committed ^ 1):
+                role = "committed" if gen == committed else "spare: the next step writes it"
+                file = store.slice_path(k, gen)
+                try:
+                    size = os.stat(file).st_size
+                except FileNotFoundError:
+                    problems.setdefault(k, []).append(f"{file}: missing (slice {k}, {role})")
+                    continue
+                except OSError as exc:
+                    problems.setdefault(k, []).append(f"{file}: cannot stat: {exc.strerror} (slice {k}, {role})")
+                    continue
+                if size != want:
+                    how = "truncated" if size < want else "longer than written"
+                    problems.setdefault(k, []).append(f"{file}: {size:,} bytes, expected {want:,}: {how} (slice {k}, {role})")
+                if gen == committed:
+                    readable = size >= want
+            if readable:
+                try:
+                    store.read_slice(k)  # verifies the checksum the manifest committed
+                except (NearstepError, OSError) as exc:
+                    problems.setdefault(k, []).append(str(exc))
+    return VerifyReport(Path(path), m.step, len(m.slices), tuple(sorted(problems)),
+                        tuple(line for k in sorted(problems) for line in problems[k]))
+
+
+# ---------------------------------------------------------------------------
+# export
+
+
+@dataclass(frozen=True, slots=True)
+class ExportResult:
+    """What :func:`export_safetensors` wrote."""
+
+    path: Path
+    step: int
+    store_id: str
+    tensors: int
+    nbytes: int
+    positional_names: bool
+
+
+# [Note: reading a store in use]
+# A step writes each slice's generation that the manifest does *not* name, and
+# the generation it names is rewritten only by the step after the next, once a new
+# manifest has replaced this one. So if the manifest is the same before and after
+# reading every slice, nothing read was being written: the snapshot is exactly
+# that commit. A checksum mismatch while the manifest changed is such an overwrite,
+# not corruption, and the read is retried from the new manifest.
+
+
+def _same_commit(a: Manifest, b: Manifest) -> bool:
+    return (a.step, a.committed_at, a.committed) == (b.step, b.committed_at, b.committed)
+
+
+def read_masters(path: str | os.PathLike, attempts: int = 5) -> tuple[Manifest, list[torch.Tensor]]:
+    """The committed fp32 master weights, one tensor per parameter (shaped), without the lock.
+
+    Raises:
+        StoreCorruptError: a slice file does not match its checksum.
+        StoreError: the store committed a new step during each of ``attempts`` reads.
+    """
+    path = Path(path)
+    _require_store(path)
+    for _ in range(attempts):
+        manifest = read_manifest(path)
+        view = Store(path, manifest, lock_fd=-1)  # reads only; see [Note: reading a store in use]
+        try:
+            flats = [torch.empty(p.numel, dtype=torch.float32) for p in manifest.params]
+            for spec in manifest.slices:
+                master = view.read_slice(spec.index)["master"]
+                offset = 0
+                for seg in spec.segments:
+                    flats[seg.param][seg.start : seg.start + seg.length] = master[offset : offset + seg.length]
+                    offset += seg.length
+        except (NearstepError, OSError):
+            if _same_commit(read_manifest(path), manifest):
+                raise
+            continue
+        if _same_commit(read_manifest(path), manifest):
+            return manifest, [flat.view(p.shape) for flat, p in zip(flats, manifest.params)]
+    raise StoreError(
+        f"store {path} committed a new step during each of {attempts} reads; export it when "
+        f"training pauses or after it stops."
+    )
+
+
+def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> ExportResult:
+    """Write the store's committed fp32 master weights to a safetensors file, by parameter name.
+
+    The file loads with ``safetensors.torch.load_file`` and, when the store was made
+    from ``model.named_parameters()``, into the model with ``model.load_state_dict``
+    (``strict=False`` if the model has buffers). Stores made from ``model.parameters()``
+    have positional names (``group0.param3``); map those by position. Its metadata
+    holds ``nearstep.step``, ``nearstep.store_id`` and ``nearstep.optimizer``.
+
+    The store is read without its lock (a running training keeps running) and is
+    not modified. ``out`` appears complete or not at all: the tensors go to a
+    temporary file in the same directory, which is fsynced and then renamed.
+
+    Raises:
+        FileExistsError: ``out`` exists and ``force`` is False.
+    """
+    from safetensors.torch import save_file
+
+    store, out = Path(store), Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force (force=True) to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent} does not exist; create it first or write {out.name} elsewhere")
+    manifest, masters = read_masters(store)
+    tensors = {p.name: t for p, t in zip(manifest.params, masters)}
+    metadata = {"format": "pt", "nearstep.step": str(manifest.step), "nearstep.store_id": manifest.store_id,
+                "nearstep.optimizer": manifest.optimizer}
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        _fsync_path(tmp)
+        if force:
+            os.replace(tmp, out)
+        else:
+            # link() fails if out appeared meanwhile, where replace() would overwrite it.
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise FileExistsError(f"{out} exists; pass --force (force=True) to replace it") from None
+            tmp.unlink()
+        _fsync_path(out.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    positional = any(_POSITIONAL.fullmatch(p.name) for p in manifest.params)
+    return ExportResult(out, manifest.step, manifest.store_id, len(tensors), sum(t.numel() * 4 for t in masters), positional)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------
+# resume
+
+
+
+def resume(params: Any, store: str | os.PathLike | Store, **kwargs: Any) -> NearstepOptimizer:
+    """Continue training from a store's last committed step, with the optimizer it was made by.
+
+    Reads the manifest (without the lock) to learn which optimizer the store holds
+    (``adamw``, ``adam``, ``sgd`` or ``lion``), then constructs that class with
+    ``params``, ``store`` and ``kwargs``; as for any nearstep optimizer on an
+    existing store, its committed master weights become the parameters' values.
+
+    Args:
+        params: the same parameters (and param groups) the store was made for.
+        store: the store directory (or an open :class:`~nearstep.Store`).
+        kwargs: the optimizer's arguments (``lr``, ``mode``, ``device``, ...). The
+            store records the last hyperparameters (``nearstep inspect`` shows them)
+            but does not impose them: pass the ones you want.
+
+    Raises:
+        StoreError: ``store`` holds no store; StoreMismatchError: it was made for
+            other parameters; StoreLockedError: another process has it open.
+
+    Example::
+
+        opt = nearstep.resume(model.named_parameters(), "runs/exp1/state", lr=3e-4)
+    """
+    if isinstance(store, Store):
+        kind = store.manifest.optimizer
+    else:
+        kind = _require_store(Path(store), "There is nothing to resume; to start a new store there, construct "
+                              "the optimizer, e.g. nearstep.AdamW(params, store=...).").optimizer
+    cls = _OPTIMIZERS.get(kind)
+    if cls is None:
+        raise StoreError(f"store {store} holds {kind!r} state, which this nearstep has no optimizer for "
+                         f"(it knows {', '.join(sorted(_OPTIMIZERS))}); use the release that wrote it.")
+    return cls(params, store=store, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# the command line: nearstep inspect | verify | export
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nearstep", description="Store tools. Exit codes: 0 done, "
+                                     "1 the store has problems or the command failed, 2 usage or unreadable store.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("inspect", help="print a store's step, optimizer, parameters, sizes and counters")
+    p.add_argument("store", help="the store directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p = sub.add_parser("verify", help="check every slice file's presence, size and checksum")
+    p.add_argument("store", help="the store directory")
+    p = sub.add_parser("export", help="write the fp32 master weights to a safetensors file")
+    p.add_argument("store", help="the store directory")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``nearstep inspect|verify|export ...``; ``argv`` starts with the command."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0) return, not exit
+        return int(exc.code or 0)
+    command = {"inspect": _inspect_command, "verify": _verify_command, "export": _export_command}[args.command]
+    try:
+        return command(args)
+    except BrokenPipeError:  # `nearstep inspect STORE | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
+
+
+def _fail(command: str, exc: BaseException, code: int) -> int:
+    print(f"nearstep {command}: error: {exc}", file=sys.stderr)
+    return code
+
+
+def _inspect_command(args: argparse.Namespace) -> int:
+    try:
+        info = inspect_store(args.store)
+    except (NearstepError, OSError) as exc:
+        return _fail("inspect", exc, 2)
+    print(json.dumps(info.to_dict(), indent=1) if args.json else format_store_info(info))
+    return 0
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    try:
+        report = verify_store(args.store)
+    except (NearstepError, OSError) as exc:  # no store, invalid manifest, in use: nothing was checked
+        return _fail("verify", exc, 2)
+    for line in report.problems:
+        print(line)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _export_command(args: argparse.Namespace) -> int:
+    try:
+        _require_store(Path(args.store))
+    except (NearstepError, OSError) as exc:
+        return _fail("export", exc, 2)
+    try:
+        result = export_safetensors(args.store, args.out, force=args.force)
+    except (NearstepError, OSError) as exc:  # OUT exists, a corrupted slice, a write error
+        return _fail("export", exc, 1)
+    print(f"wrote {result.tensors} tensors ({_size(result.nbytes)} of fp32 master weights) of step {result.step} "
+          f"of store {result.store_id} to {result.path}")
+    if result.positional_names:
+        print("note: the store was made from model.parameters(), so tensors are named group{g}.param{i}; "
+              "map them to the model's parameters by position")
+    return 0
