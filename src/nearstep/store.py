@@ -52,6 +52,9 @@ __all__ = [
     "Store",
     "plan_slices",
     "param_specs",
+    "read_manifest",
+    "fsync_path",
+    "is_positional_name",
 ]
 
 FORMAT_VERSION = 1
@@ -345,8 +348,9 @@ def _acquire_lock(path: Path) -> int:
 # The store
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -550,7 +554,7 @@ class Store:
         finally:
             if own_pool:
                 pool.close()
-        _fsync_dir(self.path / SLICES)
+        fsync_path(self.path / SLICES)
         return tuple(states)
 
     def read_slice(self, index: int) -> dict[str, torch.Tensor]:
@@ -621,7 +625,7 @@ class Store:
             # From here on the new manifest is what a reopen may see: the next step must
             # write the other generations, even if the directory fsync below fails.
             self.manifest = manifest
-            _fsync_dir(self.path)
+            fsync_path(self.path)
         except OSError as exc:
             raise aio.wrap_os_error(exc, "commit the manifest", tmp) from None
 
@@ -646,10 +650,15 @@ def read_manifest(path: Path) -> Manifest:
 
 def _same_name(a: str, b: str) -> bool:
     """Names count only when both are real: ``parameters()`` gives only positional ones."""
-    return a == b or bool(_POSITIONAL.fullmatch(a) or _POSITIONAL.fullmatch(b))
+    return a == b or is_positional_name(a) or is_positional_name(b)
 
 
-_POSITIONAL = re.compile(r"group\d+\.param\d+")
+_POSITIONAL = re.compile(r"group\d+\.param\d+")  # the names of parameters given without names
+
+
+def is_positional_name(name: str) -> bool:
+    """Whether ``name`` is one nearstep made up for a parameter passed without a name."""
+    return bool(_POSITIONAL.fullmatch(name))
 
 
 def _class_name(kind: str) -> str:

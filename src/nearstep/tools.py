@@ -19,7 +19,6 @@ import argparse
 import fcntl
 import json
 import os
-import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 
 from .errors import NearstepError, StoreError
 from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer
-from .store import LOCK, MANIFEST, Manifest, ParamSpec, Segment, Store, read_manifest
+from .store import LOCK, MANIFEST, Manifest, ParamSpec, Segment, Store, fsync_path, is_positional_name, read_manifest
 
 __all__ = [
     "LockState", "StoreInfo", "VerifyReport", "ExportResult",
@@ -40,7 +39,6 @@ __all__ = [
 
 _OPTIMIZERS: dict[str, type[NearstepOptimizer]] = {cls.kind: cls for cls in (AdamW, Adam, SGD, Lion)}
 _GUARD_COUNTERS = ("skipped_steps", "spike_clipped", "update_clipped")
-_POSITIONAL = re.compile(r"group\d+\.param\d+")  # the names of parameters given without names
 
 
 def _require_store(path: Path, todo: str = "Check the path: a store is the directory given to the optimizer as store=.") -> Manifest:
@@ -430,7 +428,7 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     tmp = Path(tmp_name)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        _fsync_path(tmp)
+        fsync_path(tmp)
         if force:
             os.replace(tmp, out)
         else:
@@ -440,19 +438,11 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
             except FileExistsError:
                 raise FileExistsError(f"{out} exists; pass --force (force=True) to replace it") from None
             tmp.unlink()
-        _fsync_path(out.parent)
+        fsync_path(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    positional = any(_POSITIONAL.fullmatch(p.name) for p in manifest.params)
+    positional = any(is_positional_name(p.name) for p in manifest.params)
     return ExportResult(out, manifest.step, manifest.store_id, len(tensors), sum(t.numel() * 4 for t in masters), positional)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
