@@ -31,7 +31,7 @@ from .staging import StagingLayout
 from .pipeline import InFlight, Pipeline
 from .trace import Trace
 from .errors import NearstepError, StoreMismatchError
-from .store import MANIFEST, Manifest, ParamSpec, Store, param_specs
+from .store import MANIFEST, ParamSpec, Store, param_specs
 
 __all__ = ["NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "auto_slice_mb", "default_store_path"]
 
@@ -175,7 +175,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._uclip_by_param = [0] * len(self._params)
             self._last = [(math.nan, math.nan)] * len(self._params)
             if resumed:
-                self._load_masters_into_params(manifest)
+                self._load_masters_into_params()
             self._device: Device = build_device(self._store, device)
         except BaseException:
             self._store.close()
@@ -238,19 +238,14 @@ class NearstepOptimizer(torch.optim.Optimizer):
         return created, False
 
     @torch.no_grad()
-    def _load_masters_into_params(self, manifest: Manifest) -> None:
+    def _load_masters_into_params(self) -> None:
         """Resuming: the store's committed master weights become the model's weights.
 
         Every slice is read (and its checksum verified) before any parameter changes,
         so a damaged store leaves the model as it was.
         """
-        masters = [self._store.read_slice(spec.index)["master"] for spec in manifest.slices]
-        for spec, master in zip(manifest.slices, masters):
-            offset = 0
-            for seg in spec.segments:
-                flat = self._params[seg.param].view(-1)
-                flat[seg.start : seg.start + seg.length].copy_(master[offset : offset + seg.length])
-                offset += seg.length
+        for p, master in zip(self._params, self._store.read_params()["master"]):
+            p.view(-1).copy_(master)
 
     def _group_json(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in asdict(self._hyper(group)).items()}
@@ -345,7 +340,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         try:
             manifest = self._store.refresh()
             if reload_weights:
-                self._load_masters_into_params(manifest)
+                self._load_masters_into_params()
         except NearstepError:
             return  # nothing readable to roll back to; the error being raised says why
         self._step = manifest.step
@@ -433,17 +428,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self.synchronize()
         manifest = self._device.manifest()
         self._store.manifest = manifest
-        flats: dict[str, list[torch.Tensor]] = {n: [torch.empty(0)] * len(self._params) for n in manifest.state_names}
-        for i, p in enumerate(self._params):
-            for n in manifest.state_names:
-                flats[n][i] = torch.zeros(p.numel(), dtype=torch.float32)
-        for spec in manifest.slices:
-            state = self._store.read_slice(spec.index)
-            offset = 0
-            for seg in spec.segments:
-                for n, flat in state.items():
-                    flats[n][seg.param][seg.start : seg.start + seg.length] = flat[offset : offset + seg.length]
-                offset += seg.length
+        flats = self._store.read_params(manifest.state_names)
         state_out: dict[int, dict[str, Any]] = {}
         for i, p in enumerate(self._params):
             if self._param_steps[i] == 0:

@@ -576,6 +576,24 @@ class Store:
                 for r, name in enumerate(m.state_names)
             }
 
+    def read_params(self, names: Sequence[str] = (MASTER,)) -> dict[str, list[torch.Tensor]]:
+        """The committed state by parameter: for each of ``names``, one flat fp32 tensor per
+        parameter, reassembled from the slices (split parameters included).
+
+        Every slice is read and its checksum verified before this returns, so a caller
+        that applies the result changes nothing when any slice is damaged.
+        """
+        m = self.manifest
+        out = {name: [torch.zeros(p.numel, dtype=torch.float32) for p in m.params] for name in names}
+        for spec in m.slices:
+            state = self.read_slice(spec.index)
+            offset = 0
+            for seg in spec.segments:
+                for name in names:
+                    out[name][seg.param][seg.start : seg.start + seg.length] = state[name][offset : offset + seg.length]
+                offset += seg.length
+        return out
+
     def check_checksum(self, index: int, path: Path, crcs: Sequence[int]) -> int:
         got = aio.combine_crcs(crcs)
         want = self.manifest.committed[index].checksum

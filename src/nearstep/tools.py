@@ -377,13 +377,7 @@ def read_masters(path: str | os.PathLike, attempts: int = 5) -> tuple[Manifest, 
         manifest = read_manifest(path)
         view = Store(path, manifest, lock_fd=-1)  # reads only; see [Note: reading a store in use]
         try:
-            flats = [torch.empty(p.numel, dtype=torch.float32) for p in manifest.params]
-            for spec in manifest.slices:
-                master = view.read_slice(spec.index)["master"]
-                offset = 0
-                for seg in spec.segments:
-                    flats[seg.param][seg.start : seg.start + seg.length] = master[offset : offset + seg.length]
-                    offset += seg.length
+            flats = view.read_params()["master"]
         except (NearstepError, OSError):
             if _same_commit(read_manifest(path), manifest):
                 raise
