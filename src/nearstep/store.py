@@ -16,6 +16,7 @@ never at a torn mix. See ``docs/guarantees.md`` in the repository.
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
 import fcntl
 import json
@@ -557,17 +558,21 @@ class Store:
         fsync_path(self.path / SLICES)
         return tuple(states)
 
-    def read_slice(self, index: int) -> dict[str, torch.Tensor]:
+    def read_slice(self, index: int, pool: aio.IOPool | None = None) -> dict[str, torch.Tensor]:
         """Read the committed state of one slice, verifying its checksum.
 
         Returns one flat fp32 tensor per state name (``master`` first), each a copy.
+        ``pool`` (made with this store's ``checksum_block``) saves making one per call.
         """
         m = self.manifest
         spec = m.slices[index]
         state = m.committed[index]
         nbytes = m.slice_file_bytes(index)
         path = self.slice_path(index, state.generation)
-        with aio.AlignedBuffer(nbytes) as buf, aio.IOPool(threads=2, block_bytes=m.checksum_block) as pool:
+        with contextlib.ExitStack() as stack:
+            buf = stack.enter_context(aio.AlignedBuffer(nbytes))
+            if pool is None:
+                pool = stack.enter_context(aio.IOPool(threads=2, block_bytes=m.checksum_block))
             with aio.AlignedFile.open(path, writable=False) as f:
                 result = pool.read(f, buf, 0, checksum=True).result()
             self.check_checksum(index, path, result.crcs or ())
@@ -585,13 +590,14 @@ class Store:
         """
         m = self.manifest
         out = {name: [torch.zeros(p.numel, dtype=torch.float32) for p in m.params] for name in names}
-        for spec in m.slices:
-            state = self.read_slice(spec.index)
-            offset = 0
-            for seg in spec.segments:
-                for name in names:
-                    out[name][seg.param][seg.start : seg.start + seg.length] = state[name][offset : offset + seg.length]
-                offset += seg.length
+        with aio.IOPool(threads=2, block_bytes=m.checksum_block) as pool:
+            for spec in m.slices:  # into fresh tensors: nothing the caller holds changes on an error
+                state = self.read_slice(spec.index, pool)
+                offset = 0
+                for seg in spec.segments:
+                    for name in names:
+                        out[name][seg.param][seg.start : seg.start + seg.length] = state[name][offset : offset + seg.length]
+                    offset += seg.length
         return out
 
     def check_checksum(self, index: int, path: Path, crcs: Sequence[int]) -> int:
