@@ -83,7 +83,7 @@ def test_inspect_json_has_the_same_fields(store: Path, capsys) -> None:
     assert doc["sizes"]["disk_bytes"] >= 2 * manifest.state_bytes
     assert doc["sizes"]["slice_count"] == len(doc["slices"]) == len(manifest.slices)
     assert sum(s["file_bytes"] for s in doc["slices"]) == manifest.state_bytes
-    assert doc["counters"] == {"skipped_steps": 0, "spike_clipped": 0, "update_clipped": 0}
+    assert doc["counters"] == {"skipped_steps": 0, "spike_clipped": 0, "spike_checked": 0, "update_clipped": 0}
     assert doc["hyperparameters"][0]["lr"] == 1e-3
     assert datetime.fromisoformat(doc["committed_at"]).timestamp() == pytest.approx(manifest.committed_at, abs=1)
 

@@ -3,16 +3,18 @@
 from .device import Device, DeviceConfig, DeviceInfo, open_device
 from .errors import (DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError, StoreCorruptError,
                      StoreError, StoreIOError, StoreLockedError, StoreMismatchError, StorePermissionError)
+from .formats import StateFormat
 from .kernels import Guards
+from .sensitivity import SensitivityReport
 from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer, ParamTelemetry
 from .store import Store
-from .tools import export_safetensors, inspect_store, resume, verify_store
+from .tools import convert_store, export_safetensors, inspect_store, resume, verify_store
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW", "Adam", "SGD", "Lion", "NearstepOptimizer", "Guards", "ParamTelemetry",
-    "Store", "resume", "inspect_store", "verify_store", "export_safetensors",
+    "AdamW", "Adam", "SGD", "Lion", "NearstepOptimizer", "Guards", "ParamTelemetry", "StateFormat",
+    "SensitivityReport", "Store", "resume", "inspect_store", "verify_store", "export_safetensors", "convert_store",
     "open_device", "Device", "DeviceConfig", "DeviceInfo",
     "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",
     "StoreIOError", "StorePermissionError", "MisalignedIOError", "DeviceError", "DeviceDiedError",

@@ -10,6 +10,7 @@ __all__ = ["main"]
 _BENCHES = {
     "io": (".bench.io", "store bandwidth, update rate, device memory"),
     "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed"),
+    "accuracy": (".bench.accuracy", "held-out accuracy/loss per state format, and with injected gradient spikes per guard"),
 }
 
 # The store tools; each is a function in nearstep.tools, which also parses their arguments.
@@ -17,6 +18,7 @@ _TOOLS = {
     "inspect": "print a store's step, optimizer, parameters, sizes and guard counters (--json)",
     "verify": "check every slice file of a store (presence, size, checksum); exit 1 if any is bad",
     "export": "write a store's fp32 master weights to a safetensors file",
+    "convert": "copy a store into a new one with another state format (--state-format)",
 }
 
 

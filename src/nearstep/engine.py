@@ -22,6 +22,7 @@ the pipeline cannot deadlock as long as the host prefetches in apply order.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -33,10 +34,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from . import aio, kernels
+from . import aio, formats, kernels
 from .errors import StoreCorruptError
 from .staging import SharedMemory, StagingLayout
-from .store import Manifest, SliceState, Store
+from .store import PARAM_STATS, Manifest, SliceState, Store, encode_slice, rounding_seed, slice_views
 
 __all__ = [
     "MapMemory",
@@ -203,8 +204,15 @@ class Engine:
         self.manifest: Manifest = store.manifest
         self.layout = StagingLayout.from_manifest(self.manifest)
         m = self.manifest
+        # [Note: slot layout] A slot holds the slice's file image as read from the store,
+        # then (for a compressed state format) the decoded fp32 state the kernel works
+        # on, then an fp32 gradient scratch area. For fp32 state the kernel works on the
+        # file image itself.
+        self.work_regions = 0 if m.format.is_identity else len(m.state_names)
         self.slot_bytes = max(
-            (m.slice_file_bytes(s.index) + s.region_bytes for s in m.slices), default=aio.PAGE
+            (m.slice_file_bytes(s.index) + (self.work_regions + 1) * aio.align_up(m.slice_extent(s.index)[0] * 4)
+             for s in m.slices),
+            default=aio.PAGE,
         )
         # Slots get the budget less a margin for what else the engine allocates while it
         # works (the guards' block scratch, I/O bookkeeping, thread stacks).
@@ -235,7 +243,11 @@ class Engine:
         self._failed: BaseException | None = None  # see _refuse_if_failed
         self._trace: list[TraceEvent] = []
         # Guard counts of the applies since the last commit; the commit adds them to the manifest's.
-        self._kernel_counts = {"spike_clipped": 0, "update_clipped": 0}
+        self._kernel_counts = {"spike_clipped": 0, "spike_checked": 0, "update_clipped": 0}
+        # Per parameter, what the guards did since the last commit: (spike-clipped elements,
+        # update-clipped segments, sum of update_rms**2 * length, sum of ratio**2 * length, length).
+        self._param_counts: dict[int, list[float]] = {}
+        self._workspace = formats.Workspace()  # the codecs' scratch; kernels run on one thread
         self.counters = {
             "link_in_bytes": 0,
             "link_out_bytes": 0,
@@ -440,17 +452,23 @@ class Engine:
     def _run_kernel(self, req: Apply, slot: _Slot, arena: torch.Tensor) -> list[kernels.SegmentReport]:
         t0 = time.perf_counter()
         m = self.manifest
-        spec = m.slices[req.slice]
         staged = self.layout.slices[req.slice]
-        region = spec.region_bytes
-        regions = [slot.buffer.tensor(torch.float32, r * region, spec.numel) for r in range(len(m.state_names))]
-        scratch = slot.buffer.tensor(torch.float32, m.slice_file_bytes(req.slice), spec.numel)
+        file_bytes = m.slice_file_bytes(req.slice)
+        extent, starts = m.slice_extent(req.slice)  # see [Note: quantisation blocks per parameter] in store.py
+        region = aio.align_up(extent * 4)
+        fmt = m.format
+        if fmt.is_identity:
+            regions = [slot.buffer.tensor(torch.float32, r * region, extent) for r in range(len(m.state_names))]
+        else:
+            coded = slice_views(m, req.slice, slot.buffer)
+            regions = [slot.buffer.tensor(torch.float32, file_bytes + r * region, extent)
+                       for r in range(len(m.state_names))]
+            formats.decode_(fmt, coded, m.state_names, dict(zip(m.state_names, regions)), workspace=self._workspace)
+        scratch = slot.buffer.tensor(torch.float32, file_bytes + self.work_regions * region, extent)
         by_group: dict[int, list[int]] = {}
-        offset = 0
         bounds = []
         for j, seg in enumerate(staged.segments):
-            bounds.append((offset, offset + seg.length))
-            offset += seg.length
+            bounds.append((starts[j], starts[j] + seg.length))
             if req.steps[j] > 0:
                 by_group.setdefault(seg.group, []).append(j)
         reports = [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
@@ -484,8 +502,14 @@ class Engine:
             out = kernels.update_(hyper, masters, states, grads, [req.steps[j] for j in members], req.guards)
             for j, rep in zip(members, out):
                 reports[j] = rep
-                self._kernel_counts["spike_clipped"] += rep.spike_clipped
-                self._kernel_counts["update_clipped"] += int(rep.update_clipped)
+                checked = req.guards.spike_clip is not None and req.steps[j] > req.guards.spike_warmup
+                self._count(staged.segments[j].param, staged.segments[j].length, rep, checked)
+        if not fmt.is_identity:
+            # Encoding rounds the fp32 state to what the store holds, in place: the weights
+            # posted below are then exactly the master a resumed run reads back.
+            # The moments' fp32 copies die with the slot, so they are not rewritten.
+            formats.encode_(fmt, dict(zip(m.state_names, regions)), m.state_names, coded,
+                            rounding_seed(m, m.step + 1, req.slice), workspace=self._workspace, decode_moments=False)
         # Post the new weights, cast to the model dtype, where the host will pick them up.
         link_out = 0
         for members in by_group.values():
@@ -499,6 +523,32 @@ class Engine:
         self.counters["compute_seconds"] += time.perf_counter() - t0
         self.counters["slices_applied"] += 1
         return reports
+
+    def _count(self, param: int, length: int, rep: kernels.SegmentReport, spike_checked: bool) -> None:
+        self._kernel_counts["spike_clipped"] += rep.spike_clipped
+        self._kernel_counts["spike_checked"] += length if spike_checked else 0
+        self._kernel_counts["update_clipped"] += int(rep.update_clipped)
+        acc = self._param_counts.setdefault(param, [0, 0, 0.0, 0.0, 0])
+        acc[0] += rep.spike_clipped
+        acc[1] += int(rep.update_clipped)
+        if not math.isnan(rep.update_rms):
+            acc[2] += rep.update_rms**2 * length
+            acc[3] += rep.update_to_weight**2 * length
+            acc[4] += length
+
+    def _param_stats(self, m: Manifest) -> dict[str, list[float]]:
+        """The manifest's per-parameter statistics with this step's counts merged in."""
+        if not self._param_counts:
+            return m.param_stats
+        n = len(m.params)
+        stats = {name: list(m.param_stats.get(name, [0.0] * n)) for name in PARAM_STATS}
+        for i, (spiked, clipped, rms_energy, ratio_energy, length) in self._param_counts.items():
+            stats["spike_clipped"][i] += spiked
+            stats["update_clipped"][i] += clipped
+            if length:
+                stats["update_rms"][i] = math.sqrt(rms_energy / length)
+                stats["update_to_weight"][i] = math.sqrt(ratio_energy / length)
+        return stats
 
     def _write_back(self, k: int, slot: _Slot) -> None:
         gen = self.manifest.committed[k].generation ^ 1
@@ -519,12 +569,14 @@ class Engine:
         if set(req.arrays) != set(m.state_names):
             raise ValueError(f"slice {k} needs state {list(m.state_names)}, got {sorted(req.arrays)}")
         nbytes = m.slice_file_bytes(k)
-        buf = aio.AlignedBuffer(nbytes)
-        for r, name in enumerate(m.state_names):
+        values = {}
+        for name in m.state_names:
             arr = np.ascontiguousarray(req.arrays[name], dtype=np.float32).reshape(-1)
             if arr.size != spec.numel:
                 raise ValueError(f"state {name!r} of slice {k} has {arr.size} elements, expected {spec.numel}")
-            buf.numpy(np.float32, r * spec.region_bytes, spec.numel)[:] = arr
+            values[name] = torch.from_numpy(arr.copy())
+        buf = aio.AlignedBuffer(nbytes)
+        encode_slice(m, k, values, buf, rounding_seed(m, m.step + 1, k))
         gen = m.committed[k].generation ^ 1
         future = self.pool.write(self._file(k, gen), buf.memoryview(0, nbytes), 0, checksum=True)
         future.add_done_callback(lambda _f, buf=buf: buf.close())
@@ -544,6 +596,7 @@ class Engine:
         counters = {**m.counters, **req.counters}
         for name, value in self._kernel_counts.items():
             counters[name] = m.counters.get(name, 0) + value
+        param_stats = self._param_stats(m)  # before the finally below forgets this step's counts
         try:
             for k, (future, gen) in sorted(self._writes.items()):
                 result = future.result()
@@ -560,6 +613,7 @@ class Engine:
             hyperparameters=tuple(req.hyperparameters),
             counters=counters,
             committed=tuple(committed),
+            param_stats=param_stats,
         )
         try:
             self.store.commit(manifest)
@@ -572,6 +626,7 @@ class Engine:
 
     def _writes_abort(self) -> None:
         self._kernel_counts = dict.fromkeys(self._kernel_counts, 0)
+        self._param_counts = {}
         for future, _gen in self._writes.values():
             try:
                 future.result()

@@ -24,11 +24,12 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from . import kernels
+from . import formats, kernels
 from .device import Completion, Device, DeviceConfig, build_device
 from .engine import Apply, Commit, LoadState, Query
 from .staging import StagingLayout
 from .pipeline import InFlight, Pipeline
+from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
 from .errors import NearstepError, StoreMismatchError
 from .store import MANIFEST, ParamSpec, Store, param_specs
@@ -123,6 +124,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         model: torch.nn.Module | None = None,
         warmup_steps: int = 10,
         offload_gradients: bool = False,
+        state_format: str | formats.StateFormat | None = None,
     ) -> None:
         if mode not in ("sync", "overlap", "delayed"):
             raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
@@ -139,6 +141,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
         if slice_mb is not None and not slice_mb > 0:
             raise ValueError(f"slice_mb must be positive or None (automatic), got {slice_mb!r}")
+        if state_format is not None:
+            state_format = formats.StateFormat.parse(state_format)  # a bad name fails here, before a store is made
         guards = kernels.Guards() if guards is None else guards
         if not isinstance(guards, kernels.Guards):
             raise TypeError(f"guards must be a nearstep.Guards, got {type(guards).__name__}")
@@ -163,7 +167,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._names = [n for group_names in names for n in group_names]
         specs = param_specs([list(zip(gn, g["params"])) for gn, g in zip(names, self.param_groups)])
-        self._store, resumed = self._open_store(store, specs, hyper_type, slice_mb)
+        self._store, resumed = self._open_store(store, specs, hyper_type, slice_mb, state_format)
         self._closed = False
         try:
             manifest = self._store.manifest
@@ -174,7 +178,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._spike_by_param = [0] * len(self._params)
             self._uclip_by_param = [0] * len(self._params)
             self._last = [(math.nan, math.nan)] * len(self._params)
-            if resumed:
+            if resumed or self._store.manifest.format.master != "fp32":
+                # A lossy master format rounded the initial weights: the model starts from
+                # what the store holds, as a resumed run would.
                 self._load_masters_into_params()
             self._device: Device = build_device(self._store, device)
         except BaseException:
@@ -213,15 +219,16 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 if p.is_sparse or p.is_complex():
                     raise TypeError("nearstep optimizers handle dense real parameters only")
 
-    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type, slice_mb: float | None) -> tuple[Store, bool]:
+    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type, slice_mb: float | None,
+                    state_format: formats.StateFormat | None) -> tuple[Store, bool]:
         if isinstance(store, Store):
-            store.check_model(specs, self.kind)
+            store.check_model(specs, self.kind, state_format)
             return store, True  # its committed masters become the model's weights
         path = Path(store) if store is not None else default_store_path(self.kind)
         if (path / MANIFEST).exists():
             opened = Store.open(path)
             try:
-                opened.check_model(specs, self.kind)
+                opened.check_model(specs, self.kind, state_format)
             except BaseException:
                 opened.close()
                 raise
@@ -234,6 +241,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             state_names=kernels.state_names(hyper_type),
             hyperparameters=[self._group_json(g) for g in self.param_groups],
             slice_bytes=int((slice_mb or auto_slice_mb(specs)) * 2**20),
+            state_format=state_format or formats.StateFormat(),
         )
         return created, False
 
@@ -385,6 +393,17 @@ class NearstepOptimizer(torch.optim.Optimizer):
             ParamTelemetry(self._names[i], self._last[i][0], self._last[i][1], self._spike_by_param[i], self._uclip_by_param[i])
             for i in range(len(self._params))
         ]
+
+    def report(self) -> SensitivityReport:
+        """Which parameters the guards suppressed most, as of the last step.
+
+        ``print(opt.report().table())`` ranks the parameters by spike-clipped rate and
+        by update-to-weight ratio; ``opt.report().plot("sensitivity.png")`` draws
+        them. Needs ``Guards(spike_clip=...)`` and ``Guards(telemetry=True)`` (or
+        ``update_clip``) to have something to rank; see ``nearstep.sensitivity``.
+        """
+        self.synchronize()
+        return sensitivity_report(self._device.manifest())
 
     def stats(self) -> dict[str, Any]:
         """Counters of the host and the device: steps, times, bytes, guard counts, overlap."""
@@ -578,6 +597,11 @@ class AdamW(NearstepOptimizer):
         device: a :class:`~nearstep.DeviceConfig`, ``"emulated"`` (default) or ``"inline"``.
         slice_mb: about how many MiB of fp32 parameters move and update as one slice;
             None picks about 16 slices of 1 to 64 MiB (:func:`auto_slice_mb`).
+        state_format: how the state is kept on the store: ``"fp32"`` (default for a new
+            store), ``"bf16-kahan"``, ``"bf16-sr"``, ``"8bit"``, or a combination such as
+            ``"bf16-sr+8bit"`` (see ``docs/accuracy.md``). None: the store's own format
+            when resuming. A store is never converted silently: a different explicit
+            format is refused.
 
     Example::
 

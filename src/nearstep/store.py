@@ -5,7 +5,8 @@ A store is a manifest plus one state file per slice and generation::
     STORE/
       manifest.json          what is committed: step, parameters, slices, checksums
       LOCK                   flock()ed by the process that has the store open
-      slices/s000003.g1      fp32 master weights, then each moment, 4096-aligned
+      slices/s000003.g1      master weights, then each moment, 4096-aligned regions
+                             in the store's state format (``formats.py``)
 
 It is also the checkpoint. A step writes every slice's *other* generation,
 fsyncs it, and only then replaces the manifest (write a temporary file, fsync,
@@ -19,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import errno as _errno
 import fcntl
+import functools
+import hashlib
 import json
 import math
 import os
@@ -33,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import aio
+from . import aio, formats
 from .errors import (
     DiskFullError,
     StoreCorruptError,
@@ -56,6 +59,11 @@ __all__ = [
     "read_manifest",
     "fsync_path",
     "is_positional_name",
+    "slice_views",
+    "decode_slice",
+    "encode_slice",
+    "rounding_seed",
+    "PARAM_STATS",
 ]
 
 FORMAT_VERSION = 1
@@ -63,6 +71,9 @@ MANIFEST = "manifest.json"
 LOCK = "LOCK"
 SLICES = "slices"
 MASTER = "master"
+# Per-parameter guard statistics the device keeps in the manifest (what
+# ``nearstep inspect --sensitivity`` reports): totals, then the last step's values.
+PARAM_STATS = ("spike_clipped", "update_clipped", "update_rms", "update_to_weight")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -147,7 +158,8 @@ class Manifest:
     Attributes:
         store_id: a random id, fixed at creation.
         optimizer: the kernel name (``adamw``, ``adam``, ``sgd``, ``lion``).
-        state_names: the fp32 regions of each slice file, master first.
+        state_names: the state kept per element, master first (how each is encoded on
+            disk is ``state_format``'s business).
         hyperparameters: per param group, as last committed (JSON values).
         params: the parameter table.
         slices: the slice table.
@@ -157,6 +169,9 @@ class Manifest:
         checksum_block: block size the per-file checksums are computed over.
         counters: guard counters (skipped steps, spike-clipped elements, ...).
         created_at, committed_at: UNIX times.
+        state_format: how the state is encoded (:class:`~nearstep.formats.StateFormat` name).
+        param_stats: per name in :data:`PARAM_STATS`, one value per parameter (empty
+            until a guard or telemetry produced one).
     """
 
     store_id: str
@@ -173,9 +188,37 @@ class Manifest:
     created_at: float = 0.0
     committed_at: float = 0.0
     format_version: int = FORMAT_VERSION
+    state_format: str = "fp32"
+    param_stats: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def format(self) -> formats.StateFormat:
+        return _parse_format(self.state_format)
+
+    def slice_extent(self, index: int) -> tuple[int, tuple[int, ...]]:
+        """The element count of slice ``index``'s file layout and where each segment starts in it.
+
+        [Note: quantisation blocks per parameter]
+        8-bit moments share one scale per block. A block that held the tail of one
+        parameter and the head of the next would let the larger one's values set the
+        smaller one's scale, and re-encode a frozen parameter's moments (no gradient,
+        so no update) with a scale its neighbour just changed, drifting them step by
+        step. With 8-bit moments every segment therefore starts on a block boundary;
+        the few padding elements are zeros, which encode exactly and never change.
+        Other formats have no blocks and no padding.
+        """
+        segments = self.slices[index].segments
+        fmt = self.format
+        starts, end = [], 0
+        for seg in segments:
+            if fmt.moments != "fp32":
+                end = -(-end // fmt.block) * fmt.block
+            starts.append(end)
+            end += seg.length
+        return end, tuple(starts)
 
     def slice_file_bytes(self, index: int) -> int:
-        return self.slices[index].region_bytes * len(self.state_names)
+        return self.format.file_bytes(self.state_names, self.slice_extent(index)[0])
 
     @property
     def state_bytes(self) -> int:
@@ -235,6 +278,8 @@ class Manifest:
                 counters={str(k): int(v) for k, v in dict(doc.get("counters", {})).items()},
                 created_at=float(doc.get("created_at", 0.0)),
                 committed_at=float(doc.get("committed_at", 0.0)),
+                state_format=str(doc.get("state_format", "fp32")),  # stores from before formats
+                param_stats={str(k): [float(x) for x in v] for k, v in dict(doc.get("param_stats", {})).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise bad(f"{type(exc).__name__}: {exc}") from None
@@ -265,6 +310,35 @@ class Manifest:
         for c in self.committed:
             if c.generation not in (0, 1) or not 0 <= c.checksum < 2**32:
                 raise bad("a committed generation or checksum is out of range")
+        try:
+            self.format  # noqa: B018 - parses and validates
+        except ValueError as exc:
+            raise bad(f"unknown state format: {exc}") from None
+        for name, values in self.param_stats.items():
+            if name not in PARAM_STATS or len(values) != len(self.params):
+                raise bad(f"param_stats {name!r} is unknown or does not have one value per parameter")
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_format(name: str) -> formats.StateFormat:
+    return formats.StateFormat.parse(name)
+
+
+def slice_views(manifest: Manifest, index: int, buf: aio.AlignedBuffer) -> dict[str, torch.Tensor]:
+    """Typed views of slice ``index``'s regions in ``buf`` (which holds its file image)."""
+    nbytes = manifest.slice_file_bytes(index)
+    extent = manifest.slice_extent(index)[0]
+    return formats.views(manifest.format, buf.tensor(torch.uint8, 0, nbytes), manifest.state_names, extent)
+
+
+def rounding_seed(manifest: Manifest, step: int, index: int) -> int:
+    """The seed of slice ``index``'s stochastic rounding at optimizer step ``step``.
+
+    Derived from the store's id, the step and the slice, so a step redone after a
+    crash (or by a resumed run) rounds exactly as the uninterrupted run did.
+    """
+    digest = hashlib.blake2b(f"{manifest.store_id}:{step}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def param_specs(groups: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> tuple[ParamSpec, ...]:
@@ -386,6 +460,8 @@ class Store:
         slice_bytes: int = 64 << 20,
         checksum_block: int = aio.DEFAULT_BLOCK_BYTES,
         pool: aio.IOPool | None = None,
+        state_format: str | formats.StateFormat = "fp32",
+        moments: Callable[[str, int], torch.Tensor] | None = None,
     ) -> Store:
         """Make a new store and write step 0.
 
@@ -399,7 +475,12 @@ class Store:
             slice_bytes: target bytes of fp32 master weights per slice.
             checksum_block: block size of the per-file checksums.
             pool: the I/O pool to write with (one is made if omitted).
+            state_format: how the state is encoded on disk (:class:`~nearstep.formats.StateFormat`
+                or its name, e.g. ``"bf16-sr+8bit"``).
+            moments: ``moments(name, i)`` returns parameter ``i``'s initial state ``name``;
+                omitted, every moment starts at zero.
         """
+        fmt_name = formats.StateFormat.parse(state_format).name  # a bad name fails before anything is made
         path = Path(path)
         if (path / MANIFEST).exists():
             raise StoreError(f"{path} already holds a store; use Store.open() to continue it, or pick another directory.")
@@ -434,6 +515,7 @@ class Store:
                 committed=(SliceState(0, 0),) * len(slices),
                 checksum_block=checksum_block,
                 created_at=time.time(),
+                state_format=fmt_name,
             )
             need = 2 * manifest.state_bytes
             free = shutil.disk_usage(path).free
@@ -446,7 +528,7 @@ class Store:
                     str(path),
                 )
             store = cls(path, manifest, lock_fd)
-            committed = store._write_initial(masters, pool)
+            committed = store._write_initial(masters, moments, pool)
             store._replace_manifest(replace(manifest, committed=committed, committed_at=time.time()))
             return store
         except BaseException:
@@ -491,13 +573,23 @@ class Store:
 
     # -- checks ------------------------------------------------------------
 
-    def check_model(self, params: Sequence[ParamSpec], optimizer: str | None = None) -> None:
-        """Raise StoreMismatchError naming the first difference from ``params``."""
+    def check_model(
+        self, params: Sequence[ParamSpec], optimizer: str | None = None, state_format: formats.StateFormat | None = None
+    ) -> None:
+        """Raise StoreMismatchError naming the first difference from ``params`` (and the
+        optimizer and state format, when given)."""
         m = self.manifest
         if optimizer is not None and optimizer != m.optimizer:
             raise StoreMismatchError(
                 f"store {self.path} holds {m.optimizer} state, not {optimizer}. Use nearstep."
                 f"{_class_name(m.optimizer)} with it, or give this optimizer a new store."
+            )
+        if state_format is not None and state_format.name != m.format.name:
+            raise StoreMismatchError(
+                f"store {self.path} keeps its state as {m.format.name!r}, not {state_format.name!r}. "
+                f"Pass state_format={m.format.name!r} (or None) to continue it, convert it with "
+                f"`nearstep convert {self.path} NEW_STORE --state-format {state_format.name}`, or give "
+                f"this optimizer a new store."
             )
         for i, (have, want) in enumerate(zip(m.params, params)):
             if (have.shape, have.dtype) != (want.shape, want.dtype) or not _same_name(have.name, want.name):
@@ -530,7 +622,10 @@ class Store:
             for g in (0, 1):
                 yield s.index, g, self.slice_path(s.index, g)
 
-    def _write_initial(self, masters: Callable[[int], torch.Tensor], pool: aio.IOPool | None) -> tuple[SliceState, ...]:
+    def _write_initial(
+        self, masters: Callable[[int], torch.Tensor], moments: Callable[[str, int], torch.Tensor] | None,
+        pool: aio.IOPool | None,
+    ) -> tuple[SliceState, ...]:
         m = self.manifest
         own_pool = pool is None
         pool = pool or aio.IOPool(block_bytes=m.checksum_block)
@@ -539,12 +634,16 @@ class Store:
             for spec in m.slices:
                 nbytes = m.slice_file_bytes(spec.index)
                 with aio.AlignedBuffer(nbytes) as buf:
-                    master = buf.tensor(torch.float32, 0, spec.numel)
+                    values = {name: torch.zeros(spec.numel) for name in m.state_names}
                     offset = 0
                     for seg in spec.segments:
-                        flat = masters(seg.param).detach().reshape(-1)
-                        master[offset : offset + seg.length].copy_(flat[seg.start : seg.start + seg.length])
+                        for name, value in values.items():
+                            source = masters(seg.param) if name == MASTER else moments(name, seg.param) if moments else None
+                            if source is not None:
+                                flat = source.detach().reshape(-1)
+                                value[offset : offset + seg.length].copy_(flat[seg.start : seg.start + seg.length])
                         offset += seg.length
+                    encode_slice(m, spec.index, values, buf, rounding_seed(m, 0, spec.index))
                     for g in (0, 1):
                         with aio.AlignedFile.open(self.slice_path(spec.index, g), create=True) as f:
                             f.allocate(nbytes)
@@ -561,11 +660,11 @@ class Store:
     def read_slice(self, index: int, pool: aio.IOPool | None = None) -> dict[str, torch.Tensor]:
         """Read the committed state of one slice, verifying its checksum.
 
-        Returns one flat fp32 tensor per state name (``master`` first), each a copy.
+        Returns one flat fp32 tensor per state name (``master`` first), each a copy,
+        decoded from the store's state format.
         ``pool`` (made with this store's ``checksum_block``) saves making one per call.
         """
         m = self.manifest
-        spec = m.slices[index]
         state = m.committed[index]
         nbytes = m.slice_file_bytes(index)
         path = self.slice_path(index, state.generation)
@@ -576,10 +675,7 @@ class Store:
             with aio.AlignedFile.open(path, writable=False) as f:
                 result = pool.read(f, buf, 0, checksum=True).result()
             self.check_checksum(index, path, result.crcs or ())
-            return {
-                name: buf.tensor(torch.float32, r * spec.region_bytes, spec.numel).clone()
-                for r, name in enumerate(m.state_names)
-            }
+            return decode_slice(m, index, buf)
 
     def read_params(self, names: Sequence[str] = (MASTER,)) -> dict[str, list[torch.Tensor]]:
         """The committed state by parameter: for each of ``names``, one flat fp32 tensor per
@@ -652,6 +748,42 @@ class Store:
             fsync_path(self.path)
         except OSError as exc:
             raise aio.wrap_os_error(exc, "commit the manifest", tmp) from None
+
+
+def decode_slice(manifest: Manifest, index: int, buf: aio.AlignedBuffer) -> dict[str, torch.Tensor]:
+    """Fresh fp32 tensors, one per state name, from the file image of slice ``index`` in ``buf``."""
+    coded = slice_views(manifest, index, buf)
+    if manifest.format.is_identity:
+        return {name: coded[name].clone() for name in manifest.state_names}
+    extent, starts = manifest.slice_extent(index)
+    laid_out = {name: torch.empty(extent, dtype=torch.float32) for name in manifest.state_names}
+    formats.decode_(manifest.format, coded, manifest.state_names, laid_out)
+    segments = manifest.slices[index].segments
+    return {name: torch.cat([t[a : a + s.length] for a, s in zip(starts, segments)]) for name, t in laid_out.items()}
+
+
+def encode_slice(manifest: Manifest, index: int, values: dict[str, torch.Tensor], buf: aio.AlignedBuffer, seed: int) -> None:
+    """Write fp32 ``values`` (one per state name, the slice's elements in order) as slice
+    ``index``'s file image into ``buf``.
+
+    ``values`` become what the store holds (lossy formats round them in place).
+    """
+    coded = slice_views(manifest, index, buf)
+    if manifest.format.is_identity:
+        for name in manifest.state_names:
+            coded[name].copy_(values[name])
+        return
+    extent, starts = manifest.slice_extent(index)
+    segments = manifest.slices[index].segments
+    laid_out = {name: torch.zeros(extent, dtype=torch.float32) for name in manifest.state_names}
+    for name, t in laid_out.items():
+        offset = 0
+        for a, s in zip(starts, segments):
+            t[a : a + s.length] = values[name][offset : offset + s.length]
+            offset += s.length
+    formats.encode_(manifest.format, laid_out, manifest.state_names, coded, seed)
+    for name, t in laid_out.items():
+        values[name].copy_(torch.cat([t[a : a + s.length] for a, s in zip(starts, segments)]))
 
 
 def read_manifest(path: Path) -> Manifest:

@@ -21,20 +21,23 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import formats
 from .errors import NearstepError, StoreError
+from .sensitivity import sensitivity_report
 from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer
 from .store import LOCK, MANIFEST, Manifest, ParamSpec, Segment, Store, fsync_path, is_positional_name, read_manifest
 
 __all__ = [
     "LockState", "StoreInfo", "VerifyReport", "ExportResult",
-    "inspect_store", "format_store_info", "verify_store", "read_masters", "export_safetensors", "resume", "main",
+    "inspect_store", "format_store_info", "verify_store", "read_masters", "export_safetensors", "resume",
+    "ConvertResult", "convert_store", "main",
 ]
 
 _OPTIMIZERS: dict[str, type[NearstepOptimizer]] = {cls.kind: cls for cls in (AdamW, Adam, SGD, Lion)}
@@ -110,6 +113,8 @@ class StoreInfo:
             "in_use": self.lock.in_use,
             "lock_holder_pid": self.lock.holder_pid,
             "state_names": list(m.state_names),
+            "state_format": m.format.name,
+            "bytes_per_param": m.format.bytes_per_param(m.state_names),
             "hyperparameters": [dict(h) for h in m.hyperparameters],
             "params": [
                 {"name": p.name, "shape": list(p.shape), "dtype": p.dtype, "numel": p.numel, "group": p.group,
@@ -231,7 +236,7 @@ def format_store_info(info: StoreInfo) -> str:
         f"step         {m.step}",
         f"committed    {_iso(m.committed_at) or 'never'}",
         f"created      {_iso(m.created_at) or 'unknown'}",
-        f"state        {', '.join(m.state_names)} (fp32)",
+        f"state        {', '.join(m.state_names)} ({m.format.name}: {m.format.bytes_per_param(m.state_names):.2f} bytes per parameter)",
         f"size         {_size(m.state_bytes)} per generation ({m.state_bytes:,} bytes); "
         f"{_size(2 * m.state_bytes)} for the two generations; {_size(info.disk_bytes)} allocated on disk",
         f"slices       {len(m.slices)}, {size_range} per file",
@@ -480,7 +485,52 @@ def resume(params: Any, store: str | os.PathLike | Store, **kwargs: Any) -> Near
 
 
 # ---------------------------------------------------------------------------
-# the command line: nearstep inspect | verify | export
+# convert
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    """What :func:`convert_store` wrote."""
+
+    path: Path
+    step: int
+    source_format: str
+    state_format: str
+    state_bytes: int
+    source_state_bytes: int
+
+
+def convert_store(source: str | os.PathLike, out: str | os.PathLike, state_format: str) -> ConvertResult:
+    """Write a new store at ``out`` holding ``source``'s committed state in ``state_format``.
+
+    The source is opened with its lock (it must not be in use) and left as it was;
+    the new store has the same parameters, optimizer, step, per-parameter steps,
+    hyperparameters and guard counters. Converting to a lossy format rounds the
+    state once, exactly as training in that format would.
+
+    Raises:
+        StoreError: ``source`` holds no store or ``out`` is not a fresh directory;
+        StoreLockedError: ``source`` is in use; StoreCorruptError: a slice is damaged
+        (nothing is written then); ValueError: an unknown format name.
+    """
+    fmt = formats.StateFormat.parse(state_format)
+    _require_store(Path(source))
+    with Store.open(source) as src:
+        m = src.manifest
+        state = src.read_params(m.state_names)  # every slice verified before anything is written
+        largest = max((s.numel for s in m.slices), default=1)
+        with Store.create(
+            out, params=m.params, masters=lambda i: state["master"][i], optimizer=m.optimizer,
+            state_names=m.state_names[1:], hyperparameters=m.hyperparameters, slice_bytes=largest * 4,
+            checksum_block=m.checksum_block, state_format=fmt, moments=lambda name, i: state[name][i],
+        ) as dst:
+            dst.commit(replace(dst.manifest, step=m.step, param_steps=m.param_steps, counters=dict(m.counters),
+                               param_stats=dict(m.param_stats)))
+            return ConvertResult(Path(out), m.step, m.format.name, fmt.name, dst.manifest.state_bytes, m.state_bytes)
+
+
+# ---------------------------------------------------------------------------
+# the command line: nearstep inspect | verify | export | convert
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -490,12 +540,20 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print a store's step, optimizer, parameters, sizes and counters")
     p.add_argument("store", help="the store directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="rank the parameters by what the guards did to them (spike-clipped rate, update/weight)")
+    p.add_argument("--top", type=int, default=15, help="how many parameters --sensitivity lists (default 15)")
+    p.add_argument("--png", help="with --sensitivity: also draw the ranking as a bar chart into this PNG")
     p = sub.add_parser("verify", help="check every slice file's presence, size and checksum")
     p.add_argument("store", help="the store directory")
     p = sub.add_parser("export", help="write the fp32 master weights to a safetensors file")
     p.add_argument("store", help="the store directory")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p = sub.add_parser("convert", help="copy a store into a new one with another state format")
+    p.add_argument("store", help="the store directory (left unchanged)")
+    p.add_argument("out", help="the new store directory (must not exist or be empty)")
+    p.add_argument("--state-format", required=True, help="e.g. fp32, bf16-kahan, bf16-sr, 8bit, bf16-sr+8bit")
     return parser
 
 
@@ -505,7 +563,8 @@ def main(argv: list[str]) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # usage errors (2) and --help (0) return, not exit
         return int(exc.code or 0)
-    command = {"inspect": _inspect_command, "verify": _verify_command, "export": _export_command}[args.command]
+    command = {"inspect": _inspect_command, "verify": _verify_command, "export": _export_command,
+               "convert": _convert_command}[args.command]
     try:
         return command(args)
     except BrokenPipeError:  # `nearstep inspect STORE | head`: the reader has all it wanted
@@ -523,7 +582,15 @@ def _inspect_command(args: argparse.Namespace) -> int:
         info = inspect_store(args.store)
     except (NearstepError, OSError) as exc:
         return _fail("inspect", exc, 2)
-    print(json.dumps(info.to_dict(), indent=1) if args.json else format_store_info(info))
+    if args.png and not args.sensitivity:
+        return _fail("inspect", ValueError("--png draws the sensitivity chart: add --sensitivity"), 2)
+    if not args.sensitivity:
+        print(json.dumps(info.to_dict(), indent=1) if args.json else format_store_info(info))
+        return 0
+    report = sensitivity_report(info.manifest)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.table(args.top))
+    if args.png:
+        print(f"chart: {report.plot(args.png, args.top)}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -552,4 +619,18 @@ def _export_command(args: argparse.Namespace) -> int:
     if result.positional_names:
         print("note: the store was made from model.parameters(), so tensors are named group{g}.param{i}; "
               "map them to the model's parameters by position")
+    return 0
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    try:
+        _require_store(Path(args.store))
+    except (NearstepError, OSError) as exc:
+        return _fail("convert", exc, 2)
+    try:
+        r = convert_store(args.store, args.out, args.state_format)
+    except (NearstepError, OSError, ValueError) as exc:
+        return _fail("convert", exc, 1)
+    print(f"wrote step {r.step} of {args.store} ({r.source_format}, {_size(r.source_state_bytes)} per generation) "
+          f"to {r.path} as {r.state_format} ({_size(r.state_bytes)} per generation)")
     return 0
