@@ -9,7 +9,7 @@ __all__ = ["main"]
 
 _BENCHES = {
     "io": (".bench.io", "store bandwidth, update rate, device memory"),
-    "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed"),
+    "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed (--nproc N: 1 rank vs N ranks)"),
 }
 
 # The store tools; each is a function in nearstep.tools, which also parses their arguments.
