@@ -151,6 +151,18 @@ def run_scenario(sc: dict, rank: int, world: int) -> dict:
         except nearstep.NearstepError as exc:
             return {"error": type(exc).__name__, "message": str(exc)}
         return {"error": None}
+    if sc.get("reshard_to_one"):
+        half = sc["steps"] // 2
+        train(sc, rank, world, steps=half)
+        dist.barrier()  # both stores are closed: the set can be re-sharded
+        solo = dist.new_group([0])
+        if rank != 0:
+            return {"skipped": True}
+        from nearstep.storeset import reshard
+
+        result = reshard(sc["store"], sc["store"] + "-1", 1)
+        weights, info = train({**sc, "store": sc["store"] + "-1"}, 0, 1, start=half, steps=sc["steps"] - half, group=solo)
+        return {"weights": weights, "info": info, "resharded": result}
     if sc.get("steps_differ"):
         train(sc, rank, world, steps=3)
         mine = Path(sc["store"]) / f"rank{rank}"

@@ -26,15 +26,19 @@ import torch
 import torch.distributed as dist
 
 import nearstep
-from nearstep.distributed import (
+import nearstep.cli
+from nearstep.store import ParamSpec, Store
+from nearstep.storeset import (
     ShardInfo,
     StoreProbe,
     check_store_set,
+    local_pieces,
     plan_digest,
     plan_pieces,
+    read_shard_file,
+    reshard,
     store_path_for,
 )
-from nearstep.store import ParamSpec
 
 import dist_worker
 
@@ -103,6 +107,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict
         dict(name="fsdp2-resume", kind="fsdp2", mode="overlap", clip=1.0, steps=10, store=str(tmp / "r-fsdp2"), resume=True),
         dict(name="other-world-size", kind="dp", mode="sync", clip=1.0, steps=2, store=str(tmp / "ws"), other_world_size=True),
         dict(name="steps-differ", kind="ddp", mode="sync", clip=1.0, steps=2, store=str(tmp / "sd"), steps_differ=True),
+        dict(name="reshard-to-one", kind="dp", mode="overlap", clip=1.0, steps=10, store=str(tmp / "rs"), reshard_to_one=True),
     ]
     results, codes = launch(tmp, plan)
     assert codes == [0] * WORLD, codes
@@ -179,6 +184,53 @@ def test_stores_at_different_steps_are_refused_on_every_rank(runs) -> None:
         assert res["error"] == "ShardMismatchError"
         assert "different committed steps" in res["message"]
         assert "sd/rank0 at step 5" in res["message"] and "sd/rank1 at step 3" in res["message"]
+
+
+def test_a_store_set_resharded_to_one_rank_continues_to_the_same_weights(runs, references) -> None:
+    res = runs[("reshard-to-one", 0)]
+    assert res["resharded"].world_size == 1 and res["resharded"].step == 5
+    assert res["info"]["step"] == 10 and res["info"]["stats"]["world_size"] == 1
+    for n, w in res["weights"].items():
+        torch.testing.assert_close(w, references[1.0][n], atol=ATOL, rtol=RTOL)
+
+
+def _whole_state(store_set: Path) -> dict[str, object]:
+    """Every rank store's committed state, reassembled by parameter name."""
+    first = read_shard_file(store_set / "rank0")
+    assert first is not None
+    out: dict[str, object] = {}
+    for r in range(first.world_size):
+        with Store.open(store_set / f"rank{r}") as store:
+            m = store.manifest
+            out["step"] = m.step
+            state = store.read_params(m.state_names)
+            for j, pc in enumerate(local_pieces(first.params, first.layout, first.world_size, r)):
+                for n in m.state_names:
+                    out[f"{first.params[pc.param].name}/{n}/{pc.start}"] = state[n][j]
+                out[f"{first.params[pc.param].name}/steps"] = m.param_steps[j]
+    return out
+
+
+def test_reshard_round_trip_keeps_every_number(runs, tmp_path) -> None:
+    source = Path(runs[("dp-sync", 0)]["info"]["store"]).parent
+    three = reshard(source, tmp_path / "three", 3)
+    assert three.world_size == 3 and three.step == 10 and len(three.paths) == 3
+    assert sum(three.elements) == sum(runs[("dp-sync", r)]["info"]["state_elements"] for r in range(WORLD))
+    back = reshard(tmp_path / "three", tmp_path / "two", 2, slice_mb=dist_worker.SLICE_MB)
+    before, after = _whole_state(source), _whole_state(tmp_path / "two")
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert (torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key]), key
+    assert back.paths[1] == tmp_path / "two" / "rank1"
+
+
+def test_reshard_refuses_an_occupied_destination_and_a_single_process_store(runs, tmp_path) -> None:
+    source = Path(runs[("dp-sync", 0)]["info"]["store"]).parent
+    (tmp_path / "busy" / "rank0").mkdir(parents=True)
+    (tmp_path / "busy" / "rank0" / "x").write_text("x")
+    with pytest.raises(nearstep.StoreError, match="not empty"):
+        reshard(source, tmp_path / "busy", 2)
+    assert nearstep.cli.main(["reshard", str(tmp_path / "none"), str(tmp_path / "d"), "--world-size", "2"]) == 2
 
 
 def test_a_killed_rank_makes_the_other_fail_with_a_clear_error(tmp_path) -> None:

@@ -1,4 +1,5 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``."""
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``,
+``nearstep reshard SRC DST --world-size N``."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("which", choices=sorted(_BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCHES.items())))
     for name, text in _TOOLS.items():
         sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("reshard", help="rewrite a sharded run's store set for another number of ranks", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[0] == "reshard":
+        from .storeset import main as reshard_main
+
+        return reshard_main(argv[1:])
     if argv[0] in _TOOLS:
         from .tools import main as tools_main
 

@@ -69,15 +69,11 @@ ours also run on a group of their own.
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
-import math
 import os
-import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -87,29 +83,18 @@ import torch.distributed as dist
 from .device import DeviceConfig
 from .errors import CollectiveError, NearstepError, ShardMismatchError, StoreError
 from .pipeline import Pipeline
-from .store import MANIFEST, ParamSpec, Segment, Store, fsync_path, plan_slices, read_manifest
+from .store import MANIFEST, ParamSpec, Store, read_manifest
+from .storeset import (ShardInfo, check_store_set, local_pieces, plan_digest, plan_pieces, probe_store, store_path_for,
+                       write_shard_file)
 
 __all__ = [
     "ShardingConfig",
-    "ShardInfo",
-    "StoreProbe",
     "Sharding",
     "PieceSharding",
     "LocalShardSharding",
-    "SHARD_FILE",
-    "plan_pieces",
-    "plan_digest",
-    "store_path_for",
-    "read_shard_file",
-    "check_store_set",
     "build_sharding",
     "store_set_optimizer",
 ]
-
-SHARD_FILE = "shard.json"
-SHARD_FORMAT = 1
-UNITS_PER_RANK = 8  # units of the plan per rank: greedy largest-first keeps every rank within ~1/8 of the mean
-MAX_UNIT_ELEMENTS = 16 << 20  # 64 MiB of fp32 master weights
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -138,197 +123,6 @@ class ShardingConfig:
             raise ValueError(f"timeout must be a positive number of seconds or None, got {self.timeout!r}")
         if self.gradients not in ("auto", "reduce", "averaged"):
             raise ValueError(f"gradients must be 'auto', 'reduce' or 'averaged', got {self.gradients!r}")
-
-
-# ---------------------------------------------------------------------------
-# The plan: which rank owns what (pure functions, the same on every rank)
-
-
-def plan_pieces(params: Sequence[ParamSpec], world_size: int) -> tuple[tuple[Segment, ...], ...]:
-    """Per rank, the pieces it owns, as (parameter, start, length) segments in parameter order.
-
-    The parameters are cut into about ``8 * world_size`` units (``plan_slices`` with a
-    unit size of 1/(8N) of all elements, at most 64 MiB of fp32), and the units go,
-    largest first, to the rank with the least so far (ties to the lowest rank). Every
-    rank gets at least one unit when there are at least ``world_size`` elements.
-    """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
-    total = sum(p.numel for p in params)
-    if total < world_size:
-        raise ValueError(
-            f"the optimizer's parameters have {total} elements in all, fewer than the {world_size} ranks; "
-            f"every rank must own some. Use fewer ranks, or a single process for this model."
-        )
-    unit = min(MAX_UNIT_ELEMENTS, -(-total // (UNITS_PER_RANK * world_size)))
-    units = plan_slices(params, unit * 4)
-    loads = [0] * world_size
-    owned: list[list[Segment]] = [[] for _ in range(world_size)]
-    for u in sorted(units, key=lambda u: (-u.numel, u.index)):
-        r = min(range(world_size), key=lambda r: (loads[r], r))
-        loads[r] += u.numel
-        owned[r].extend(u.segments)
-    return tuple(tuple(sorted(segs, key=lambda s: (s.param, s.start))) for segs in owned)
-
-
-def plan_digest(params: Sequence[ParamSpec], world_size: int, layout: str) -> str:
-    """A short digest of what decides the plan: the parameter table, the world size, the layout."""
-    table = [[p.name, list(p.shape), p.dtype, p.group] for p in params]
-    text = json.dumps({"params": table, "world_size": world_size, "layout": layout, "units": UNITS_PER_RANK,
-                       "max_unit": MAX_UNIT_ELEMENTS}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
-
-
-def store_path_for(store: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """This rank's store directory: ``store`` with ``{rank}``/``{world_size}`` filled in, or
-    ``store/rank{rank}`` when it names neither."""
-    text = os.fspath(store)
-    if "{" not in text:
-        return Path(text) / f"rank{rank}"
-    try:
-        return Path(text.format(rank=rank, world_size=world_size))
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(
-            f"store={text!r} is a template, but only {{rank}} and {{world_size}} can be filled in ({exc!r})"
-        ) from None
-
-
-# ---------------------------------------------------------------------------
-# The store set: one store per rank, and a small file that says whose it is
-
-
-@dataclass(frozen=True, slots=True)
-class ShardInfo:
-    """What ``shard.json`` in a rank's store records about the run that made it.
-
-    Attributes:
-        layout: ``pieces`` or ``fsdp2``.
-        rank: the rank that owns this store.
-        world_size: how many ranks the store set has.
-        plan: :func:`plan_digest` of the parameter table, world size and layout.
-        format: the version of this file.
-    """
-
-    layout: str
-    rank: int
-    world_size: int
-    plan: str
-    format: int = SHARD_FORMAT
-
-
-def read_shard_file(path: Path) -> ShardInfo | None:
-    """The store's ``shard.json``, or None when it has none (a single-process store)."""
-    where = Path(path) / SHARD_FILE
-    try:
-        doc = json.loads(where.read_text())
-        return ShardInfo(str(doc["layout"]), int(doc["rank"]), int(doc["world_size"]), str(doc["plan"]),
-                         int(doc.get("format", SHARD_FORMAT)))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise StoreError(f"{where} cannot be read ({type(exc).__name__}: {exc}); the store set cannot be checked. "
-                         f"Restore it from a copy, or give the run a new store path.") from None
-
-
-def write_shard_file(path: Path, info: ShardInfo) -> None:
-    """Write ``shard.json`` whole or not at all (temporary file, fsync, rename, fsync the directory)."""
-    tmp = Path(path) / (SHARD_FILE + ".tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=1, sort_keys=True) + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, Path(path) / SHARD_FILE)
-    fsync_path(Path(path))
-
-
-@dataclass(frozen=True, slots=True)
-class StoreProbe:
-    """What one rank found where its store should be, before opening it (sent to every rank)."""
-
-    rank: int
-    host: str
-    path: str
-    exists: bool
-    step: int | None = None
-    shard: ShardInfo | None = None
-    problem: str | None = None
-
-
-def probe_store(path: Path, rank: int) -> StoreProbe:
-    host = socket.gethostname()
-    if not (path / MANIFEST).exists():
-        return StoreProbe(rank, host, str(path), False)
-    try:
-        return StoreProbe(rank, host, str(path), True, read_manifest(path).step, read_shard_file(path))
-    except NearstepError as exc:
-        return StoreProbe(rank, host, str(path), True, problem=str(exc))
-
-
-def _where(p: StoreProbe) -> str:
-    return f"rank {p.rank}: {p.host}:{p.path}"
-
-
-def check_store_set(probes: Sequence[StoreProbe], world_size: int, layout: str, plan: str) -> str | None:
-    """Whether the ranks' stores form one store set this run can resume (or none exists yet).
-
-    Returns None when they do, else a message naming the ranks, paths and steps, and what to do.
-    """
-    broken = [p for p in probes if p.problem]
-    if broken:
-        return "; ".join(f"{_where(p)}: {p.problem}" for p in broken)
-    have = [p for p in probes if p.exists]
-    if not have:
-        return None
-    written = sorted({p.shard.world_size for p in have if p.shard is not None})
-    if written and written != [world_size]:
-        sizes = " and ".join(map(str, written))
-        return (
-            f"the store set was written by a run of {sizes} ranks, and this run has {world_size} "
-            f"({', '.join(_where(p) + (f' [of {p.shard.world_size}]' if p.shard else '') for p in have)}). "
-            f"Each rank's store holds only that rank's share of the state, so a store set resumes with the "
-            f"world size that wrote it: restart with {written[0]} ranks (torchrun --nproc-per-node/--nnodes), "
-            f"re-shard it with `nearstep reshard SRC DST --world-size {world_size}`, or give this run a new store path."
-        )
-    missing = [p for p in probes if not p.exists]
-    if missing:
-        return (
-            f"the store set is incomplete: {', '.join(_where(p) + f' (step {p.step})' for p in have)} "
-            f"{'has a store' if len(have) == 1 else 'have stores'}, but {', '.join(_where(p) for p in missing)} "
-            f"{'has' if len(missing) == 1 else 'have'} none. Every rank needs its own store on its own disk: "
-            f"copy the missing ones back (same paths), or give this run a new store path."
-        )
-    alone = [p for p in have if p.shard is None]
-    if alone:
-        return (
-            f"{', '.join(_where(p) for p in alone)}: this store was written by a single process (it has no "
-            f"{SHARD_FILE}); a run of {world_size} ranks needs one store per rank. Give this run a new store path, "
-            f"or re-shard it with `nearstep reshard SRC DST --world-size {world_size}`."
-        )
-    wrong_rank = [p for p in have if p.shard is not None and p.shard.rank != p.rank]
-    if wrong_rank:
-        return (
-            f"{', '.join(f'{_where(p)} holds the store of rank {p.shard.rank}' for p in wrong_rank if p.shard)}: "
-            f"the ranks must each open their own store. Put {{rank}} in store= (or keep the rank<N> directories "
-            f"where the run that wrote them put them)."
-        )
-    other = [p for p in have if p.shard is not None and (p.shard.layout, p.shard.plan) != (layout, plan)]
-    if other:
-        p = other[0]
-        assert p.shard is not None
-        how = (f"{p.shard.layout} layout" if p.shard.layout != layout
-               else "a different parameter table (names, shapes, dtypes or param groups)")
-        return (
-            f"{_where(p)}: the store set was sharded for {how}, not for this run's {layout} layout and "
-            f"parameters. Pass the same model and parameters as the run that wrote it "
-            f"({'FSDP2 again' if p.shard.layout == 'fsdp2' else 'plain data parallel or DDP again'}), or a new store path."
-        )
-    steps = sorted({p.step for p in have if p.step is not None})
-    if len(steps) > 1:
-        return (
-            f"the ranks' stores are at different committed steps: {', '.join(f'{_where(p)} at step {p.step}' for p in have)}. "
-            f"A rank stopped after some ranks had committed a step and before it had; the step in between "
-            f"exists on only some ranks and cannot be completed. Restore the whole store set from a copy taken "
-            f"at one step, or give this run a new store path."
-        )
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -425,7 +219,7 @@ class Sharding(ABC):
         try:
             opened = opener(path)
             if not opened[1]:
-                write_shard_file(path, ShardInfo(self.layout, self.rank, self.world_size, self.plan))
+                write_shard_file(path, ShardInfo(self.layout, self.rank, self.world_size, self.plan, self.specs))
         except Exception as exc:
             error = exc
         outcomes = self._all_gather_object(None if error is None else f"{type(error).__name__}: {error}", "opening of the stores")
@@ -536,13 +330,12 @@ class PieceSharding(Sharding):
         super().__init__(group, config, params, specs)
         self.averaged = averaged
         self.pieces = plan_pieces(self.specs, self.world_size)
-        mine = self.pieces[self.rank]
+        table = local_pieces(self.specs, self.layout, self.world_size, self.rank)
         with torch.no_grad():
-            self.local_params = [_alias(self.params[s.param].detach().view(-1)[s.start : s.start + s.length],
-                                        self.params[s.param].requires_grad) for s in mine]
-        self.local_names = [f"{names[s.param]}[{s.start}:{s.start + s.length}]" for s in mine]
-        self.local_specs = tuple(ParamSpec(name, (s.length,), self.specs[s.param].dtype, self.specs[s.param].group)
-                                 for name, s in zip(self.local_names, mine))
+            self.local_params = [_alias(self.params[pc.param].detach().view(-1)[pc.start : pc.start + pc.length],
+                                        self.params[pc.param].requires_grad) for pc in table]
+        self.local_names = [pc.spec.name for pc in table]
+        self.local_specs = tuple(pc.spec for pc in table)
         self.owners: list[list[tuple[int, int, int]]] = [[] for _ in self.params]  # per parameter: (rank, start, length)
         for r, segs in enumerate(self.pieces):
             for s in segs:
@@ -698,15 +491,16 @@ class LocalShardSharding(Sharding):
                  specs: Sequence[ParamSpec]) -> None:
         super().__init__(group, config, params, specs)
         locals_ = [_local_tensor(p, n) for p, n in zip(self.params, names)]
+        table = local_pieces(self.specs, self.layout, self.world_size, self.rank)
+        for t, pc in zip(locals_, table):
+            if tuple(t.shape) != pc.spec.shape:
+                raise TypeError(
+                    f"the local shard of {pc.spec.name.split('[')[0]!r} on rank {self.rank} has shape {tuple(t.shape)}, "
+                    f"not the {pc.spec.shape} of FSDP2's even dim-0 cut; nearstep handles fully_shard's default sharding"
+                )
         self.local_params = [_alias(t, p.requires_grad) for t, p in zip(locals_, self.params)]
-        self.local_names = []
-        for p, n, t in zip(self.params, names, locals_):
-            # FSDP2 cuts dim 0 as torch.chunk does: ceil(rows / N) rows per rank, the last ones short or empty.
-            rows = -(-p.shape[0] // self.world_size)
-            first = min(self.rank * rows, p.shape[0]) * math.prod(p.shape[1:])
-            self.local_names.append(f"{n}[{first}:{first + t.numel()}]")
-        self.local_specs = tuple(ParamSpec(name, tuple(t.shape), s.dtype, s.group)
-                                 for name, t, s in zip(self.local_names, locals_, self.specs))
+        self.local_names = [pc.spec.name for pc in table]
+        self.local_specs = tuple(pc.spec for pc in table)
 
     @torch.no_grad()
     def take_gradients(self) -> None:
