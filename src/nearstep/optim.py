@@ -621,6 +621,13 @@ class AdamW(NearstepOptimizer):
         device: a :class:`~nearstep.DeviceConfig`, ``"emulated"`` (default) or ``"inline"``.
         slice_mb: about how many MiB of fp32 parameters move and update as one slice;
             None picks about 16 slices of 1 to 64 MiB (:func:`auto_slice_mb`).
+        process_group: shard the state across this group's ranks. With an initialised
+            default group (torchrun) that one is used without asking; without either,
+            nothing is sharded. Each rank's store then holds its part: ``store`` gets a
+            ``rank<N>`` subdirectory per rank, or may be a template with ``{rank}``.
+            See the README's "Many ranks" and ``nearstep/distributed.py``.
+        sharding: a :class:`~nearstep.ShardingConfig` (collective timeout, whether the
+            gradients arrive averaged already).
 
     Example::
 
