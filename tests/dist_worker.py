@@ -136,7 +136,6 @@ def train(sc: dict, rank: int, world: int, *, start: int = 0, steps: int | None 
 
 
 def run_scenario(sc: dict, rank: int, world: int) -> dict:
-    name = sc["name"]
     if sc.get("resume"):
         train(sc, rank, world, steps=sc["steps"] // 2)
         weights, info = train(sc, rank, world, start=sc["steps"] // 2, steps=sc["steps"] - sc["steps"] // 2)

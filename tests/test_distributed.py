@@ -224,13 +224,30 @@ def test_reshard_round_trip_keeps_every_number(runs, tmp_path) -> None:
     assert back.paths[1] == tmp_path / "two" / "rank1"
 
 
+def test_reshard_turns_an_fsdp2_set_into_pieces_holding_the_trained_weights(runs, tmp_path) -> None:
+    source = Path(runs[("fsdp2-sync", 0)]["info"]["store"]).parent
+    result = reshard(source, tmp_path / "one", 1, layout="pieces")
+    assert result.layout == "pieces" and result.step == 10
+    info = read_shard_file(tmp_path / "one" / "rank0")
+    assert info is not None and info.world_size == 1 and info.layout == "pieces"
+    weights = runs[("fsdp2-sync", 0)]["weights"]
+    with Store.open(tmp_path / "one" / "rank0") as store:
+        masters = store.read_params()["master"]
+        for j, pc in enumerate(local_pieces(info.params, "pieces", 1, 0)):
+            name = info.params[pc.param].name
+            assert torch.equal(masters[j], weights[name].reshape(-1)[pc.start : pc.start + pc.length]), name
+
+
 def test_reshard_refuses_an_occupied_destination_and_a_single_process_store(runs, tmp_path) -> None:
     source = Path(runs[("dp-sync", 0)]["info"]["store"]).parent
     (tmp_path / "busy" / "rank0").mkdir(parents=True)
     (tmp_path / "busy" / "rank0" / "x").write_text("x")
     with pytest.raises(nearstep.StoreError, match="not empty"):
         reshard(source, tmp_path / "busy", 2)
-    assert nearstep.cli.main(["reshard", str(tmp_path / "none"), str(tmp_path / "d"), "--world-size", "2"]) == 2
+    with nearstep.AdamW(dist_worker.make_net().parameters(), store=tmp_path / "single", device="inline"):
+        pass
+    assert nearstep.cli.main(["reshard", str(tmp_path / "single"), str(tmp_path / "d"), "--world-size", "2"]) == 2
+    assert not (tmp_path / "d").exists()
 
 
 def test_a_killed_rank_makes_the_other_fail_with_a_clear_error(tmp_path) -> None:

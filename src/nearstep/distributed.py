@@ -63,13 +63,16 @@ ours also run on a group of their own.
 - Under FSDP2, gradients are staged during backward as FSDP2's reduce-scatter
   delivers them (post-accumulate-grad hooks), and each sharded module's new
   local shards land just before FSDP2 all-gathers them (a pre-hook that runs
-  first); the only barrier is the one scalar all-reduce of the norm.
+  first); the only barrier is the one scalar all-reduce of the norm. Explicit
+  forward prefetching (``set_modules_to_forward_prefetch``) all-gathers a module
+  before its own pre-hook runs: use sync mode with it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
@@ -231,6 +234,8 @@ class Sharding(ABC):
         if failed:
             assert opened is not None
             opened[0].close()
+            if not opened[1]:
+                shutil.rmtree(path, ignore_errors=True)  # made just now, at step 0: no half-made set stays behind
             r, text = failed[0]
             raise StoreError(f"rank {r} could not open its store ({probes[r].host}:{probes[r].path}): {text}. "
                              f"The ranks open their stores together; fix that one and restart all ranks.")

@@ -264,8 +264,8 @@ def check_store_set(probes: Sequence[StoreProbe], world_size: int, layout: str, 
     if alone:
         return (
             f"{', '.join(_where(p) for p in alone)}: this store was written by a single process (it has no "
-            f"{SHARD_FILE}); a run of {world_size} ranks needs one store per rank. Give this run a new store path, "
-            f"or re-shard it with `nearstep reshard SRC DST --world-size {world_size}`."
+            f"{SHARD_FILE}), or a sharded run stopped while creating it; a run of {world_size} ranks needs one store "
+            f"per rank from one sharded run. Give this run a new store path (or delete a store that is still at step 0)."
         )
     wrong_rank = [p for p in have if p.shard is not None and p.shard.rank != p.rank]
     if wrong_rank:
