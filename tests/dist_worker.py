@@ -61,15 +61,17 @@ def shard_of(batch: tuple[torch.Tensor, torch.Tensor], rank: int, world: int) ->
     return batch[0][rank * per : (rank + 1) * per], batch[1][rank * per : (rank + 1) * per]
 
 
-def reference_weights(steps: int, clip: float | None, store: Path) -> dict[str, torch.Tensor]:
-    """A single process on the whole batch (nearstep sync mode, inline device)."""
+def reference_weights(steps: int, clip: float | None, store: Path, mode: str = "sync",
+                      warmup: int = 10) -> dict[str, torch.Tensor]:
+    """A single process on the whole batch (nearstep, inline device; sync mode unless asked)."""
     model = make_net()
     with nearstep.AdamW(model.named_parameters(), lr=LR, store=store, device="inline", slice_mb=SLICE_MB,
-                        max_grad_norm=clip) as opt:
+                        max_grad_norm=clip, mode=mode, warmup_steps=warmup) as opt:
         for x, y in global_batches(steps):
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
             opt.zero_grad()
+        opt.synchronize()
         state_elements = sum(p.numel for p in opt._store.manifest.params)
         state_bytes = opt._store.manifest.state_bytes
     out = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -109,7 +111,7 @@ def train(sc: dict, rank: int, world: int, *, start: int = 0, steps: int | None 
     sharding = nearstep.ShardingConfig(timeout=sc["timeout"]) if sc.get("timeout") else None
     opt = nearstep.AdamW(model.named_parameters(), lr=LR, store=sc["store"], device=sc.get("backend", "inline"),
                          slice_mb=SLICE_MB, mode=sc["mode"], model=model, max_grad_norm=sc.get("clip"),
-                         process_group=group, sharding=sharding)
+                         process_group=group, sharding=sharding, warmup_steps=sc.get("warmup", 10))
     steps = sc["steps"] if steps is None else steps
     unpublished = []  # pieces layout: parameters not yet sent to every rank, after step() and after forward
     with opt:
@@ -126,12 +128,20 @@ def train(sc: dict, rank: int, world: int, *, start: int = 0, steps: int | None 
             opt.step()
             unpublished.append(len(getattr(opt._ranks, "pending", ())))
             opt.zero_grad()
+        read_early = None
+        if sc.get("probe_state_dict") and rank == 0:
+            try:  # one rank alone, between step() and the next forward: refused, never a hang
+                model.state_dict()
+            except nearstep.NearstepError as exc:
+                read_early = str(exc)
         opt.synchronize()
+        if rank == 0:
+            model.state_dict()  # one rank alone, after synchronize(): fine
         stats = opt.stats()
         manifest = opt._store.manifest
         info = {"step": stats["step"], "state_elements": sum(p.numel for p in manifest.params),
                 "state_bytes": manifest.state_bytes, "store": str(opt.store_path), "stats": stats,
-                "unpublished": unpublished}
+                "unpublished": unpublished, "read_early": read_early}
     return _full_weights(model), info
 
 

@@ -100,9 +100,10 @@ def launch(tmp: Path, plan: list[dict], *, wait_for: tuple[int, ...] = tuple(ran
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict]:
     tmp = tmp_path_factory.mktemp("ranks")
-    plan = [dict(name=name, kind=kind, mode=mode, clip=clip, backend=backend, steps=10, store=str(tmp / name))
-            for name, kind, mode, clip, backend in EQUIVALENCE]
+    plan = [dict(name=name, kind=kind, mode=mode, clip=clip, backend=backend, steps=10, store=str(tmp / name),
+                 probe_state_dict=True) for name, kind, mode, clip, backend in EQUIVALENCE]
     plan += [
+        dict(name="dp-delayed", kind="dp", mode="delayed", clip=1.0, steps=10, warmup=3, store=str(tmp / "dl")),
         dict(name="dp-resume", kind="dp", mode="sync", clip=1.0, steps=10, store=str(tmp / "r-dp" / "{rank}"), resume=True),
         dict(name="fsdp2-resume", kind="fsdp2", mode="overlap", clip=1.0, steps=10, store=str(tmp / "r-fsdp2"), resume=True),
         dict(name="other-world-size", kind="dp", mode="sync", clip=1.0, steps=2, store=str(tmp / "ws"), other_world_size=True),
@@ -117,7 +118,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, int], dict
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory) -> dict[float | None, dict[str, torch.Tensor]]:
     tmp = tmp_path_factory.mktemp("single")
-    return {clip: dist_worker.reference_weights(10, clip, tmp / f"clip-{clip}") for clip in (None, 1.0)}
+    refs: dict[object, dict[str, torch.Tensor]] = {
+        clip: dist_worker.reference_weights(10, clip, tmp / f"clip-{clip}") for clip in (None, 1.0)}
+    refs["delayed"] = dist_worker.reference_weights(10, 1.0, tmp / "delayed", mode="delayed", warmup=3)
+    return refs
 
 
 @pytest.mark.parametrize("name,kind,mode,clip,backend", EQUIVALENCE, ids=[e[0] for e in EQUIVALENCE])
@@ -157,6 +161,20 @@ def test_overlap_mode_sends_each_module_in_its_forward_pre_hook(runs, name) -> N
 
 def test_sync_mode_has_sent_every_weight_when_step_returns(runs) -> None:
     assert set(runs[("dp-sync", 0)]["info"]["unpublished"]) == {0}
+
+
+def test_delayed_mode_sends_the_weights_at_the_next_step_and_matches_one_process(runs, references) -> None:
+    res = runs[("dp-delayed", 0)]
+    assert res["info"]["unpublished"][-1] > 0  # after the last step(), until synchronize()
+    for n, w in res["weights"].items():
+        torch.testing.assert_close(w, references["delayed"][n], atol=ATOL, rtol=RTOL)
+
+
+def test_reading_the_model_on_one_rank_mid_overlap_is_refused_not_a_hang(runs) -> None:
+    for name in ("dp-overlap", "ddp-overlap"):
+        assert "call opt.synchronize() on every rank first" in runs[(name, 0)]["info"]["read_early"]
+    for name in ("dp-sync", "fsdp2-overlap"):  # nothing to send (sync), or nothing nearstep sends (FSDP2)
+        assert runs[(name, 0)]["info"]["read_early"] is None
 
 
 def test_resume_with_the_same_world_size_continues_to_the_same_weights(runs) -> None:
