@@ -213,6 +213,7 @@ class Sharding(ABC):
                              src=dist.get_global_rank(self.group, 0))
             store = chosen[0]
         path = store_path_for(store, self.rank, self.world_size)
+        # Every rank sees what every other found before any opens: all refuse a bad set together.
         probes = self._all_gather_object(probe_store(path, self.rank), "check of the store set")
         problem = check_store_set(probes, self.world_size, self.layout, self.plan)
         if problem is not None:
@@ -225,6 +226,7 @@ class Sharding(ABC):
                 write_shard_file(path, ShardInfo(self.layout, self.rank, self.world_size, self.plan, self.specs))
         except Exception as exc:
             error = exc
+        # Also on failure: a rank that cannot open its store must not leave the others waiting in the next collective.
         outcomes = self._all_gather_object(None if error is None else f"{type(error).__name__}: {error}", "opening of the stores")
         if error is not None:
             if opened is not None:
@@ -348,6 +350,7 @@ class PieceSharding(Sharding):
         self.counts = [sum(s.length for s in segs) for segs in self.pieces]
         # Reduce-scatter chunk of rank r: its pieces' gradients, then one presence count per parameter.
         self.chunk = max(self.counts) + len(self.params)
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pending: set[int] = set()
 
     # -- gradients -------------------------------------------------------------
@@ -377,7 +380,11 @@ class PieceSharding(Sharding):
         """
         n_params = len(self.params)
         device = self.params[0].device
-        buf = torch.zeros(self.world_size * self.chunk, dtype=torch.float32, device=device)
+        if self._buffers is None:  # kept across steps: the local .grads are views of `out` only until step() returns
+            self._buffers = (torch.empty(self.world_size * self.chunk, dtype=torch.float32, device=device),
+                             torch.empty(self.chunk, dtype=torch.float32, device=device))
+        buf, out = self._buffers
+        buf.zero_()
         flags = torch.tensor([float(p.grad is not None) for p in self.params], dtype=torch.float32, device=device)
         for r, segs in enumerate(self.pieces):
             offset = r * self.chunk
@@ -388,7 +395,6 @@ class PieceSharding(Sharding):
                 offset += s.length
             base = r * self.chunk + self.counts[r]
             buf[base : base + n_params].copy_(flags)
-        out = torch.empty(self.chunk, dtype=torch.float32, device=device)
         # Every rank, every step (also one with no gradient of its own): the pieces' sums.
         self._collective("reduce-scatter of the gradients", dist.reduce_scatter_tensor, out, buf, op=dist.ReduceOp.SUM,
                          sent=4 * (self.world_size - 1) * self.chunk, received=4 * (self.world_size - 1) * self.chunk)
