@@ -91,3 +91,28 @@ def test_a_failing_worker_still_removes_what_the_run_made(tmp_path, monkeypatch,
 def test_variants_are_checked():
     with pytest.raises(SystemExit):
         main(["--variants", "sync,fast"])
+
+
+def test_nproc_2_reports_store_link_and_speed_per_rank_against_one_rank(tmp_path, capsys):
+    scratch, out = tmp_path / "b", tmp_path / "ranks.json"
+
+    assert main(["--quick", "--nproc", "2", "--variants", "sync", "--dir", str(scratch), "--json", str(out)]) == 0
+
+    res = json.loads(out.read_text())
+    one, two = res["rows"]["sync/1"], res["rows"]["sync/2"]
+    assert len(one["per_rank"]) == 1 and len(two["per_rank"]) == 2
+    assert_positive(two, "ms_per_step", "steps_per_second", "speedup_vs_one_rank")
+    params = one["per_rank"][0]["store_elements"]
+    assert sum(r["store_elements"] for r in two["per_rank"]) == params  # each element on one rank
+    assert 0.45 <= two["store_fraction_vs_one_rank"] <= 0.56
+    for r in two["per_rank"]:
+        # Each rank's device takes fp32 gradients of its pieces in and gives their weights back.
+        assert r["link_bytes_per_step"] == 2 * 4 * r["store_elements"]
+        assert r["collective_bytes_sent_per_step"] > 0 and r["collective_bytes_received_per_step"] > 0
+    assert one["per_rank"][0]["collective_bytes_sent_per_step"] == 0
+    assert two["losses"][0] != one["losses"][0]  # each rank's loss is over its half of the batch
+
+    table = capsys.readouterr().out
+    for label in ("--nproc 2", "CAVEAT", "vs 1 rank", "store MiB", "link MiB/step", "largest rank store"):
+        assert label in table, label
+    assert not scratch.exists() or not any(scratch.rglob("*"))

@@ -1,8 +1,10 @@
 """nearstep: the optimizer step runs next to the optimizer state on the SSD."""
 
 from .device import Device, DeviceConfig, DeviceInfo, open_device
-from .errors import (DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError, StoreCorruptError,
-                     StoreError, StoreIOError, StoreLockedError, StoreMismatchError, StorePermissionError)
+from .distributed import ShardingConfig
+from .errors import (CollectiveError, DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError,
+                     ShardMismatchError, StoreCorruptError, StoreError, StoreIOError, StoreLockedError,
+                     StoreMismatchError, StorePermissionError)
 from .formats import StateFormat
 from .kernels import Guards
 from .sensitivity import SensitivityReport
@@ -15,7 +17,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AdamW", "Adam", "SGD", "Lion", "NearstepOptimizer", "Guards", "ParamTelemetry", "StateFormat",
     "SensitivityReport", "Store", "resume", "inspect_store", "verify_store", "export_safetensors", "convert_store",
-    "open_device", "Device", "DeviceConfig", "DeviceInfo",
+    "open_device", "Device", "DeviceConfig", "DeviceInfo", "ShardingConfig",
     "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",
     "StoreIOError", "StorePermissionError", "MisalignedIOError", "DeviceError", "DeviceDiedError",
+    "CollectiveError", "ShardMismatchError",
 ]

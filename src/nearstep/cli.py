@@ -1,4 +1,5 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``."""
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``,
+``nearstep reshard SRC DST --world-size N``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ __all__ = ["main"]
 
 _BENCHES = {
     "io": (".bench.io", "store bandwidth, update rate, device memory"),
-    "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed"),
+    "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed (--nproc N: 1 rank vs N ranks)"),
     "accuracy": (".bench.accuracy", "held-out accuracy/loss per state format, and with injected gradient spikes per guard"),
 }
 
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("which", choices=sorted(_BENCHES), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCHES.items())))
     for name, text in _TOOLS.items():
         sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("reshard", help="rewrite a sharded run's store set for another number of ranks", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -41,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[0] == "reshard":
+        from .storeset import main as reshard_main
+
+        return reshard_main(argv[1:])
     if argv[0] in _TOOLS:
         from .tools import main as tools_main
 

@@ -20,6 +20,8 @@ __all__ = [
     "StoreMismatchError",
     "DeviceError",
     "DeviceDiedError",
+    "CollectiveError",
+    "ShardMismatchError",
 ]
 
 
@@ -65,3 +67,11 @@ class DeviceError(NearstepError):
 
 class DeviceDiedError(DeviceError):
     """The device process exited while work was queued on it."""
+
+
+class CollectiveError(NearstepError):
+    """A collective with the other ranks failed or timed out: a rank died, hung, or left."""
+
+
+class ShardMismatchError(StoreMismatchError):
+    """The ranks' stores do not form one store set for this run (world size, steps, model)."""

@@ -26,6 +26,7 @@ import torch
 
 from . import formats, kernels
 from .device import Completion, Device, DeviceConfig, build_device
+from .distributed import Sharding, ShardingConfig, build_sharding
 from .engine import Apply, Commit, LoadState, Query
 from .staging import StagingLayout
 from .pipeline import InFlight, Pipeline
@@ -125,6 +126,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         warmup_steps: int = 10,
         offload_gradients: bool = False,
         state_format: str | formats.StateFormat | None = None,
+        process_group: Any = None,
+        sharding: ShardingConfig | None = None,
     ) -> None:
         if mode not in ("sync", "overlap", "delayed"):
             raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
@@ -167,7 +170,17 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self._params: list[torch.Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._names = [n for group_names in names for n in group_names]
         specs = param_specs([list(zip(gn, g["params"])) for gn, g in zip(names, self.param_groups)])
-        self._store, resumed = self._open_store(store, specs, hyper_type, slice_mb, state_format)
+        # Many ranks: the optimizer works on this rank's share (see distributed.py); param_groups keep the model's.
+        self._ranks: Sharding | None = build_sharding(self._params, self._names, specs, model=model,
+                                                      process_group=process_group, config=sharding)
+        if self._ranks is None:
+            self._store, resumed = self._open_store(store, specs, hyper_type, slice_mb, state_format)
+        else:
+            self._params, self._names, specs = list(self._ranks.local_params), list(self._ranks.local_names), self._ranks.local_specs
+            device = self._ranks.device_config(device)
+            self._store, resumed = self._ranks.open_store(
+                store, lambda: default_store_path(self.kind),
+                lambda path: self._open_store(path, specs, hyper_type, slice_mb, state_format))
         self._closed = False
         try:
             manifest = self._store.manifest
@@ -182,6 +195,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 # A lossy master format rounded the initial weights: the model starts from
                 # what the store holds, as a resumed run would.
                 self._load_masters_into_params()
+            if self._ranks is not None:
+                self._ranks.publish_all()  # every rank starts from the owners' weights
             self._device: Device = build_device(self._store, device)
         except BaseException:
             self._store.close()
@@ -200,9 +215,14 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._pipeline.early_apply = self._early_apply
         if mode != "sync":
             self._pipeline.attach_grad_hooks()
+            if self._ranks is not None:
+                self._ranks.attach_grad_hooks(self._pipeline)
         if model is not None:
             if mode == "overlap":
-                self._pipeline.attach_forward_hooks(model)
+                if self._ranks is None:
+                    self._pipeline.attach_forward_hooks(model)
+                else:
+                    self._ranks.attach_forward_hooks(model, self._pipeline)
             # Whatever reads the weights through model.state_dict() sees the updated ones.
             self._pipeline.add_handle(model.register_state_dict_pre_hook(_synchronizer(weakref.ref(self))))
         self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
@@ -282,9 +302,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self.trace.add("compute", "forward/backward", self.trace.loop_start_ns, t0)
         pipeline = self._pipeline
         # The barrier: the previous step must be in the model before this one starts.
-        self._account(pipeline.finish())
+        self._account(self._finish())
+        if self._ranks is not None:
+            self._ranks.take_gradients()  # this rank's share, averaged over the ranks
         present = [i for i in range(len(self._params)) if pipeline.has_gradient(i)]
-        if not present:
+        if not present and (self._ranks is None or not self._ranks.any_gradient):
             pipeline.abort()
             return self._end_step(t0, loss)
         for i in present:
@@ -300,7 +322,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if pipeline.need_norms:
             norms = [pipeline.grad_norm(i) for i in present]
             where = self._params[0].device  # norms come from p.grad (there) or from staging (host)
-            total = torch.linalg.vector_norm(torch.stack([n.to(where, torch.float32) for n in norms]))
+            total = (torch.linalg.vector_norm(torch.stack([n.to(where, torch.float32) for n in norms])) if norms
+                     else torch.zeros((), device=where))
+            if self._ranks is not None:
+                total = self._ranks.global_norm(total)
             if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
                 self._counters["skipped_steps"] += 1
                 pipeline.abort()
@@ -315,10 +340,12 @@ class NearstepOptimizer(torch.optim.Optimizer):
         commit = Commit(self._step + 1, tuple(new_steps), tuple(self._group_json(g) for g in self.param_groups),
                         {"skipped_steps": self._counters["skipped_steps"]})
         pipeline.launch(self._step + 1, present, hypers, new_steps, scale, self.guards, commit)
+        if self._ranks is not None:
+            self._ranks.launched()
         self._param_steps = new_steps
         self._step += 1
         if self.mode == "sync" or (self.mode == "delayed" and self._step <= self.warmup_steps):
-            self._account(pipeline.finish())
+            self._account(self._finish())
         return self._end_step(t0, loss)
 
     def _early_apply(self, k: int) -> Apply:
@@ -329,7 +356,16 @@ class NearstepOptimizer(torch.optim.Optimizer):
         hypers = tuple(self._hyper(g) for g in self.param_groups)
         return Apply(k, hypers, steps, 1.0, self.guards, pipeline.arenas[pipeline.current].id)
 
+    def _finish(self) -> InFlight | None:
+        """Land the launched step; with many ranks, also send its new weights to every rank (collective)."""
+        inflight = self._pipeline.finish()
+        if self._ranks is not None:
+            self._ranks.publish_pending()
+        return inflight
+
     def _end_step(self, t0: int, loss: Any) -> Any:
+        if self._ranks is not None:
+            self._ranks.release_gradients()
         end = time.monotonic_ns()
         self.trace.add("compute", "step", t0, end)
         self._times["steps"] += 1
@@ -384,7 +420,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         for example before ``model.to()`` or an evaluation in delayed mode.
         """
         self._check_open()
-        self._account(self._pipeline.finish())
+        self._account(self._finish())
 
     def telemetry(self) -> list[ParamTelemetry]:
         """Per parameter: last update RMS and update-to-weight ratio, and guard counts."""
@@ -426,6 +462,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             "link_bytes_per_step": (device["link_in_bytes"] + device["link_out_bytes"]) / steps,
             "store_bytes_per_step": (device["store_read_bytes"] + device["store_write_bytes"]) / steps,
             **{f"device_{k}": v for k, v in device.items()},
+            **(self._ranks.stats(steps) if self._ranks is not None else {}),
         }
 
     @property
@@ -518,6 +555,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         _wait_all(completions)
         for pos, p in enumerate(self._params):
             p.copy_(flats["master"][pos].view(p.shape))
+        if self._ranks is not None:
+            self._ranks.publish_all()
         self._step, self._param_steps, self._counters = step, steps, counters
 
     def close(self) -> None:
@@ -528,7 +567,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if self._closed:
             return
         try:
-            self._account(self._pipeline.finish())
+            self._account(self._finish())
         finally:
             self._closed = True
             self._pipeline.detach()
@@ -538,6 +577,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if exc[0] is not None and self._ranks is not None:
+            self._ranks.abandon()  # unwinding: the other ranks may be gone; no collective now
         self.close()
 
     def __repr__(self) -> str:
@@ -550,7 +591,10 @@ def _synchronizer(ref: weakref.ref[NearstepOptimizer]) -> Any:
     def hook(*_args: Any, **_kwargs: Any) -> None:
         opt = ref()
         if opt is not None and not opt._closed:
-            opt.synchronize()
+            if opt._ranks is not None:
+                opt._ranks.before_state_dict(opt.synchronize)
+            else:
+                opt.synchronize()
 
     return hook
 
@@ -602,6 +646,13 @@ class AdamW(NearstepOptimizer):
             ``"bf16-sr+8bit"`` (see ``docs/accuracy.md``). None: the store's own format
             when resuming. A store is never converted silently: a different explicit
             format is refused.
+        process_group: shard the state across this group's ranks. With an initialised
+            default group (torchrun) that one is used without asking; without either,
+            nothing is sharded. Each rank's store then holds its part: ``store`` gets a
+            ``rank<N>`` subdirectory per rank, or may be a template with ``{rank}``.
+            See the README's "Many ranks" and ``nearstep/distributed.py``.
+        sharding: a :class:`~nearstep.ShardingConfig` (collective timeout, whether the
+            gradients arrive averaged already).
 
     Example::
 

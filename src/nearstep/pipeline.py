@@ -180,6 +180,10 @@ class Pipeline:
 
         return pre_hook
 
+    def gradient_ready(self, p: torch.Tensor) -> None:
+        """``p.grad`` is final (a hook outside the pipeline saw it, as FSDP2's): stage it now."""
+        self._on_grad(p)
+
     def _on_grad(self, p: torch.Tensor) -> None:
         if self.phase is not Phase.STAGING:
             self._begin_staging()

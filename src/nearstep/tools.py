@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from . import formats
+from .distributed import store_set_optimizer
 from .errors import NearstepError, StoreError
 from .sensitivity import sensitivity_report
 from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer
@@ -475,8 +476,11 @@ def resume(params: Any, store: str | os.PathLike | Store, **kwargs: Any) -> Near
     if isinstance(store, Store):
         kind = store.manifest.optimizer
     else:
-        kind = _require_store(Path(store), "There is nothing to resume; to start a new store there, construct "
-                              "the optimizer, e.g. nearstep.AdamW(params, store=...).").optimizer
+        # Many ranks: store= names the store set (see nearstep.distributed), each rank reads its own.
+        kind = store_set_optimizer(store, kwargs.get("process_group"))
+        if kind is None:
+            kind = _require_store(Path(store), "There is nothing to resume; to start a new store there, construct "
+                                  "the optimizer, e.g. nearstep.AdamW(params, store=...).").optimizer
     cls = _OPTIMIZERS.get(kind)
     if cls is None:
         raise StoreError(f"store {store} holds {kind!r} state, which this nearstep has no optimizer for "

@@ -95,6 +95,7 @@ class Options:
         trace_dir: where the nearstep workers of the last round save their Chrome/Perfetto traces, if set.
         quick: tiny sizes, for smoke tests.
         device: where the model computes: ``cpu`` or ``cuda``.
+        nproc: with more than 1, compare one rank with this many gloo ranks (``bench/ranks.py``).
     """
 
     model: str
@@ -112,6 +113,7 @@ class Options:
     trace_dir: pathlib.Path | None
     quick: bool
     device: str = "cpu"
+    nproc: int = 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -158,6 +160,9 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 round (and mlp width 512)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model computes (default cpu; cuda: the model on the GPU, the state on the store)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="compare 1 rank with this many gloo ranks on this machine, the global batch split over them: "
+                             "per-rank store size, host-link and collective bytes, steps/s (sync and overlap)")
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.steps, args.rounds = 512, 2, 1
@@ -171,6 +176,8 @@ def _parse(argv: list[str] | None) -> Options:
         parser.error("--device cuda: torch sees no CUDA device here")
     if batch < 1 or args.width < 1 or args.steps < 1 or args.warmup < 0 or args.rounds < 1 or not (args.slice_mb or 1) > 0:
         parser.error("--batch, --width, --steps and --rounds must be >= 1, --warmup >= 0, --slice-mb > 0")
+    if args.nproc < 1 or (args.nproc > 1 and args.device != "cpu"):
+        parser.error("--nproc must be >= 1, and runs on --device cpu (gloo)")
     if args.model != "mlp" and seq_len < 2:
         parser.error("--seq-len must be >= 2")
     try:
@@ -180,7 +187,7 @@ def _parse(argv: list[str] | None) -> Options:
     return Options(model=args.model, batch=batch, seq_len=seq_len, width=args.width, steps=args.steps,
                    warmup=args.warmup, rounds=args.rounds, variants=tuple(v for v in VARIANTS if v in variants),
                    memory_budget=args.memory_budget, slice_mb=args.slice_mb, dir=args.dir, json=args.json,
-                   trace_dir=args.trace_dir, quick=args.quick, device=args.device)
+                   trace_dir=args.trace_dir, quick=args.quick, device=args.device, nproc=args.nproc)
 
 
 def _missing(model: str) -> list[str]:
@@ -540,6 +547,10 @@ def main(argv: list[str] | None = None) -> int:
     Returns 2 when the model's packages are missing (after saying how to install them), 1 when a worker fails.
     """
     opts = _parse(argv)
+    if opts.nproc > 1:
+        from nearstep.bench.ranks import run
+
+        return run(opts, opts.nproc)
     missing = _missing(opts.model)
     if missing:
         print(f"nearstep bench step: --model {opts.model} needs {', '.join(missing)}, not installed here.\n"
