@@ -194,11 +194,20 @@ def _run(task: _MiniLM | _SmolLM2, spec: RunSpec, work: Path) -> dict[str, Any]:
             (loss * (spec.spike_scale if corrupt else 1.0)).backward()
             opt.step()
             opt.zero_grad()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         opt.synchronize()
         counters = {k: opt.stats()[k] for k in ("spike_clipped", "update_clipped", "skipped_steps")}
     metrics = task.evaluate(model)
     return {**asdict(spec), **metrics, **counters, "train_loss": losses, "seconds": time.perf_counter() - t0}
+
+
+def _render_sections(sections: list[tuple[str, list[dict[str, Any]], list[str], str, tuple[str, ...]]]) -> list[str]:
+    lines: list[str] = []
+    for title, runs, extra, by, metrics in sections:
+        if runs:
+            key = "guards" if by == "guards" else "state_format"
+            lines += [f"### {title}", ""] + _table(runs, key, by.replace("_", " "), metrics) + [""] + extra + ([""] if extra else [])
+    return lines
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -292,38 +301,53 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tmp)
             need_minilm = args.experiment != "formats" or args.model in ("minilm", "both")
             minilm = _MiniLM(seq_len, batch, args.eval_docs) if need_minilm else None
+            sections: list[tuple[str, list[dict[str, Any]], list[str], str, tuple[str, ...]]] = []
+
+            def run_all(task: Any, key: str, title: str, specs: list[RunSpec], by: str, metrics: tuple[str, ...]) -> None:
+                runs: list[dict[str, Any]] = []
+                doc[key] = runs
+                sections.append((title, runs, [], by, metrics))
+                for spec in specs:
+                    runs.append(_progress(_run(task, spec, work)))
+                    _save(args.out, doc, md + _render_sections(sections))
+
             if args.experiment in ("formats", "both") and minilm is not None:
-                runs = [_progress(_run(minilm, RunSpec(model="minilm", state_format=f, guards="off", seed=s, steps=args.steps), work))
-                        for s in range(args.seeds) for f in formats]
-                doc["minilm_formats"] = runs
-                md += [f"### MiniLM-L6 on BBC News: state formats ({args.steps} steps, batch {batch} x {seq_len} tokens)", ""]
-                md += _table(runs, "state_format", "state format", ("held_accuracy", "held_loss")) + [""]
+                run_all(minilm, "minilm_formats",
+                        f"MiniLM-L6 on BBC News: state formats ({args.steps} steps, batch {batch} x {seq_len} tokens)",
+                        [RunSpec(model="minilm", state_format=f, guards="off", seed=s, steps=args.steps)
+                         for s in range(args.seeds) for f in formats], "state_format", ("held_accuracy", "held_loss"))
             if args.experiment in ("formats", "both") and args.model in ("smollm2", "both"):
                 lm = _SmolLM2(lm_seq, lm_batch, args.eval_docs or 64)
-                runs = [_progress(_run(lm, RunSpec(model="smollm2", state_format=f, guards="off", seed=s, steps=args.lm_steps), work))
-                        for s in range(args.lm_seeds) for f in formats]
-                doc["smollm2_formats"] = runs
-                md += [f"### SmolLM2-135M, causal LM on BBC News text: state formats ({args.lm_steps} steps, batch {lm_batch} x {lm_seq} tokens)", ""]
-                md += _table(runs, "state_format", "state format", ("held_loss",)) + [""]
+                run_all(lm, "smollm2_formats",
+                        f"SmolLM2-135M, causal LM on BBC News text: state formats ({args.lm_steps} steps, "
+                        f"batch {lm_batch} x {lm_seq} tokens)",
+                        [RunSpec(model="smollm2", state_format=f, guards="off", seed=s, steps=args.lm_steps)
+                         for s in range(args.lm_seeds) for f in formats], "state_format", ("held_loss",))
                 del lm
             if args.experiment in ("guards", "both") and minilm is not None:
-                runs = [_progress(_run(minilm, RunSpec(model="minilm", state_format="fp32", guards=g, seed=s, steps=args.steps,
-                                                       spikes=spikes, spike_scale=args.spike_scale), work))
-                        for s in range(args.seeds) for g in guards]
-                doc["minilm_guards"] = runs
-                md += [f"### MiniLM-L6 with gradient spikes at steps {list(spikes)} (labels shuffled, loss x{args.spike_scale:g})", ""]
-                md += _table(runs, "guards", "guards", ("held_accuracy", "held_loss")) + [""]
-                png = _plot(runs, "guards", args.out / "guards_loss.png", "MiniLM-L6, injected spikes: training loss by guard setting")
+                run_all(minilm, "minilm_guards",
+                        f"MiniLM-L6 with gradient spikes at steps {list(spikes)} (labels shuffled, loss x{args.spike_scale:g})",
+                        [RunSpec(model="minilm", state_format="fp32", guards=g, seed=s, steps=args.steps, spikes=spikes,
+                                 spike_scale=args.spike_scale) for s in range(args.seeds) for g in guards],
+                        "guards", ("held_accuracy", "held_loss"))
+                png = _plot(doc["minilm_guards"], "guards", args.out / "guards_loss.png",
+                            "MiniLM-L6, injected spikes: training loss by guard setting")
                 if png:
-                    md += [f"![loss curves]({png.name})", ""]
+                    sections[-1][2].append(f"![loss curves]({png.name})")
+            md += _render_sections(sections)
     except (ImportError, ModuleNotFoundError) as exc:
         print(f"nearstep bench accuracy: {exc}", file=sys.stderr)
         return 2
-    (args.out / "accuracy.json").write_text(json.dumps(doc, indent=1))
-    (args.out / "accuracy.md").write_text("\n".join(md) + "\n")
+    _save(args.out, doc, md)
     print("\n".join(md))
     print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.md'}")
     return 0
+
+
+def _save(out: Path, doc: dict[str, Any], md: list[str]) -> None:
+    """Write what is known so far: a long experiment that is stopped keeps its finished runs."""
+    (out / "accuracy.json").write_text(json.dumps(doc, indent=1))
+    (out / "accuracy.md").write_text("\n".join(md) + "\n")
 
 
 def _progress(run: dict[str, Any]) -> dict[str, Any]:
