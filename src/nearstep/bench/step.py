@@ -96,6 +96,8 @@ class Options:
         quick: tiny sizes, for smoke tests.
         device: where the model computes: ``cpu`` or ``cuda``.
         nproc: with more than 1, compare one rank with this many gloo ranks (``bench/ranks.py``).
+        state_formats: the nearstep variants run once per state format; a format other than
+            fp32 shows up as ``variant@format`` (e.g. ``overlap@bf16-sr+8bit``).
     """
 
     model: str
@@ -114,6 +116,7 @@ class Options:
     quick: bool
     device: str = "cpu"
     nproc: int = 1
+    state_formats: tuple[str, ...] = ("fp32",)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -135,6 +138,7 @@ class WorkerSpec:
     device_core: int
     trace: str | None
     device: str = "cpu"
+    state_format: str = "fp32"
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -163,9 +167,19 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--nproc", type=int, default=1,
                         help="compare 1 rank with this many gloo ranks on this machine, the global batch split over them: "
                              "per-rank store size, host-link and collective bytes, steps/s (sync and overlap)")
+    parser.add_argument("--state-formats", default="fp32",
+                        help="comma-separated state formats for the nearstep variants, side by side "
+                             "(e.g. fp32,bf16-sr+8bit; default fp32)")
     args = parser.parse_args(argv)
     if args.quick:
         args.width, args.steps, args.rounds = 512, 2, 1
+    try:
+        state_formats = tuple(dict.fromkeys(nearstep.StateFormat.parse(f.strip()).name
+                                            for f in args.state_formats.split(",") if f.strip()))
+    except ValueError as exc:
+        parser.error(f"--state-formats: {exc}")
+    if not state_formats:
+        parser.error("--state-formats: give at least one format")
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown or not variants:
@@ -187,7 +201,8 @@ def _parse(argv: list[str] | None) -> Options:
     return Options(model=args.model, batch=batch, seq_len=seq_len, width=args.width, steps=args.steps,
                    warmup=args.warmup, rounds=args.rounds, variants=tuple(v for v in VARIANTS if v in variants),
                    memory_budget=args.memory_budget, slice_mb=args.slice_mb, dir=args.dir, json=args.json,
-                   trace_dir=args.trace_dir, quick=args.quick, device=args.device, nproc=args.nproc)
+                   trace_dir=args.trace_dir, quick=args.quick, device=args.device, nproc=args.nproc,
+                   state_formats=state_formats)
 
 
 def _missing(model: str) -> list[str]:
@@ -287,7 +302,7 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
     elif spec.variant in NEARSTEP_VARIANTS:
         extra = {"overlap": {"model": model}, "delayed": {"warmup_steps": DELAYED_WARMUP_STEPS}}.get(spec.variant, {})
         opt = nearstep.AdamW(model.named_parameters(), lr=LR, store=spec.store, mode=spec.variant, device=device,
-                             slice_mb=spec.slice_mb, **extra)
+                             slice_mb=spec.slice_mb, state_format=spec.state_format, **extra)
     ours = isinstance(opt, nearstep.NearstepOptimizer)
 
     def one_step(batch: Any) -> torch.Tensor:
@@ -319,7 +334,7 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
             torch.cuda.synchronize()  # the GPU's queued work is part of the timed steps
         end = time.perf_counter()
         result: dict[str, Any] = {
-            "variant": spec.variant, "round": spec.round, "params": params, "describe": work.describe,
+            "variant": spec.variant, "state_format": spec.state_format, "round": spec.round, "params": params, "describe": work.describe,
             "warm_steps": warm_steps, "steps": spec.steps, "seconds": end - marks[0],
             "ms_per_step": (end - marks[0]) * 1e3 / spec.steps,
             "step_ms": [(b - a) * 1e3 for a, b in zip(marks, marks[1:])], "tail_ms": (end - marks[-1]) * 1e3,
@@ -352,6 +367,8 @@ def _nearstep_numbers(opt: Any, before: dict[str, Any], spec: WorkerSpec) -> dic
         "wait_ms_per_step": summary["wait_seconds"] * 1e3 / spec.steps,
         "overlap_fraction": summary["overlap_fraction"],
         "store_bytes_per_step": per_step["device_store_read_bytes"] + per_step["device_store_write_bytes"],
+        "store_bytes_per_param_per_step": (per_step["device_store_read_bytes"] + per_step["device_store_write_bytes"])
+        / sum(p.numel() for group in opt.param_groups for p in group["params"]),
         "link_bytes_per_step": per_step["device_link_in_bytes"] + per_step["device_link_out_bytes"],
         "per_step": per_step,
         # As opt.stats() reports them: averaged over every host step, warm-up included.
@@ -382,7 +399,7 @@ class WorkerError(RuntimeError):
 
 
 def _run_worker(spec: WorkerSpec, work: pathlib.Path) -> dict[str, Any]:
-    out = work / f"result-{spec.variant}-{spec.round}.json"
+    out = work / f"result-{_key(spec.variant, spec.state_format)}-{spec.round}.json"
     env = dict(os.environ)
     package_root = str(pathlib.Path(__file__).resolve().parents[2])  # importable without an install, as device.py does
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -410,6 +427,15 @@ def _run_worker(spec: WorkerSpec, work: pathlib.Path) -> dict[str, Any]:
     return result
 
 
+def _key(variant: str, state_format: str) -> str:
+    """A run's name: the variant, with ``@format`` unless the state is fp32."""
+    return variant if state_format == "fp32" else f"{variant}@{state_format}"
+
+
+def _base(key: str) -> str:
+    return key.split("@", 1)[0]
+
+
 def _median(rounds: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
@@ -420,9 +446,9 @@ def _summarize(opts: Options, runs: dict[str, list[dict[str, Any]]]) -> tuple[di
         ms = _median(rounds, "ms_per_step")
         entry = {"ms_per_step": ms, "steps_per_second": 1e3 / ms, "round_ms_per_step": [r["ms_per_step"] for r in rounds],
                  "rounds": rounds}
-        if name in NEARSTEP_VARIANTS:
+        if _base(name) in NEARSTEP_VARIANTS:
             for key in ("overlap_fraction", "device_busy_ms_per_step", "wait_ms_per_step", "store_bytes_per_step",
-                        "link_bytes_per_step"):
+                        "link_bytes_per_step", "store_bytes_per_param_per_step"):
                 entry[key] = _median(rounds, key)
         variants[name] = entry
     ms = {name: v["ms_per_step"] for name, v in variants.items()}
@@ -453,6 +479,29 @@ def _summarize(opts: Options, runs: dict[str, list[dict[str, Any]]]) -> tuple[di
     if "sync" in runs and "overlap" in runs:
         # Overlap is exact: the same losses as sync, step for step, in every round.
         derived["overlap_losses_equal_sync"] = all(a["losses"] == b["losses"] for a, b in zip(runs["sync"], runs["overlap"]))
+    formats = {}
+    for fmt in opts.state_formats:
+        if fmt == "fp32" or f"sync@{fmt}" not in ms:
+            continue
+        sync_f = variants[f"sync@{fmt}"]
+        entry = {"bytes_per_param_per_step": sync_f["store_bytes_per_param_per_step"],
+                 "device_ms": sync_f["device_busy_ms_per_step"], "sync_ms": ms[f"sync@{fmt}"]}
+        if "sync" in ms:
+            entry["fp32_bytes_per_param_per_step"] = variants["sync"]["store_bytes_per_param_per_step"]
+            entry["device_ms_saved"] = variants["sync"]["device_busy_ms_per_step"] - entry["device_ms"]
+            entry["sync_speedup"] = ms["sync"] / ms[f"sync@{fmt}"]
+        if "overlap" in ms and f"overlap@{fmt}" in ms:
+            entry["overlap_ms"] = ms[f"overlap@{fmt}"]
+            entry["overlap_ms_saved"] = ms["overlap"] - ms[f"overlap@{fmt}"]
+            entry["overlap_speedup"] = ms["overlap"] / ms[f"overlap@{fmt}"]
+            if "none" in ms and "device_ms_saved" in entry:
+                # What the ideal overlapped step, max(compute, device), gains from the smaller device step.
+                compute = ms["none"]
+                entry["ideal_overlap_ms_saved"] = (max(compute, variants["sync"]["device_busy_ms_per_step"])
+                                                   - max(compute, entry["device_ms"]))
+        formats[fmt] = entry
+    if formats:
+        derived["state_formats"] = formats
     return variants, derived
 
 
@@ -475,15 +524,17 @@ def _render(res: dict[str, Any]) -> str:
     if src["workers_sha1"] != [src["sha1"]]:
         out.append(f"WARNING: the nearstep sources changed during the run (workers saw {', '.join(src['workers_sha1'])}): "
                    f"rounds may not be comparable")
+    width = max([9] + [len(name) + 1 for name in var])
     out += ["",
-           f"  {'variant':<9}{'ms/step':>10}{'steps/s':>9}  {'rounds ms/step':<24}{'overlap':>8}{'device ms':>11}"
-           f"{'wait ms':>10}{'store MiB':>11}{'link MiB':>10}   (last five: per step)"]
+           f"  {'variant':<{width}}{'ms/step':>10}{'steps/s':>9}  {'rounds ms/step':<24}{'overlap':>8}{'device ms':>11}"
+           f"{'wait ms':>10}{'store MiB':>11}{'B/param':>9}{'link MiB':>10}   (last six: per step)"]
     for name, v in var.items():
         rounds = " ".join(f"{x:.1f}" for x in v["round_ms_per_step"])
-        row = f"  {name:<9}{v['ms_per_step']:>10.1f}{v['steps_per_second']:>9.3f}  {rounds:<24}"
-        if name in NEARSTEP_VARIANTS:
+        row = f"  {name:<{width}}{v['ms_per_step']:>10.1f}{v['steps_per_second']:>9.3f}  {rounds:<24}"
+        if _base(name) in NEARSTEP_VARIANTS:
             row += (f"{v['overlap_fraction']:>8.3f}{v['device_busy_ms_per_step']:>11.1f}{v['wait_ms_per_step']:>10.1f}"
-                    f"{_mib(v['store_bytes_per_step']):>11}{_mib(v['link_bytes_per_step']):>10}")
+                    f"{_mib(v['store_bytes_per_step']):>11}{v['store_bytes_per_param_per_step']:>9.2f}"
+                    f"{_mib(v['link_bytes_per_step']):>10}")
         out.append(row.rstrip())
     out.append("")
     if "device_only_ms" in d:
@@ -514,6 +565,16 @@ def _render(res: dict[str, Any]) -> str:
     if "overlap_losses_equal_sync" in d:
         out.append(table_line("overlap losses == sync", "yes" if d["overlap_losses_equal_sync"] else "NO",
                          "overlap is exact: bitwise the same losses"))
+    for fmt, f in d.get("state_formats", {}).items():
+        out.append(table_line(f"{fmt}: store bytes/param/step", f"{f['bytes_per_param_per_step']:.3f}",
+                              f"fp32 {f.get('fp32_bytes_per_param_per_step', float('nan')):.3f}"))
+        if "sync_speedup" in f:
+            out.append(table_line(f"{fmt}: device step", f"{f['device_ms']:.1f} ms",
+                                  f"{f['device_ms_saved']:+.1f} ms saved vs fp32; sync {f['sync_speedup']:.3f}x"))
+        if "overlap_speedup" in f:
+            ideal = f" (ideal max(compute, device) model: {f['ideal_overlap_ms_saved']:.1f} ms)" if "ideal_overlap_ms_saved" in f else ""
+            out.append(table_line(f"{fmt}: overlap step", f"{f['overlap_ms']:.1f} ms",
+                                  f"{f['overlap_ms_saved']:+.1f} ms saved vs fp32 overlap{ideal}"))
     return "\n".join(out)
 
 
@@ -525,20 +586,26 @@ def _run_rounds(opts: Options, runs: dict[str, list[dict[str, Any]]], work: path
                 compute_core: int, device_core: int) -> None:
     for r in range(opts.rounds):
         # Alternate A B C D E A B C D E: a shared VM drifts between runs; side by side, every variant sees it.
-        for variant in opts.variants:
+        for variant, fmt in _run_keys(opts):
+            key = _key(variant, fmt)
             trace = None
             if opts.trace_dir is not None and r == opts.rounds - 1 and variant in NEARSTEP_VARIANTS:
-                trace = str(opts.trace_dir.resolve() / f"bench-step-{opts.model}-{variant}.json")
+                trace = str(opts.trace_dir.resolve() / f"bench-step-{opts.model}-{key.replace('@', '-')}.json")
             spec = WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch,
                               seq_len=opts.seq_len, width=opts.width, steps=opts.steps, warmup=opts.warmup,
                               memory_budget=opts.memory_budget, slice_mb=opts.slice_mb,
-                              store=str((work / f"store-{variant}-{r + 1}").resolve()),
+                              store=str((work / f"store-{key.replace('@', '-')}-{r + 1}").resolve()),
                               compute_core=compute_core, device_core=device_core, trace=trace,
-                              device=opts.device)
+                              device=opts.device, state_format=fmt)
             result = _run_worker(spec, work)
-            runs[variant].append(result)
-            _progress(f"round {r + 1}/{opts.rounds} {variant}: {result['ms_per_step']:.1f} ms/step "
+            runs[key].append(result)
+            _progress(f"round {r + 1}/{opts.rounds} {key}: {result['ms_per_step']:.1f} ms/step "
                       f"(worker process {result['process_seconds']:.1f} s)")
+
+
+def _run_keys(opts: Options) -> list[tuple[str, str]]:
+    """(variant, state format) of every run of a round: the nearstep variants once per format."""
+    return [(v, f) for v in opts.variants for f in (opts.state_formats if v in NEARSTEP_VARIANTS else ("fp32",))]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
                            "source": {"version": nearstep.__version__,
                                       "path": str(pathlib.Path(nearstep.__file__).resolve().parent),
                                       "sha1": _source_digest()}}
-    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in opts.variants}
+    runs: dict[str, list[dict[str, Any]]] = {_key(v, f): [] for v, f in _run_keys(opts)}
     started = time.perf_counter()
     with scratch(opts.dir) as work:
         res["machine"] = machine(opts.dir)
