@@ -1,4 +1,4 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``."""
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io|step|peers``, ``nearstep inspect|verify|export STORE``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ __all__ = ["main"]
 _BENCHES = {
     "io": (".bench.io", "store bandwidth, update rate, device memory"),
     "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed"),
+    "peers": (".bench.peers", "side by side with DeepSpeed ZeRO-3 (optimizer on NVMe, on CPU) where installed"),
 }
 
 # The store tools; each is a function in nearstep.tools, which also parses their arguments.
