@@ -133,6 +133,7 @@ class Options:
         json: where the results are written.
         quick: tiny sizes, for smoke tests.
         deepspeed: run the DeepSpeed rows where DeepSpeed is installed.
+        ds_zero: extra keys for DeepSpeed's ``zero_optimization`` section (its tuning knobs).
     """
 
     model: str
@@ -149,6 +150,7 @@ class Options:
     json: pathlib.Path
     quick: bool
     deepspeed: bool
+    ds_zero: dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -169,6 +171,7 @@ class WorkerSpec:
     device_core: int
     threads: int
     master_port: int
+    ds_zero: dict[str, Any] | None = None
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -193,7 +196,16 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--quick", action="store_true", help="smoke test: mlp width 512, 2 steps, 1 round")
     parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
                         help="run the nearstep rows only, even where DeepSpeed is installed")
+    parser.add_argument("--ds-zero", default="{}", metavar="JSON",
+                        help="extra keys for DeepSpeed's zero_optimization section, e.g. "
+                             "'{\"overlap_comm\": false}' (default: none)")
     args = parser.parse_args(argv)
+    try:
+        ds_zero = json.loads(args.ds_zero)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--ds-zero: not JSON: {exc}")
+    if not isinstance(ds_zero, dict):
+        parser.error("--ds-zero: give a JSON object")
     if args.quick:
         args.width, args.steps, args.rounds = 512, 2, 1
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -214,7 +226,7 @@ def _parse(argv: list[str] | None) -> Options:
     return Options(model=args.model, batch=batch, seq_len=seq_len, width=args.width, steps=args.steps,
                    warmup=args.warmup, rounds=args.rounds, variants=tuple(v for v in VARIANTS if v in variants),
                    memory_budget=args.memory_budget, ds_threads=ds_threads, dir=args.dir, json=args.json,
-                   quick=args.quick, deepspeed=args.deepspeed)
+                   quick=args.quick, deepspeed=args.deepspeed, ds_zero=ds_zero)
 
 
 def _missing(model: str) -> list[str]:
@@ -344,7 +356,7 @@ def _deepspeed_config(spec: WorkerSpec) -> dict[str, Any]:
         "gradient_clipping": 0.0,  # nearstep runs without max_grad_norm too
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": list(BETAS), "eps": EPS,
                                                   "weight_decay": WEIGHT_DECAY}},
-        "zero_optimization": {"stage": 3, "offload_optimizer": offload},
+        "zero_optimization": {"stage": 3, "offload_optimizer": offload, **(spec.ds_zero or {})},
         "aio": DS_AIO,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -548,7 +560,8 @@ def _run_rounds(opts: Options, variants: tuple[str, ...], runs: dict[str, list[d
                               memory_budget=opts.memory_budget,
                               store=str((work / f"state-{variant}-{r + 1}").resolve()),
                               cores=[loop_core] if ours else available, device_core=device_core,
-                              threads=1 if ours else opts.ds_threads, master_port=0 if ours else _free_port())
+                              threads=1 if ours else opts.ds_threads, master_port=0 if ours else _free_port(),
+                              ds_zero=None if ours else opts.ds_zero)
             result = _run_worker(spec, work)
             runs[variant].append(result)
             _progress(f"round {r + 1}/{opts.rounds} {variant}: {result['ms_per_iteration']:.1f} ms/iteration, "
