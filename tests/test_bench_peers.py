@@ -33,24 +33,30 @@ def test_without_deepspeed_it_says_how_to_install_it_and_runs_the_nearstep_rows(
     res = json.loads(out.read_text())
     assert res["deepspeed"]["available"] is False and "does not import" in res["deepspeed"]["why"]
     assert res["deepspeed"]["install"] == "bash bench/peers-setup.sh"
-    assert list(res["variants"]) == list(NEARSTEP_VARIANTS)
+    assert list(res["variants"]) == ["none", *NEARSTEP_VARIANTS]
     for name, v in res["variants"].items():
         assert_positive(v, "ms_per_iteration", "forward_ms", "backward_ms", "exposed_step_ms", "peak_rss_bytes")
         assert v["read_bytes_per_step"] >= 0 and v["write_bytes_per_step"] >= 0
         (run,) = v["rounds"]
         assert len(v["losses"]) == len(run["iteration_ms"]) + 2 == 2 + 2  # warm-up and timed steps
+        assert run["affinity"] == [res["cores"]["loop"]] and run["torch_threads"] == 1
+        if name == "none":
+            assert len(run["peak_rss"]) == 1 and v["losses"][0] == res["variants"]["sync"]["losses"][0]
+            continue
         # AdamW state (master, exp_avg, exp_avg_sq) is read and written once per step.
         assert run["stats_per_step"]["device_store_read_bytes"] >= 12 * run["params"]
         assert run["stats_per_step"]["device_store_write_bytes"] >= 12 * run["params"]
         assert len(run["peak_rss"]) == 2  # the training loop and the device process
-        assert run["affinity"] == [res["cores"]["loop"]] and run["torch_threads"] == 1
     derived = res["derived"]
     assert derived["overlap_losses_equal_sync"] is True  # overlap is exact
     assert derived["loss_reference"] == "sync" and derived["overlap_max_loss_rel_diff"] == 0
+    assert "none_max_loss_rel_diff" not in derived  # it does not train
+    assert_positive(derived, "sync_hidden", "overlap_hidden", "delayed_hidden")
     assert not any(key.endswith("_over_ds_nvme") for key in derived)  # no ratio without DeepSpeed
 
     table = captured.out
-    for label in ("machine:", "DeepSpeed: not run:", "sync", "overlap", "delayed", "ms/iter", "exposed",
+    for label in ("machine:", "DeepSpeed: not run:", "none", "sync", "overlap", "delayed", "ms/iter", "exposed",
+                  "none / overlap ms/iter",
                   "peak RSS MiB", "overlap losses == sync", "losses, round 1"):
         assert label in table, label
     assert "ds-nvme" not in table

@@ -5,6 +5,8 @@ The same model, data, seed, steps and store directory under five variants:
 - ``ds-nvme``: DeepSpeed ZeRO-3 with the optimizer state on NVMe (ZeRO-Infinity): ``DeepSpeedCPUAdam``
   and its swapper, reading and writing the state through its async I/O op (libaio);
 - ``ds-cpu``: DeepSpeed ZeRO-3 with the optimizer state in host memory, for reference;
+- ``none``: forward and backward only, no optimizer, on nearstep's training-loop core: the floor
+  that no optimizer, however well hidden, can go under;
 - ``sync``, ``overlap``, ``delayed``: ``nearstep.AdamW`` in each mode, state on the store.
 
 Each variant runs in a fresh process and the variants alternate (A B C D E A B C D E ...), as in
@@ -52,7 +54,7 @@ __all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", 
 SETUP = "bash bench/peers-setup.sh"
 DEEPSPEED_VARIANTS = ("ds-nvme", "ds-cpu")
 NEARSTEP_VARIANTS = ("sync", "overlap", "delayed")
-VARIANTS = DEEPSPEED_VARIANTS + NEARSTEP_VARIANTS
+VARIANTS = (*DEEPSPEED_VARIANTS, "none", *NEARSTEP_VARIANTS)
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.01  # torch.optim.AdamW's defaults, on both sides
 RATIO_TARGET = 0.6  # nearstep overlap ms/iteration over DeepSpeed NVMe's, at or under this PASSes
 # DeepSpeed's aio section. Its defaults (1 MiB blocks, queue depth 8, 1 thread) read 15-20% slower
@@ -389,6 +391,15 @@ def _deepspeed_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
     return result
 
 
+def _compute_only_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
+    os.sched_setaffinity(0, set(spec.cores))
+    torch.set_num_threads(spec.threads)
+    model = work.model
+    model.train()
+    loop = _Loop(lambda b: work.loss(model, b), lambda loss: loss.backward(), lambda: model.zero_grad(set_to_none=True))
+    return _timed_loop(spec, work, loop, [os.getpid()], finish=lambda: None)
+
+
 def _nearstep_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
     device = nearstep.DeviceConfig(cores=(spec.device_core,), memory_budget=spec.memory_budget)
     os.sched_setaffinity(0, set(spec.cores))
@@ -479,6 +490,8 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
     work = _workload(spec)
     if spec.variant in DEEPSPEED_VARIANTS:
         result = _deepspeed_worker(spec, work)
+    elif spec.variant == "none":
+        result = _compute_only_worker(spec, work)
     else:
         result = _nearstep_worker(spec, work)
     result["worker_seconds"] = time.perf_counter() - started
@@ -554,7 +567,7 @@ def _run_rounds(opts: Options, variants: tuple[str, ...], runs: dict[str, list[d
     for r in range(opts.rounds):
         # Alternate A B C D E A B C D E: a shared VM drifts between runs; side by side, every variant sees it.
         for variant in variants:
-            ours = variant in NEARSTEP_VARIANTS
+            ours = variant not in DEEPSPEED_VARIANTS
             spec = WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch, seq_len=opts.seq_len,
                               width=opts.width, steps=opts.steps, warmup=opts.warmup,
                               memory_budget=opts.memory_budget,
@@ -589,7 +602,7 @@ def _summarize(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], d
     derived: dict[str, Any] = {}
     ms = {name: v["ms_per_iteration"] for name, v in variants.items()}
     if "ds-nvme" in ms:
-        for name in ("ds-cpu", *NEARSTEP_VARIANTS):
+        for name in ("ds-cpu", "none", *NEARSTEP_VARIANTS):
             if name in ms:
                 derived[f"{name}_over_ds_nvme"] = ms[name] / ms["ds-nvme"]
                 derived[f"{name}_exposed_step_over_ds_nvme"] = (
@@ -597,12 +610,16 @@ def _summarize(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], d
         if "overlap" in ms:
             derived["overlap_target"] = RATIO_TARGET
             derived["overlap_pass"] = derived["overlap_over_ds_nvme"] <= RATIO_TARGET
+    if "none" in ms:
+        for name in NEARSTEP_VARIANTS:
+            if name in ms:  # 1.0: the optimizer step is completely hidden
+                derived[f"{name}_hidden"] = ms["none"] / ms[name]
     reference = next((name for name in ("ds-nvme", "ds-cpu", "sync") if name in variants), None)
     if reference is not None:
         derived["loss_reference"] = reference
         ref = variants[reference]["losses"]
         for name, v in variants.items():
-            if name != reference:
+            if name not in (reference, "none"):  # none does not train
                 diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v["losses"], ref)]
                 derived[f"{name}_max_loss_rel_diff"] = max(diffs) if diffs else math.nan
     if "sync" in runs and "overlap" in runs:
@@ -633,10 +650,12 @@ def _render(res: dict[str, Any]) -> str:
     out += ["  (ms per iteration, median of rounds; fwd/bwd/step(): time in each call; exposed: step() + the loop's "
             "other waits for the optimizer; read/write: /proc/<pid>/io bytes per step, every process of the variant; "
             "peak RSS: VmHWM summed over them)", ""]
-    for name in ("ds-cpu", *NEARSTEP_VARIANTS):
+    for name in ("ds-cpu", "none", *NEARSTEP_VARIANTS):
         key = f"{name}_over_ds_nvme"
         if key in d:
             note = f"exposed step {d[f'{name}_exposed_step_over_ds_nvme']:.3f} of DeepSpeed NVMe's"
+            if name == "none":
+                note = "the floor: forward and backward only, on nearstep's loop core"
             if name == "overlap":
                 out.append(table_line("overlap / ds-nvme ms/iter", f"{d[key]:.3f}",
                                       verdict(d["overlap_pass"], f"target <= {RATIO_TARGET}; {note}")))
@@ -648,6 +667,10 @@ def _render(res: dict[str, Any]) -> str:
             if key in d:
                 out.append(table_line(f"loss vs {d['loss_reference']}: {name}", f"{d[key]:.2e}",
                                       "largest relative difference over every step, round 1"))
+    for name in NEARSTEP_VARIANTS:
+        if f"{name}_hidden" in d:
+            out.append(table_line(f"none / {name} ms/iter", f"{d[f'{name}_hidden']:.3f}",
+                                  "how much of the step is hidden; 1.0: completely"))
     if "overlap_losses_equal_sync" in d:
         out.append(table_line("overlap losses == sync", "yes" if d["overlap_losses_equal_sync"] else "NO",
                               "overlap is exact: bitwise the same losses"))
