@@ -114,7 +114,8 @@ def test_deepspeed_row_reads_and_writes_the_same_slice_files(tmp_path, monkeypat
     ds = bw["deepspeed"]
     assert ds["available"] is True and ds["about"] == "fake" and ds["target"] == io.PEER_TARGET
     assert ds["aio"] == {"block_bytes": io.DS_BLOCK, "queue_depth": io.DS_QUEUE_DEPTH,
-                         "intra_op_parallelism": io.DS_THREADS}
+                         "intra_op_parallelism": io.DS_THREADS, "huge_pages": ds["aio"]["huge_pages"]}
+    assert isinstance(ds["aio"]["huge_pages"], bool)
     assert_positive(bw["median_gbps"], "deepspeed_read", "deepspeed_write")
     assert_positive(ds, "read_ratio", "write_ratio")
     assert isinstance(ds["read_pass"], bool) and isinstance(ds["write_pass"], bool)

@@ -145,11 +145,13 @@ def _bf16_params(sizes: list[int]) -> list[torch.nn.Parameter]:
 
 
 class _RawFile:
-    """The yardstick: one thread, one 8 MiB mmap buffer, sequential O_DIRECT pwritev/preadv."""
+    """The yardstick: one thread, one 8 MiB mmap buffer (huge pages), sequential O_DIRECT pwritev/preadv."""
 
     def __init__(self, path: pathlib.Path, nbytes: int) -> None:
         self.nbytes = nbytes
         self.buffer = mmap.mmap(-1, RAW_BLOCK)  # page-aligned, as O_DIRECT needs
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # as the store's buffers: see [Note: what the I/O path costs] in aio
+            self.buffer.madvise(mmap.MADV_HUGEPAGE)
         self.buffer.write(os.urandom(RAW_BLOCK))
         self.view = memoryview(self.buffer)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -267,17 +269,18 @@ class _DeepSpeedPass:
     def __init__(self, ops: Any, store: Store, block_bytes: int = DS_BLOCK, queue_depth: int = DS_QUEUE_DEPTH,
                  threads: int = DS_THREADS) -> None:
         m = self.manifest = store.manifest
+        from nearstep.bench.peers import collapse_to_huge_pages
+
         self.config = {"block_bytes": block_bytes, "queue_depth": queue_depth, "intra_op_parallelism": threads}
         # (block size, queue depth, single submit, overlap events, intra-op parallelism)
         self.handle = ops.aio_handle(block_bytes, queue_depth, False, True, threads)
         size = max(m.slice_file_bytes(s.index) for s in m.slices)
         example = torch.empty(0, dtype=torch.uint8)
-        # Measured: the first page-locked buffer a process gets reads up to 25% slower than later
-        # ones (where the VM puts its memory); a throwaway one first gives DeepSpeed its best case.
-        throwaway = self.handle.new_cpu_locked_tensor(RAW_BLOCK, example)
         self.buffers = [self.handle.new_cpu_locked_tensor(size, example)
                         for _ in range(min(STORE_BUFFERS, len(m.slices)))]
-        self.handle.free_cpu_locked_tensor(throwaway)
+        # On huge pages, as the store's buffers are: without, its reads vary 15-40% with how
+        # scattered its small pages happen to be (see peers.collapse_to_huge_pages).
+        self.huge_pages = all([collapse_to_huge_pages(b) for b in self.buffers])
         self.paths = {(k, g): str(path) for k, g, path in store.iter_slice_paths()}
 
     def _batches(self) -> list[list[int]]:
@@ -355,7 +358,8 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
                 times[f"{name}_read"].append(sides[name].read())
                 times[f"{name}_write"].append(sides[name].write())
         direct = sides["raw"].direct and all(f.direct for f in sides["store"].files.values())
-        ds_config = sides["deepspeed"].config if "deepspeed" in sides else None
+        ds = sides.get("deepspeed")
+        ds_config = None if ds is None else ds.config | {"huge_pages": ds.huge_pages}
     finally:
         for thing in (*sides.values(), store):
             thing.close()
@@ -549,6 +553,7 @@ def _render(res: dict[str, Any]) -> str:
     ds = bw["deepspeed"]
     peer = (f"DeepSpeed {ds['about']} async I/O: {ds['aio']['block_bytes'] // MiB} MiB blocks, queue depth "
             f"{ds['aio']['queue_depth']}, {ds['aio']['intra_op_parallelism']} thread(s), page-locked buffers"
+            f"{' on huge pages' if ds['aio']['huge_pages'] else ''}"
             if ds["available"] else f"DeepSpeed async I/O: not run: {ds['about']}")
     out = ["nearstep bench io", f"machine: {res['machine']}, {res['date']}", "",
            f"1. store bandwidth vs raw O_DIRECT{' and DeepSpeed' if ds['available'] else ''}, GB/s (1e9 B/s): "

@@ -24,6 +24,7 @@ nearstep rows alone. One table on stdout, every number in a JSON file; everythin
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import importlib.util
 import json
@@ -49,7 +50,7 @@ from nearstep.bench.report import machine, read_text, scratch, table_line, verdi
 from nearstep.bench.step import DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, PACKAGES, SEED
 from nearstep.device import parse_bytes
 
-__all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", "VARIANTS"]
+__all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", "collapse_to_huge_pages", "VARIANTS"]
 
 SETUP = "bash bench/peers-setup.sh"
 DEEPSPEED_VARIANTS = ("ds-nvme", "ds-cpu")
@@ -63,6 +64,7 @@ RATIO_TARGET = 0.6  # nearstep overlap ms/iteration over DeepSpeed NVMe's, at or
 DS_AIO = {"block_size": 1 << 20, "queue_depth": 32, "intra_op_parallelism": 2, "single_submit": False,
           "overlap_events": True}
 WORKER_TIMEOUT = 1800  # seconds
+_MADV_COLLAPSE = 25  # linux/mman.h
 MiB = 2**20
 
 
@@ -102,6 +104,24 @@ def deepspeed_status() -> DeepSpeedStatus:
         return DeepSpeedStatus(False, version, f"deepspeed {version} imports but its async I/O op cannot be built "
                                                f"here{detail}: libaio-dev missing?")
     return DeepSpeedStatus(True, version, "")
+
+
+def collapse_to_huge_pages(tensor: torch.Tensor) -> bool:
+    """Back ``tensor``'s memory with transparent huge pages now (``MADV_COLLAPSE``, Linux >= 6.1).
+
+    nearstep's I/O buffers ask for huge pages (``nearstep.aio.AlignedBuffer``); DeepSpeed's
+    page-locked buffers come from ``posix_memalign`` in small pages. A direct request is cut into at
+    most ``max_segments`` physically contiguous pieces (254 on a virtio disk), so the same request
+    from scattered small pages reaches the disk in smaller pieces: measured 15-40% slower reads.
+    This gives DeepSpeed's buffers what nearstep's have. Best effort: False where refused.
+    """
+    huge = 2 << 20
+    start = -(-tensor.data_ptr() // huge) * huge
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // huge * huge
+    if end <= start:
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_COLLAPSE) == 0
 
 
 def load_deepspeed_aio() -> Any:
@@ -375,6 +395,10 @@ def _deepspeed_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
     engine, *_ = deepspeed.initialize(model=work.model, model_parameters=work.model.parameters(),
                                       config=_deepspeed_config(spec))
     engine.train()
+    # The swapper's page-locked buffers on huge pages, as nearstep's are (see collapse_to_huge_pages).
+    swapper = getattr(getattr(engine, "optimizer", None), "optimizer_swapper", None)
+    buffers = getattr(getattr(swapper, "swap_buffer_manager", None), "all_buffers", [])
+    huge = [collapse_to_huge_pages(b) for b in buffers]
     loop = _Loop(lambda b: work.loss(engine, b), engine.backward, engine.step)
     pid = os.getpid()
     try:
@@ -382,11 +406,13 @@ def _deepspeed_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
         optimizer = type(getattr(engine, "optimizer", None)).__name__
         inner = type(getattr(getattr(engine, "optimizer", None), "optimizer", None)).__name__
         result |= {"deepspeed": {"version": deepspeed.__version__, "config": _deepspeed_config(spec),
-                                 "zero_optimizer": optimizer, "optimizer": inner},
+                                 "zero_optimizer": optimizer, "optimizer": inner,
+                                 "swap_buffers": len(huge), "swap_buffers_on_huge_pages": sum(huge)},
                    "swap_files": sorted(str(p.relative_to(spec.store)) for p in pathlib.Path(spec.store).rglob("*")
                                         if p.is_file())[:20]}
     finally:
-        engine.destroy() if hasattr(engine, "destroy") else None
+        if hasattr(engine, "destroy"):
+            engine.destroy()
         torch.distributed.destroy_process_group()
     return result
 
