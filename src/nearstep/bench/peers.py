@@ -653,6 +653,20 @@ def _summarize(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], d
     return variants, derived
 
 
+def _deepspeed_line(res: dict[str, Any]) -> str:
+    ds = res["deepspeed"]
+    if not ds["available"]:
+        return f"DeepSpeed: not run: {ds['why']}"
+    line = (f"DeepSpeed: {ds['version']} ZeRO-3, aio {DS_AIO['block_size'] // MiB} MiB blocks, queue depth "
+            f"{DS_AIO['queue_depth']}, {DS_AIO['intra_op_parallelism']} threads")
+    nvme = res["variants"].get("ds-nvme")
+    if nvme is not None:
+        info = nvme["rounds"][0]["deepspeed"]
+        line += (f"; NVMe swapper: {info['swap_buffers']} page-locked buffers, {info['swap_buffers_on_huge_pages']} "
+                 f"of them moved to huge pages (as nearstep's are)")
+    return line
+
+
 def _render(res: dict[str, Any]) -> str:
     o, var, d, ds = res["options"], res["variants"], res["derived"], res["deepspeed"]
     first = next(iter(var.values()))["rounds"][0]
@@ -664,8 +678,7 @@ def _render(res: dict[str, Any]) -> str:
            f"cores: DeepSpeed: {res['cores']['deepspeed']} with {o['ds_threads']} torch thread(s); nearstep: training "
            f"loop on core {res['cores']['loop']} (1 torch thread), device on core {res['cores']['device']}, "
            f"memory budget {o['memory_budget']}",
-           f"DeepSpeed: {ds['version']} ZeRO-3, aio {DS_AIO['block_size'] // MiB} MiB blocks x queue depth "
-           f"{DS_AIO['queue_depth']}" if ds["available"] else f"DeepSpeed: not run: {ds['why']}", "",
+           _deepspeed_line(res), "",
            f"  {'variant':<9}{'ms/iter':>9}  {'rounds':<22}{'fwd':>7}{'bwd':>7}{'step()':>8}{'exposed':>9}"
            f"{'read MiB':>10}{'write MiB':>10}{'peak RSS MiB':>13}{'last loss':>11}"]
     for name, v in var.items():
