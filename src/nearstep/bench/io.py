@@ -1,4 +1,4 @@
-"""``nearstep bench io``: store bandwidth against raw O_DIRECT and DeepSpeed's async I/O, update rate per core, device peak memory.
+"""``nearstep bench io``: store bandwidth against raw O_DIRECT and DeepSpeed aio, update rate, device peak memory.
 
 Three measurements, one table on stdout, every number in a JSON file:
 
@@ -90,7 +90,7 @@ class Options:
 
 
 def _parse(argv: list[str] | None) -> Options:
-    parser = argparse.ArgumentParser(prog="nearstep bench io", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="nearstep bench io", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path(".nearstep/bench-io"),
                         help="scratch directory on the disk to test (default: ./.nearstep/bench-io)")
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("bench-io.json"), help="results file")

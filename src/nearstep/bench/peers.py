@@ -47,7 +47,8 @@ import torch
 import nearstep
 from nearstep import aio, workloads
 from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
-from nearstep.bench.step import DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, PACKAGES, SEED
+from nearstep.bench.step import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, PACKAGES,
+                                  SEED)
 from nearstep.device import parse_bytes
 
 __all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", "collapse_to_huge_pages", "VARIANTS"]
@@ -197,10 +198,12 @@ class WorkerSpec:
 
 
 def _parse(argv: list[str] | None) -> Options:
-    parser = argparse.ArgumentParser(prog="nearstep bench peers", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="nearstep bench peers", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--model", choices=MODELS, default="mlp", help="workload (default: mlp, about 50M params)")
-    parser.add_argument("--batch", type=int, default=None, help="examples per step (default: mlp 32, minilm 16, smollm2 4)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: minilm 96, smollm2 128)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="examples per step (default: mlp 32, minilm 16, smollm2 4)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: minilm 96, smollm2 128)")
     parser.add_argument("--width", type=int, default=4096, help="mlp width (default 4096: about 50M parameters)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per worker (default 10)")
     parser.add_argument("--warmup", type=int, default=3,
@@ -279,8 +282,8 @@ def _workload(spec: WorkerSpec) -> Workload:
     count = spec.warmup + spec.steps
     if spec.model == "mlp":
         model = workloads.mlp(width=spec.width, seed=SEED)
-        batches = [(torch.randn(spec.batch, spec.width, generator=gen), torch.randn(spec.batch, spec.width, generator=gen))
-                   for _ in range(count)]
+        batches = [(torch.randn(spec.batch, spec.width, generator=gen),
+                    torch.randn(spec.batch, spec.width, generator=gen)) for _ in range(count)]
         return Workload(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches,
                         f"mlp: 3 x {spec.width}-wide linears, batch {spec.batch}, MSE to random targets")
     if spec.model == "minilm":
@@ -461,8 +464,9 @@ def _nearstep_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
         outside_ns = _overlap_ns(waits, *loop.window) - inside
         result["exposed_step_ms"] += outside_ns / 1e6 / spec.steps
         result["waits_outside_step_ms"] = outside_ns / 1e6 / spec.steps
-        per_step = {k: (after[k] - before[k]) / spec.steps for k in ("device_store_read_bytes", "device_store_write_bytes",
-                                                                    "device_link_in_bytes", "device_link_out_bytes")}
+        counters = ("device_store_read_bytes", "device_store_write_bytes", "device_link_in_bytes",
+                    "device_link_out_bytes")
+        per_step = {k: (after[k] - before[k]) / spec.steps for k in counters}
         result |= {"stats_per_step": per_step, "overlap_fraction": opt.trace.summary()["overlap_fraction"],
                    "device": {"pid": opt.device.info.pid, "cores": list(opt.device.info.cores),
                               "direct_io": opt.device.info.direct_io}}
@@ -574,7 +578,8 @@ def _run_worker(spec: WorkerSpec, work: pathlib.Path) -> dict[str, Any]:
         shutil.rmtree(spec.store, ignore_errors=True)
     if proc.returncode != 0 or not out.exists():
         tail = output.decode(errors="replace")[-4000:]
-        raise WorkerError(f"the {spec.variant} worker of round {spec.round} exited with code {proc.returncode}:\n{tail}")
+        raise WorkerError(f"the {spec.variant} worker of round {spec.round} exited with code "
+                          f"{proc.returncode}:\n{tail}")
     result = json.loads(out.read_text())
     out.unlink()
     result["process_seconds"] = time.perf_counter() - started
@@ -604,7 +609,8 @@ def _run_rounds(opts: Options, variants: tuple[str, ...], runs: dict[str, list[d
             result = _run_worker(spec, work)
             runs[variant].append(result)
             _progress(f"round {r + 1}/{opts.rounds} {variant}: {result['ms_per_iteration']:.1f} ms/iteration, "
-                      f"step exposed {result['exposed_step_ms']:.1f} ms (worker process {result['process_seconds']:.1f} s)")
+                      f"step exposed {result['exposed_step_ms']:.1f} ms "
+                      f"(worker process {result['process_seconds']:.1f} s)")
 
 
 def _median(rounds: list[dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> float:
@@ -649,7 +655,8 @@ def _summarize(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], d
                 diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v["losses"], ref)]
                 derived[f"{name}_max_loss_rel_diff"] = max(diffs) if diffs else math.nan
     if "sync" in runs and "overlap" in runs:
-        derived["overlap_losses_equal_sync"] = all(a["losses"] == b["losses"] for a, b in zip(runs["sync"], runs["overlap"]))
+        derived["overlap_losses_equal_sync"] = all(a["losses"] == b["losses"]
+                                                   for a, b in zip(runs["sync"], runs["overlap"]))
     return variants, derived
 
 
@@ -668,7 +675,7 @@ def _deepspeed_line(res: dict[str, Any]) -> str:
 
 
 def _render(res: dict[str, Any]) -> str:
-    o, var, d, ds = res["options"], res["variants"], res["derived"], res["deepspeed"]
+    o, var, d = res["options"], res["variants"], res["derived"]
     first = next(iter(var.values()))["rounds"][0]
     out = [f"nearstep bench peers --model {o['model']}", f"machine: {res['machine']}, {res['date']}",
            f"workload: {first['describe']}; {first['params'] / 1e6:.1f} M params; fp32, AdamW lr {LR:g}, "
@@ -683,9 +690,11 @@ def _render(res: dict[str, Any]) -> str:
            f"{'read MiB':>10}{'write MiB':>10}{'peak RSS MiB':>13}{'last loss':>11}"]
     for name, v in var.items():
         rounds = " ".join(f"{x:.0f}" for x in v["round_ms_per_iteration"])
-        out.append(f"  {name:<9}{v['ms_per_iteration']:>9.1f}  {rounds:<22}{v['forward_ms']:>7.1f}{v['backward_ms']:>7.1f}"
-                   f"{v['step_call_ms']:>8.1f}{v['exposed_step_ms']:>9.1f}{v['read_bytes_per_step'] / MiB:>10.1f}"
-                   f"{v['write_bytes_per_step'] / MiB:>10.1f}{v['peak_rss_bytes'] / MiB:>13.0f}{v['losses'][-1]:>11.5g}")
+        out.append(f"  {name:<9}{v['ms_per_iteration']:>9.1f}  {rounds:<22}{v['forward_ms']:>7.1f}"
+                   f"{v['backward_ms']:>7.1f}{v['step_call_ms']:>8.1f}{v['exposed_step_ms']:>9.1f}"
+                   f"{v['read_bytes_per_step'] / MiB:>10.1f}"
+                   f"{v['write_bytes_per_step'] / MiB:>10.1f}{v['peak_rss_bytes'] / MiB:>13.0f}"
+                   f"{v['losses'][-1]:>11.5g}")
     out += ["  (ms per iteration, median of rounds; fwd/bwd/step(): time in each call; exposed: step() + the loop's "
             "other waits for the optimizer; read/write: /proc/<pid>/io bytes per step, every process of the variant; "
             "peak RSS: VmHWM summed over them)", ""]
