@@ -125,6 +125,47 @@ def test_pool_at_offset_without_checksum(tmp_path):
     assert bytes(target.memoryview()) == bytes(source.memoryview())
 
 
+@pytest.mark.parametrize("implementation", ["zlib", "isal"])
+def test_crc32_is_zlibs_whichever_library_computes_it(implementation, monkeypatch):
+    if implementation == "zlib":
+        monkeypatch.setattr(aio, "_fast_crc32", None)
+    elif aio.CRC32_IMPLEMENTATION != "isal":
+        pytest.skip("the optional isal package is not installed")
+    with random_buffer(3 << 20, seed=4) as buf:
+        view = buf.memoryview()
+        for data in (b"", b"x", view[1:12345], view[PAGE:], view):
+            assert aio.crc32(data) == zlib.crc32(data)
+            assert aio.crc32(data, 0xDEADBEEF) == zlib.crc32(data, 0xDEADBEEF)
+        del data, view
+
+
+def _vm_flags(address: int) -> set[str]:
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        start, _, end = line.split(" ", 1)[0].partition("-")
+        if end and all(c in "0123456789abcdef" for c in start + end) and int(start, 16) <= address < int(end, 16):
+            for flags in lines[i + 1:]:
+                if flags.startswith("VmFlags:"):
+                    return set(flags.split()[1:])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_large_buffers_ask_for_transparent_huge_pages():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            if "[never]" in f.read():
+                pytest.skip("transparent huge pages are off on this machine")
+    except OSError:
+        pytest.skip("no transparent huge pages on this machine")
+    with AlignedBuffer(4 << 20) as large, AlignedBuffer(4 << 20, huge_pages=False) as opted_out, \
+            AlignedBuffer(PAGE) as small:
+        assert "hg" in _vm_flags(large.address)
+        assert "hg" not in _vm_flags(opted_out.address)
+        assert "hg" not in _vm_flags(small.address)
+        assert large.nbytes == 4 << 20  # the hint changes nothing visible
+
+
 def test_combine_crcs_by_hand():
     crcs = [0x12345678, 0xDEADBEEF, 0]
     packed = b"\x78\x56\x34\x12" + b"\xef\xbe\xad\xde" + b"\x00\x00\x00\x00"

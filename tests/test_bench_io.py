@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
+import torch
 
 from conftest import assert_positive
 from nearstep.bench import io
@@ -15,7 +18,7 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     scratch = tmp_path / "b"
     out = tmp_path / "out.json"
 
-    assert main(["--quick", "--dir", str(scratch), "--json", str(out)]) == 0
+    assert main(["--quick", "--no-deepspeed", "--dir", str(scratch), "--json", str(out)]) == 0
 
     res = json.loads(out.read_text())
     assert res["machine"] and res["date"] and res["options"]["quick"] is True
@@ -25,6 +28,7 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     assert_positive(bw["median_gbps"], "raw_read", "raw_write", "store_read", "store_write")
     assert len(bw["rounds_gbps"]) == res["options"]["repeats"] == 1
     assert isinstance(bw["read_pass"], bool) and isinstance(bw["write_pass"], bool)
+    assert bw["deepspeed"]["available"] is False and bw["crc32"] in ("zlib", "isal") and bw["io_threads"] >= 1
     assert_positive(res["end_to_end"], "params", "params_per_second", "state_bytes_per_step", "state_gbps")
 
     update = res["update"]
@@ -42,7 +46,7 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     for label in ("machine:", "raw read", "raw write", "store read", "store write", "median", "store/raw read",
                   "store/raw write", "end-to-end inline AdamW step", "nearstep kernels.update_",
                   "torch.optim.AdamW(fused=True)", "nearstep/torch", "peak slot memory", "peak RssAnon",
-                  "peak private memory", "peak RssShmem", "host-link staging"):
+                  "peak private memory", "peak RssShmem", "host-link staging", "DeepSpeed async I/O: not run"):
         assert label in table, label
 
     assert not scratch.exists() or not any(scratch.rglob("*"))
@@ -59,3 +63,64 @@ def test_a_failing_measurement_still_removes_what_the_run_made(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="disk gone"):
         main(["--quick", "--dir", str(scratch), "--json", str(tmp_path / "out.json")])
     assert not (tmp_path / "deep").exists() and not (tmp_path / "out.json").exists()
+
+
+class _FakeAioHandle:
+    """Stands in for DeepSpeed's ``aio_handle``: the same calls, done with plain pread/pwrite."""
+
+    def __init__(self, block_size, queue_depth, single_submit, overlap_events, intra_op_parallelism):
+        self.pending = 0
+
+    def new_cpu_locked_tensor(self, numel, example):
+        return torch.zeros(numel, dtype=example.dtype)
+
+    def free_cpu_locked_tensor(self, tensor):
+        return True
+
+    def async_pread(self, tensor, path, offset):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            tensor.numpy()[:] = np.frombuffer(os.pread(fd, tensor.numel(), offset), dtype=np.uint8)
+        finally:
+            os.close(fd)
+        self.pending += 1
+        return 0
+
+    def async_pwrite(self, tensor, path, offset):
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, tensor.numpy().tobytes(), offset)
+        finally:
+            os.close(fd)
+        self.pending += 1
+        return 0
+
+    def wait(self):
+        done, self.pending = self.pending, 0
+        return done
+
+
+class _FakeAioOp:
+    aio_handle = _FakeAioHandle
+
+
+def test_deepspeed_row_reads_and_writes_the_same_slice_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(io, "_deepspeed_aio", lambda: (_FakeAioOp(), "fake"))
+    out = tmp_path / "out.json"
+
+    assert main(["--quick", "--skip-peak", "--dir", str(tmp_path / "b"), "--json", str(out)]) == 0
+
+    bw = json.loads(out.read_text())["bandwidth"]
+    ds = bw["deepspeed"]
+    assert ds["available"] is True and ds["about"] == "fake" and ds["target"] == io.PEER_TARGET
+    assert ds["aio"] == {"block_bytes": io.DS_BLOCK, "queue_depth": io.DS_QUEUE_DEPTH,
+                         "intra_op_parallelism": io.DS_THREADS, "huge_pages": ds["aio"]["huge_pages"]}
+    assert isinstance(ds["aio"]["huge_pages"], bool)
+    assert_positive(bw["median_gbps"], "deepspeed_read", "deepspeed_write")
+    assert_positive(ds, "read_ratio", "write_ratio")
+    assert isinstance(ds["read_pass"], bool) and isinstance(ds["write_pass"], bool)
+    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store", "deepspeed")
+                                           for op in ("read", "write"))
+    table = capsys.readouterr().out
+    for label in ("ds read", "ds write", "store/DeepSpeed read", "store/DeepSpeed write", "DeepSpeed fake async I/O"):
+        assert label in table, label

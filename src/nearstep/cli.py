@@ -1,5 +1,5 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io``, ``nearstep inspect|verify|export STORE``,
-``nearstep reshard SRC DST --world-size N``."""
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io|step|peers|accuracy``,
+``nearstep inspect|verify|export|convert STORE``, ``nearstep reshard SRC DST --world-size N``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ _BENCHES = {
     "io": (".bench.io", "store bandwidth, update rate, device memory"),
     "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed (--nproc N: 1 rank vs N ranks)"),
     "accuracy": (".bench.accuracy", "held-out accuracy/loss per state format, and with injected gradient spikes per guard"),
+    "peers": (".bench.peers", "side by side with DeepSpeed ZeRO-3 (optimizer on NVMe, on CPU) where installed"),
 }
 
 # The store tools; each is a function in nearstep.tools, which also parses their arguments.

@@ -1,11 +1,13 @@
-"""``nearstep bench io``: store bandwidth against raw O_DIRECT, update rate per core, device peak memory.
+"""``nearstep bench io``: store bandwidth against raw O_DIRECT and DeepSpeed aio, update rate, device peak memory.
 
 Three measurements, one table on stdout, every number in a JSON file:
 
 1. Store bandwidth: one generation of AdamW state read and written the way the engine
    moves a step's state (IOPool, checksums, fdatasync), side by side with a plain
-   single-threaded O_DIRECT loop over the same bytes in the same directory; then full
-   inline-device ``nearstep.AdamW`` steps over that much state.
+   single-threaded O_DIRECT loop over the same bytes in the same directory and, where
+   DeepSpeed is installed, with DeepSpeed's async I/O op (libaio, the one its
+   ZeRO-Infinity swapper uses) over the same slice files; then full inline-device
+   ``nearstep.AdamW`` steps over that much state.
 2. Update rate per core: ``kernels.update_`` against ``torch.optim.AdamW(fused=True)``.
 3. Peak memory of the emulated device process during one step, against its budget.
 
@@ -35,13 +37,18 @@ import torch
 
 import nearstep
 from nearstep import aio, kernels
-from nearstep.device import parse_bytes
+from nearstep.device import DeviceConfig, parse_bytes
 from nearstep.store import ParamSpec, Store
 from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
 
 __all__ = ["main"]
 
 TARGET = 0.9  # store/raw and nearstep/torch ratios at or above this PASS
+PEER_TARGET = 1.0  # store/DeepSpeed ratios at or above this PASS
+# DeepSpeed's aio handle as measured best over the store's slice files on a 2-core VM: 8 MiB
+# blocks, 4 threads each keeping 8 in flight. Its defaults (1 MiB, 8, 1 thread) read 15-20%
+# slower, so the yardstick is the stronger one.
+DS_BLOCK, DS_QUEUE_DEPTH, DS_THREADS = 8 << 20, 8, 4
 GB, GiB, MiB = 1e9, 2**30, 2**20  # bandwidth in decimal GB/s, as drives are rated
 RAW_BLOCK = 8 << 20
 ADAMW_BYTES_PER_PARAM = 12  # fp32 master weights, exp_avg, exp_avg_sq
@@ -65,6 +72,8 @@ class Options:
         budget: device memory budget of the peak-memory test, like ``"1GiB"``.
         skip_peak: leave the peak-memory test out.
         quick: tiny sizes, for smoke tests.
+        io_threads: I/O threads of the store pass (the engine's ``DeviceConfig.io_threads``).
+        deepspeed: add DeepSpeed's async I/O to the bandwidth test where it is installed.
     """
 
     dir: pathlib.Path
@@ -76,10 +85,12 @@ class Options:
     budget: str
     skip_peak: bool
     quick: bool
+    io_threads: int = DeviceConfig().io_threads
+    deepspeed: bool = True
 
 
 def _parse(argv: list[str] | None) -> Options:
-    parser = argparse.ArgumentParser(prog="nearstep bench io", description=__doc__.splitlines()[0].strip("`"))
+    parser = argparse.ArgumentParser(prog="nearstep bench io", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path(".nearstep/bench-io"),
                         help="scratch directory on the disk to test (default: ./.nearstep/bench-io)")
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("bench-io.json"), help="results file")
@@ -91,18 +102,24 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--skip-peak", action="store_true", help="leave out the peak-memory test")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 16 MiB of state, 1M update params, 2M peak params, 1 repeat")
+    parser.add_argument("--io-threads", type=int, default=DeviceConfig().io_threads,
+                        help="I/O threads of the store pass (default: the device's default, %(default)s)")
+    parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
+                        help="leave DeepSpeed's async I/O out of the bandwidth test even where it is installed")
     args = parser.parse_args(argv)
     if args.quick:
         args.gib, args.update_params, args.peak_params, args.repeats = 1 / 64, 1_000_000, 2_000_000, 1
-    if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8:
-        parser.error("--gib must be > 0, --repeats >= 1, --update-params >= 4 and --peak-params >= 8")
+    if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8 or args.io_threads < 1:
+        parser.error("--gib must be > 0, --repeats >= 1, --io-threads >= 1, --update-params >= 4 "
+                     "and --peak-params >= 8")
     try:
         parse_bytes(args.budget)
     except ValueError as exc:
         parser.error(f"--budget: {exc}")
     return Options(dir=args.dir, json=args.json, state_bytes=int(args.gib * GiB), repeats=args.repeats,
                    update_params=args.update_params, peak_params=args.peak_params, budget=args.budget,
-                   skip_peak=args.skip_peak, quick=args.quick)
+                   skip_peak=args.skip_peak, quick=args.quick, io_threads=args.io_threads,
+                   deepspeed=args.deepspeed)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -128,11 +145,13 @@ def _bf16_params(sizes: list[int]) -> list[torch.nn.Parameter]:
 
 
 class _RawFile:
-    """The yardstick: one thread, one 8 MiB mmap buffer, sequential O_DIRECT pwritev/preadv."""
+    """The yardstick: one thread, one 8 MiB mmap buffer (huge pages), sequential O_DIRECT pwritev/preadv."""
 
     def __init__(self, path: pathlib.Path, nbytes: int) -> None:
         self.nbytes = nbytes
         self.buffer = mmap.mmap(-1, RAW_BLOCK)  # page-aligned, as O_DIRECT needs
+        if hasattr(mmap, "MADV_HUGEPAGE"):  # as the store's buffers: see [Note: what the I/O path costs] in aio
+            self.buffer.madvise(mmap.MADV_HUGEPAGE)
         self.buffer.write(os.urandom(RAW_BLOCK))
         self.view = memoryview(self.buffer)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
@@ -185,10 +204,10 @@ def _synthetic_store(path: pathlib.Path, state_bytes: int) -> Store:
 class _StorePass:
     """A step's state traffic, moved as the engine moves it (engine.Engine._load_loop and _commit)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, threads: int) -> None:
         m = self.manifest = store.manifest
         self.store = store
-        self.pool = aio.IOPool(threads=4, block_bytes=m.checksum_block)
+        self.pool = aio.IOPool(threads=threads, block_bytes=m.checksum_block)
         size = max(m.slice_file_bytes(s.index) for s in m.slices)
         self.buffers = [aio.AlignedBuffer(size) for _ in range(min(STORE_BUFFERS, len(m.slices)))]
         self.files = {(k, g): aio.AlignedFile.open(path) for k, g, path in store.iter_slice_paths()}
@@ -239,38 +258,127 @@ class _StorePass:
             buf.close()
 
 
+class _DeepSpeedPass:
+    """DeepSpeed's async I/O op over the store's own slice files, moved the way its ZeRO-Infinity
+    swapper moves optimizer state: page-locked buffers, a batch of async reads (or writes) as
+    large as the buffer count, then ``wait()``. Writes go to each slice's other generation, as
+    the store's do, and are followed by fdatasync, as the store's are: without it they would be
+    timed into the host's cache.
+    """
+
+    def __init__(self, ops: Any, store: Store, block_bytes: int = DS_BLOCK, queue_depth: int = DS_QUEUE_DEPTH,
+                 threads: int = DS_THREADS) -> None:
+        m = self.manifest = store.manifest
+        from nearstep.bench.peers import collapse_to_huge_pages
+
+        self.config = {"block_bytes": block_bytes, "queue_depth": queue_depth, "intra_op_parallelism": threads}
+        # (block size, queue depth, single submit, overlap events, intra-op parallelism)
+        self.handle = ops.aio_handle(block_bytes, queue_depth, False, True, threads)
+        size = max(m.slice_file_bytes(s.index) for s in m.slices)
+        example = torch.empty(0, dtype=torch.uint8)
+        self.buffers = [self.handle.new_cpu_locked_tensor(size, example)
+                        for _ in range(min(STORE_BUFFERS, len(m.slices)))]
+        # On huge pages, as the store's buffers are: without, its reads vary 15-40% with how
+        # scattered its small pages happen to be (see peers.collapse_to_huge_pages).
+        self.huge_pages = all([collapse_to_huge_pages(b) for b in self.buffers])
+        self.paths = {(k, g): str(path) for k, g, path in store.iter_slice_paths()}
+
+    def _batches(self) -> list[list[int]]:
+        order = [s.index for s in self.manifest.slices]
+        return [order[i:i + len(self.buffers)] for i in range(0, len(order), len(self.buffers))]
+
+    def _run(self, submit: Callable[..., int], flip: int) -> list[str]:
+        touched = []
+        for batch in self._batches():
+            for buffer, k in zip(self.buffers, batch):
+                path = self.paths[k, self.manifest.committed[k].generation ^ flip]
+                if submit(buffer[: self.manifest.slice_file_bytes(k)], path, 0) != 0:
+                    raise OSError(errno.EIO, f"DeepSpeed's aio handle refused a request on {path}")
+                touched.append(path)
+            done = self.handle.wait()
+            if done != len(batch):
+                raise OSError(errno.EIO, f"DeepSpeed's aio handle completed {done} of {len(batch)} requests")
+        return touched
+
+    def read(self) -> float:
+        start = time.perf_counter()
+        self._run(self.handle.async_pread, flip=0)
+        return time.perf_counter() - start
+
+    def write(self) -> float:
+        start = time.perf_counter()
+        for path in self._run(self.handle.async_pwrite, flip=1):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        for buffer in self.buffers:
+            self.handle.free_cpu_locked_tensor(buffer)
+        self.buffers = []
+
+
+def _deepspeed_aio() -> tuple[Any, str]:
+    """(DeepSpeed's compiled async I/O op, deepspeed's version), or (None, why not)."""
+    from nearstep.bench.peers import deepspeed_status, load_deepspeed_aio
+
+    status = deepspeed_status()
+    if not status.usable:
+        return None, status.why
+    _progress("loading DeepSpeed's async I/O op (it compiles on first use: minutes)")
+    return load_deepspeed_aio(), status.version or "?"
+
+
 def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     store = _synthetic_store(work / "store", opts.state_bytes)
-    moved = raw = None
+    ops, ds_version = _deepspeed_aio() if opts.deepspeed else (None, "left out (--no-deepspeed)")
+    sides: dict[str, Any] = {}
     try:
-        moved = _StorePass(store)
+        sides["store"] = _StorePass(store, opts.io_threads)
         nbytes = store.manifest.state_bytes  # the raw loop moves exactly the store's bytes
-        raw = _RawFile(work / "raw.bin", nbytes)
-        # Untimed warm-up of both sides: the first touches of fresh buffers fault pages in and the
+        sides["raw"] = _RawFile(work / "raw.bin", nbytes)
+        if ops is not None:
+            sides["deepspeed"] = _DeepSpeedPass(ops, store)
+        # Untimed warm-up of every side: the first touches of fresh buffers fault pages in and the
         # first write into fallocated extents converts them; either would weigh on one side's round 1.
-        moved.read(), moved.write(), raw.read(), raw.write()
-        times: dict[str, list[float]] = {"raw_read": [], "raw_write": [], "store_read": [], "store_write": []}
+        for side in sides.values():
+            side.read(), side.write()
+        names = sorted(sides, key=("raw", "store", "deepspeed").index)
+        times: dict[str, list[float]] = {f"{name}_{op}": [] for name in names for op in ("read", "write")}
         for r in range(opts.repeats):
             _progress(f"bandwidth round {r + 1}/{opts.repeats}")
-            # Alternate A B A B: a VM disk drifts 2-5x between runs (host cache, neighbours); rounds
+            # Alternate A B C A B C: a VM disk drifts 2-5x between runs (host cache, neighbours); rounds
             # side by side see the same drift, so the ratio holds where the absolute numbers do not.
-            times["raw_read"].append(raw.read())
-            times["raw_write"].append(raw.write())
-            times["store_read"].append(moved.read())
-            times["store_write"].append(moved.write())
-        direct = raw.direct and all(f.direct for f in moved.files.values())
+            # The order rotates each round: the side that reads right after another's writes and
+            # fdatasyncs was measured to pay for them.
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[f"{name}_read"].append(sides[name].read())
+                times[f"{name}_write"].append(sides[name].write())
+        direct = sides["raw"].direct and all(f.direct for f in sides["store"].files.values())
+        ds = sides.get("deepspeed")
+        ds_config = None if ds is None else ds.config | {"huge_pages": ds.huge_pages}
     finally:
-        for thing in (moved, raw, store):
-            if thing is not None:
-                thing.close()
+        for thing in (*sides.values(), store):
+            thing.close()
         shutil.rmtree(work / "store", ignore_errors=True)
         (work / "raw.bin").unlink(missing_ok=True)
     median = {k: nbytes / statistics.median(v) / GB for k, v in times.items()}
     ratios = {op: median[f"store_{op}"] / median[f"raw_{op}"] for op in ("read", "write")}
-    return {"bytes": nbytes, "slices": len(store.manifest.slices), "direct_io": direct, "seconds": times,
-            "rounds_gbps": [{k: nbytes / v[r] / GB for k, v in times.items()} for r in range(opts.repeats)],
-            "median_gbps": median, "target": TARGET, "read_ratio": ratios["read"], "write_ratio": ratios["write"],
-            "read_pass": ratios["read"] >= TARGET, "write_pass": ratios["write"] >= TARGET}
+    out = {"bytes": nbytes, "slices": len(store.manifest.slices), "direct_io": direct, "seconds": times,
+           "io_threads": opts.io_threads, "crc32": aio.CRC32_IMPLEMENTATION,
+           "rounds_gbps": [{k: nbytes / v[r] / GB for k, v in times.items()} for r in range(opts.repeats)],
+           "median_gbps": median, "target": TARGET, "read_ratio": ratios["read"], "write_ratio": ratios["write"],
+           "read_pass": ratios["read"] >= TARGET, "write_pass": ratios["write"] >= TARGET,
+           "deepspeed": {"available": ds_config is not None, "about": ds_version, "aio": ds_config}}
+    if ds_config is not None:
+        for op in ("read", "write"):
+            ratio = median[f"store_{op}"] / median[f"deepspeed_{op}"]
+            out["deepspeed"] |= {f"{op}_ratio": ratio, f"{op}_pass": ratio >= PEER_TARGET}
+        out["deepspeed"]["target"] = PEER_TARGET
+    return out
 
 
 def _end_to_end(opts: Options, work: pathlib.Path) -> dict[str, Any]:
@@ -441,18 +549,29 @@ def _signed_mib(over: float) -> str:
 
 def _render(res: dict[str, Any]) -> str:
     bw, e2e, up, pk = res["bandwidth"], res["end_to_end"], res["update"], res.get("peak")
-    cols, target = ("raw_read", "raw_write", "store_read", "store_write"), f"target >= {TARGET}"
+    cols, target = tuple(bw["median_gbps"]), f"target >= {TARGET}"
+    ds = bw["deepspeed"]
+    peer = (f"DeepSpeed {ds['about']} async I/O: {ds['aio']['block_bytes'] // MiB} MiB blocks, queue depth "
+            f"{ds['aio']['queue_depth']}, {ds['aio']['intra_op_parallelism']} thread(s), page-locked buffers"
+            f"{' on huge pages' if ds['aio']['huge_pages'] else ''}"
+            if ds["available"] else f"DeepSpeed async I/O: not run: {ds['about']}")
     out = ["nearstep bench io", f"machine: {res['machine']}, {res['date']}", "",
-           f"1. store bandwidth vs raw O_DIRECT, GB/s (1e9 B/s): {bw['bytes'] / GiB:.2f} GiB of AdamW state, "
-           f"{bw['slices']} slice file(s){'' if bw['direct_io'] else ', BUFFERED: no O_DIRECT on this file system'}",
-           f"  {'round':<10}" + "".join(f"{c.replace('_', ' '):>13}" for c in cols)]
+           f"1. store bandwidth vs raw O_DIRECT{' and DeepSpeed' if ds['available'] else ''}, GB/s (1e9 B/s): "
+           f"{bw['bytes'] / GiB:.2f} GiB of AdamW state, {bw['slices']} slice file(s)"
+           f"{'' if bw['direct_io'] else ', BUFFERED: no O_DIRECT on this file system'}",
+           f"  store: IOPool of {bw['io_threads']} threads, {bw['crc32']} CRC-32; {peer}",
+           f"  {'round':<10}" + "".join(f"{c.replace('deepspeed', 'ds').replace('_', ' '):>13}" for c in cols)]
     rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
     out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
     out += [table_line("store/raw read", f"{bw['read_ratio']:.3f}", verdict(bw["read_pass"], target)),
-            table_line("store/raw write", f"{bw['write_ratio']:.3f}", verdict(bw["write_pass"], target)),
-            table_line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
-                  f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
-                  f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
+            table_line("store/raw write", f"{bw['write_ratio']:.3f}", verdict(bw["write_pass"], target))]
+    if ds["available"]:
+        out += [table_line(f"store/DeepSpeed {op}", f"{ds[f'{op}_ratio']:.3f}",
+                           verdict(ds[f"{op}_pass"], f"target >= {PEER_TARGET}; same files, writes with fdatasync"))
+                for op in ("read", "write")]
+    out += [table_line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
+                       f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
+                       f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
             "", f"2. update rate per core: 1 thread, {up['params'] / 1e6:.1f} M fp32 params in {up['segments']} "
             f"segments, median of {UPDATE_ROUNDS}",
             table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
