@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import nearstep
-from nearstep import aio, kernels
+from nearstep import aio, formats, kernels
 from nearstep.device import DeviceConfig, parse_bytes
 from nearstep.store import ParamSpec, Store
 from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
@@ -410,9 +410,49 @@ def _update_rate(opts: Options) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: the emulated device runs its kernels on one pinned core
     try:
-        return _race_update(opts.update_params)
+        return _race_update(opts.update_params) | {"formats": _race_formats(opts.update_params)}
     finally:
         torch.set_num_threads(threads)
+
+
+FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "bf16-kahan+8bit", "bf16-sr+8bit")
+
+
+def _race_formats(n: int) -> dict[str, Any]:
+    """Per state format: bytes per parameter per step, and the device's update rate on one core
+    (decode the state file image, the fused AdamW kernel, encode it back), alternating formats."""
+    names = ("master",) + kernels.state_names(kernels.AdamWHyper)
+    hyper, guards = kernels.AdamWHyper(lr=1e-3), kernels.Guards(skip_nonfinite=False)
+    gen = torch.Generator().manual_seed(0)
+    grad = torch.randn(n, generator=gen).mul_(1e-3)
+    cases = {}
+    for name in FORMATS:
+        fmt = formats.StateFormat.parse(name)
+        image = torch.zeros(fmt.file_bytes(names, n), dtype=torch.uint8)
+        coded = formats.views(fmt, image, names, n)
+        work = {k: torch.zeros(n) for k in names}
+        work["master"].copy_(torch.randn(n, generator=gen))
+        formats.encode_(fmt, work, names, coded, seed=0)
+        cases[name] = (fmt, coded, work, formats.Workspace(), [0])
+
+    def one(name: str) -> None:
+        fmt, coded, work, space, step = cases[name]
+        step[0] += 1
+        if not fmt.is_identity:
+            formats.decode_(fmt, coded, names, work, workspace=space)
+        kernels.update_(hyper, [work["master"]], {k: [work[k]] for k in names[1:]}, [grad.clone()], [step[0]], guards)
+        if not fmt.is_identity:
+            formats.encode_(fmt, work, names, coded, seed=step[0], workspace=space, decode_moments=False)
+
+    for name in FORMATS:
+        one(name)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in FORMATS}
+    for _ in range(UPDATE_ROUNDS):
+        for name in FORMATS:  # alternating, as everywhere
+            times[name].append(_timed(lambda name=name: one(name)))
+    return {name: {"bytes_per_param_per_step": 2 * cases[name][0].file_bytes(names, n) / n,
+                   "params_per_second": n / statistics.median(times[name]), "seconds": times[name]}
+            for name in FORMATS}
 
 
 def _race_update(n: int) -> dict[str, Any]:
@@ -576,7 +616,14 @@ def _render(res: dict[str, Any]) -> str:
             f"segments, median of {UPDATE_ROUNDS}",
             table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
-            table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), ""]
+            table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), "",
+            f"  per state format (decode + kernel + encode; the store's read and write bandwidth above give the I/O side):",
+            f"  {'format':<18}{'B/param/step':>13}{'M params/s':>12}{'I/O-bound M params/s':>22}"]
+    io_gbps = 2 / (1 / bw["median_gbps"]["store_read"] + 1 / bw["median_gbps"]["store_write"])
+    for name, f in up["formats"].items():
+        out.append(f"  {name:<18}{f['bytes_per_param_per_step']:>13.3f}{f['params_per_second'] / 1e6:>12.1f}"
+                   f"{io_gbps * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
+    out.append("")
     if pk is None:
         return "\n".join(out + ["3. device peak memory: skipped (--skip-peak)"])
     out += [f"3. device peak memory: emulated device, {pk['params'] / 1e6:.1f} M bf16 params, one step of "
