@@ -617,7 +617,7 @@ def _render(res: dict[str, Any]) -> str:
             table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), "",
-            f"  per state format (decode + kernel + encode; the store's read and write bandwidth above give the I/O side):",
+            "  per state format (decode + kernel + encode; the store's read and write bandwidth above give the I/O side):",
             f"  {'format':<18}{'B/param/step':>13}{'M params/s':>12}{'I/O-bound M params/s':>22}"]
     io_gbps = 2 / (1 / bw["median_gbps"]["store_read"] + 1 / bw["median_gbps"]["store_write"])
     for name, f in up["formats"].items():
