@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .store import PARAM_STATS, Manifest
+from .trace import save_figure
 
 __all__ = ["ParamSensitivity", "SensitivityReport", "sensitivity_report"]
 
@@ -143,12 +144,7 @@ class SensitivityReport:
             if not measured:
                 ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center")
         fig.suptitle(f"nearstep sensitivity at step {self.step}")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path)
 
     def to_dict(self) -> dict[str, Any]:
         def clean(row: ParamSensitivity) -> dict[str, Any]:

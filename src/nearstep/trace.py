@@ -22,7 +22,7 @@ from typing import Any
 
 from .engine import TraceEvent
 
-__all__ = ["LANES", "Trace", "TraceEvent", "merge_intervals", "overlap_summary", "plot_timelines"]
+__all__ = ["LANES", "Trace", "TraceEvent", "merge_intervals", "overlap_summary", "plot_timelines", "save_figure"]
 
 LANES = ("compute", "link", "device-io", "device-compute")
 _DEVICE_LANES = ("device-io", "device-compute")
@@ -190,6 +190,13 @@ def plot_timelines(rows: Sequence[tuple[str, Sequence[TraceEvent]]], path: str |
         ax.set_xlabel("ms")
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Lay out a matplotlib figure, write it as a PNG (making the folder), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

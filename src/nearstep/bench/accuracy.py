@@ -37,6 +37,7 @@ from torch import nn
 from .. import workloads
 from ..kernels import Guards
 from ..optim import AdamW
+from ..trace import save_figure
 from .report import machine
 
 __all__ = ["GUARD_SETTINGS", "RunSpec", "main"]
@@ -255,10 +256,7 @@ def _plot(runs: list[dict[str, Any]], key: str, path: Path, title: str) -> Path 
     ax.set_ylabel("training loss (5-step running mean)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

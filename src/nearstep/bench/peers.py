@@ -26,16 +26,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import importlib.util
 import json
 import math
 import os
 import pathlib
-import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,9 +42,9 @@ import torch
 
 import nearstep
 from nearstep import aio, workloads
-from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
-from nearstep.bench.step import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, PACKAGES,
-                                  SEED)
+from nearstep.bench.report import WorkerError, machine, read_text, run_worker, scratch, table_line, verdict
+from nearstep.bench.step import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
+                                  missing_packages)
 from nearstep.device import parse_bytes
 
 __all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", "collapse_to_huge_pages", "VARIANTS"]
@@ -252,11 +248,6 @@ def _parse(argv: list[str] | None) -> Options:
                    warmup=args.warmup, rounds=args.rounds, variants=tuple(v for v in VARIANTS if v in variants),
                    memory_budget=args.memory_budget, ds_threads=ds_threads, dir=args.dir, json=args.json,
                    quick=args.quick, deepspeed=args.deepspeed, ds_zero=ds_zero)
-
-
-def _missing(model: str) -> list[str]:
-    """The pip names of the packages ``model`` needs that are not installed (bench step's table)."""
-    return [pip for module, pip in PACKAGES[model] if importlib.util.find_spec(module) is None]
 
 
 # ---------------------------------------------------------------------------
@@ -539,10 +530,6 @@ def _worker_entry() -> None:
 # The parent: rounds of workers, the table, the JSON
 
 
-class WorkerError(RuntimeError):
-    """A worker process failed; the message carries the end of its output."""
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -550,10 +537,7 @@ def _free_port() -> int:
 
 
 def _run_worker(spec: WorkerSpec, work: pathlib.Path) -> dict[str, Any]:
-    out = work / f"result-{spec.variant}-{spec.round}.json"
     env = dict(os.environ)
-    package_root = str(pathlib.Path(__file__).resolve().parents[2])  # importable without an install
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     if spec.variant in DEEPSPEED_VARIANTS:
         # One process is a whole "world" of one rank.
         env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(spec.master_port), "RANK": "0", "WORLD_SIZE": "1",
@@ -561,29 +545,9 @@ def _run_worker(spec: WorkerSpec, work: pathlib.Path) -> dict[str, Any]:
         if not torch.cuda.is_available():
             env.setdefault("DS_ACCELERATOR", "cpu")
     pathlib.Path(spec.store).mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    # A session of its own: on timeout or interrupt the worker goes with its device process.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from nearstep.bench.peers import _worker_entry; _worker_entry()",
-         json.dumps(asdict(spec)), str(out)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=WORKER_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise WorkerError(f"the {spec.variant} worker of round {spec.round} ran past {WORKER_TIMEOUT} s") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(spec.store, ignore_errors=True)
-    if proc.returncode != 0 or not out.exists():
-        tail = output.decode(errors="replace")[-4000:]
-        raise WorkerError(f"the {spec.variant} worker of round {spec.round} exited with code "
-                          f"{proc.returncode}:\n{tail}")
-    result = json.loads(out.read_text())
-    out.unlink()
-    result["process_seconds"] = time.perf_counter() - started
-    return result
+    return run_worker("nearstep.bench.peers", asdict(spec), work / f"result-{spec.variant}-{spec.round}.json",
+                      label=f"{spec.variant} worker of round {spec.round}", timeout=WORKER_TIMEOUT, store=spec.store,
+                      env=env)
 
 
 def _cores() -> tuple[list[int], int, int]:
@@ -740,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns 2 when the model's packages are missing (after saying how to install them), 1 when a worker fails.
     """
     opts = _parse(argv)
-    missing = _missing(opts.model)
+    missing = missing_packages(opts.model)
     if missing:
         print(f"nearstep bench peers: --model {opts.model} needs {', '.join(missing)}, not installed here.\n"
               f"Install them with: {INSTALL[opts.model]}", file=sys.stderr)

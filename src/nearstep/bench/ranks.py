@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from nearstep.bench.report import table_line
+from nearstep.bench.report import WorkerError, table_line
 
 __all__ = ["run", "shard_batch"]
 
@@ -143,8 +143,6 @@ def _rank_worker(spec: Any, rank: int, world: int, port: int) -> dict[str, Any]:
 
 def _launch(spec: Any, world: int, work: pathlib.Path, timeout: float) -> list[dict[str, Any]]:
     """One run of ``world`` ranks (processes of their own); returns each rank's result."""
-    from nearstep.bench.step import WorkerError
-
     env = dict(os.environ)
     package_root = str(pathlib.Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
@@ -246,7 +244,7 @@ def run(opts: Any, nproc: int) -> int:
     from nearstep.bench.report import machine, scratch
 
     variants = tuple(v for v in opts.variants if v in RANK_VARIANTS) or RANK_VARIANTS
-    missing = step._missing(opts.model)
+    missing = step.missing_packages(opts.model)
     if missing:
         print(f"nearstep bench step: --model {opts.model} needs {', '.join(missing)}, not installed here.\n"
               f"Install them with: {step.INSTALL[opts.model]}", file=sys.stderr)
@@ -278,7 +276,7 @@ def run(opts: Any, nproc: int) -> int:
                         worst = max(x["ms_per_step"] for x in ranks)
                         print(f"nearstep bench step: round {r + 1}/{opts.rounds} {variant} x {world} rank(s): "
                               f"{worst:.1f} ms/step", file=sys.stderr, flush=True)
-        except step.WorkerError as exc:
+        except WorkerError as exc:
             print(f"nearstep bench step: {exc}", file=sys.stderr)
             return 1
     res["run_seconds"] = time.perf_counter() - started

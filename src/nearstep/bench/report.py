@@ -1,16 +1,22 @@
-"""What the benchmarks share: the machine line, table lines, verdicts, a scratch directory."""
+"""What the benchmarks share: the machine line, table lines, verdicts, a scratch directory, worker processes."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pathlib
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
+from typing import Any
 
-__all__ = ["machine", "read_text", "scratch", "table_line", "verdict"]
+__all__ = ["machine", "read_text", "scratch", "table_line", "verdict", "WorkerError", "run_worker"]
 
 
 def machine(where: pathlib.Path) -> str:
@@ -68,3 +74,40 @@ def scratch(base: pathlib.Path) -> Iterator[pathlib.Path]:
                 p.rmdir()
             except OSError:
                 break
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message carries the end of its output."""
+
+
+def run_worker(entry: str, spec: dict[str, Any], out: pathlib.Path, *, label: str, timeout: float,
+               store: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``entry`` (a module with ``_worker_entry``) in a fresh interpreter on ``spec`` (JSON),
+    and return the JSON it wrote to ``out``, with ``process_seconds`` added.
+
+    The worker gets a session of its own, so on timeout or interrupt it goes with its
+    device process; ``store`` is removed afterwards whatever happened (a big model's is GBs).
+    """
+    env = dict(os.environ if env is None else env)
+    package_root = str(pathlib.Path(__file__).resolve().parents[2])  # importable without an install, as device.py does
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from {entry} import _worker_entry; _worker_entry()", json.dumps(spec), str(out)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"the {label} worker ran past {timeout:.0f} s") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(store, ignore_errors=True)
+    if proc.returncode != 0 or not out.exists():
+        tail = output.decode(errors="replace")[-4000:]
+        raise WorkerError(f"the {label} worker exited with code {proc.returncode}:\n{tail}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    result["process_seconds"] = time.perf_counter() - started  # interpreter, imports and device start included
+    return result

@@ -28,9 +28,7 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,7 +39,7 @@ import torch
 
 import nearstep
 from nearstep import workloads
-from nearstep.bench.report import machine, scratch, table_line, verdict
+from nearstep.bench.report import WorkerError, machine, run_worker, scratch, table_line, verdict
 from nearstep.device import parse_bytes
 
 __all__ = ["main"]
@@ -205,7 +203,7 @@ def _parse(argv: list[str] | None) -> Options:
                    state_formats=state_formats)
 
 
-def _missing(model: str) -> list[str]:
+def missing_packages(model: str) -> list[str]:
     """The pip names of the packages ``model`` needs that are not installed."""
     return [pip for module, pip in PACKAGES[model] if importlib.util.find_spec(module) is None]
 
@@ -394,37 +392,10 @@ def _worker_entry() -> None:
 # The parent: rounds of workers, the table, the JSON
 
 
-class WorkerError(RuntimeError):
-    """A worker process failed; the message carries the end of its output."""
-
-
 def _run_worker(spec: WorkerSpec, work: pathlib.Path) -> dict[str, Any]:
-    out = work / f"result-{_key(spec.variant, spec.state_format)}-{spec.round}.json"
-    env = dict(os.environ)
-    package_root = str(pathlib.Path(__file__).resolve().parents[2])  # importable without an install, as device.py does
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    # A session of its own: on timeout or interrupt the worker goes with its device process.
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", "from nearstep.bench.step import _worker_entry; _worker_entry()",
-         json.dumps(asdict(spec)), str(out)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=WORKER_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise WorkerError(f"the {spec.variant} worker of round {spec.round} ran past {WORKER_TIMEOUT} s") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(spec.store, ignore_errors=True)
-    if proc.returncode != 0 or not out.exists():
-        tail = output.decode(errors="replace")[-4000:]
-        raise WorkerError(f"the {spec.variant} worker of round {spec.round} exited with code {proc.returncode}:\n{tail}")
-    result = json.loads(out.read_text())
-    out.unlink()
-    result["process_seconds"] = time.perf_counter() - started  # interpreter, imports and device start included
-    return result
+    key = _key(spec.variant, spec.state_format)
+    return run_worker("nearstep.bench.step", asdict(spec), work / f"result-{key}-{spec.round}.json",
+                      label=f"{key} worker of round {spec.round}", timeout=WORKER_TIMEOUT, store=spec.store)
 
 
 def _key(variant: str, state_format: str) -> str:
@@ -618,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         from nearstep.bench.ranks import run
 
         return run(opts, opts.nproc)
-    missing = _missing(opts.model)
+    missing = missing_packages(opts.model)
     if missing:
         print(f"nearstep bench step: --model {opts.model} needs {', '.join(missing)}, not installed here.\n"
               f"Install them with: {INSTALL[opts.model]}", file=sys.stderr)
