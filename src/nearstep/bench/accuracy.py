@@ -216,21 +216,25 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 
 def _table(runs: list[dict[str, Any]], key: str, by: str, metrics: tuple[str, ...]) -> list[str]:
-    """Markdown rows: per value of ``key``, mean ± std over seeds of each metric, and the difference to the first row."""
+    """Markdown rows: per value of ``key``, mean ± sd over seeds of each metric, and the paired
+    difference to the first row (same seed, same batches: the seed-to-seed spread cancels)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault(r[key], []).append(r)
-    head = f"| {by} | seeds | " + " | ".join(f"{m} (mean ± sd)" for m in metrics) + f" | Δ {metrics[0]} vs {next(iter(groups))} | final train loss (last 10) |"
+    first = next(iter(groups))
+    base = {r["seed"]: r for r in groups[first]}
+    head = (f"| {by} | seeds | " + " | ".join(f"{m} (mean ± sd over seeds)" for m in metrics)
+            + f" | paired Δ {metrics[0]} vs {first} (mean ± sd) | final train loss (mean of last 10 steps) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    base = statistics.fmean(r[metrics[0]] for r in next(iter(groups.values())))
     for name, rs in groups.items():
         cells = []
         for m in metrics:
             mean, sd = _spread([r[m] for r in rs])
             cells.append(f"{mean:.4f} ± {sd:.4f}")
         tail = statistics.fmean(statistics.fmean(r["train_loss"][-10:]) for r in rs)
-        delta = statistics.fmean(r[metrics[0]] for r in rs) - base
-        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {delta:+.4f} | {tail:.4f} |")
+        deltas = [r[metrics[0]] - base[r["seed"]][metrics[0]] for r in rs if r["seed"] in base]
+        delta = "—" if not deltas else "{:+.4f} ± {:.4f}".format(*_spread(deltas))
+        lines.append(f"| {name} | {len(rs)} | " + " | ".join(cells) + f" | {delta} | {tail:.4f} |")
     return lines
 
 
@@ -277,7 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("accuracy"), help="directory for JSON, Markdown and PNGs")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--quick", action="store_true", help="tiny runs that only check the script works")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="print the tables of an accuracy.json written earlier, and run nothing")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print("\n".join(render(json.loads(args.render.read_text()))))
+        return 0
     formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
     guards = tuple(g.strip() for g in args.guards.split(",") if g.strip())
     unknown = [g for g in guards if g not in GUARD_SETTINGS]
@@ -340,6 +349,26 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(md))
     print(f"wrote {args.out / 'accuracy.json'} and {args.out / 'accuracy.md'}")
     return 0
+
+
+_SECTIONS = (("minilm_formats", "state_format", ("held_accuracy", "held_loss")),
+             ("smollm2_formats", "state_format", ("held_loss",)),
+             ("minilm_guards", "guards", ("held_accuracy", "held_loss")))
+
+
+def render(doc: dict[str, Any]) -> list[str]:
+    """The Markdown tables of a saved ``accuracy.json``, one per experiment in it."""
+    lines = [f"Machine: {doc['machine']}; date {doc['date']}; command: `nearstep bench accuracy {' '.join(doc['argv'])}`", ""]
+    for key, by, metrics in _SECTIONS:
+        runs = doc.get(key)
+        if runs:
+            r = runs[0]
+            what = {"minilm_formats": f"MiniLM-L6 on BBC News: state formats ({r['steps']} steps)",
+                    "smollm2_formats": f"SmolLM2-135M, causal LM on BBC News text: state formats ({r['steps']} steps)",
+                    "minilm_guards": f"MiniLM-L6 with gradient spikes at steps {r['spikes']} "
+                                     f"(labels shuffled, loss x{r['spike_scale']:g})"}[key]
+            lines += [f"### {what}", ""] + _table(runs, by, by.replace("_", " "), metrics) + [""]
+    return lines
 
 
 def _save(out: Path, doc: dict[str, Any], md: list[str]) -> None:
