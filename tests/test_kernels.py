@@ -54,11 +54,12 @@ TORCH_CONFIGS = [c for c in CONFIGS if not isinstance(c.values[0], LionHyper)]
 # ---------------------------------------------------------------- references
 
 
-def ref_spike_clip_(grad: Tensor, exp_avg_sq: Tensor, theta: float) -> int:
-    """Element by element: clip g to sign(g)*theta*sqrt(v) where g^2 > theta^2*v (v > 0)."""
+def ref_spike_clip_(grad: Tensor, exp_avg_sq: Tensor, theta: float, correction: float = 1.0) -> int:
+    """Element by element: with v_hat = v / correction (Adam's bias correction of the second
+    moment before this step), clip g to sign(g)*theta*sqrt(v_hat) where g^2 > theta^2*v_hat (v > 0)."""
     count = 0
     for j in range(grad.numel()):
-        g, v = grad[j].item(), exp_avg_sq[j].item()
+        g, v = grad[j].item(), exp_avg_sq[j].item() / correction
         if v > 0 and g * g > theta * theta * v:
             grad[j] = math.copysign(theta * math.sqrt(v), g)
             count += 1
@@ -108,8 +109,8 @@ def ref_lion_(hyper, master, states, grad, step) -> None:
 def ref_step_(hyper, master, states, grad, step, guards: Guards) -> SegmentReport:
     grad = grad.clone()
     spiked = 0
-    if guards.spike_clip is not None and step > guards.spike_warmup:
-        spiked = ref_spike_clip_(grad, states["exp_avg_sq"], guards.spike_clip)
+    if guards.spike_clip is not None and step > guards.spike_warmup and step > 1:
+        spiked = ref_spike_clip_(grad, states["exp_avg_sq"], guards.spike_clip, 1 - hyper.beta2 ** (step - 1))
     old = master.clone()
     match hyper:
         case AdamWHyper() | AdamHyper():
@@ -264,7 +265,8 @@ def test_update_empty_call_is_a_no_op():
 @pytest.mark.parametrize("hyper_type", [AdamWHyper, AdamHyper])
 def test_spike_clip_clips_known_elements(hyper_type, block):
     theta, warmup = 2.0, 10
-    exp_avg_sq = torch.full((20,), 0.25)  # bound = theta * sqrt(v) = 1.0
+    correction = 1 - 0.999 ** warmup  # the bias correction of v before step warmup + 1
+    exp_avg_sq = torch.full((20,), 0.25 * correction)  # bound = theta * sqrt(v / correction) = 1.0
     exp_avg_sq[7] = 0.0  # no history: never clipped
     grad = torch.linspace(-0.9, 0.9, 20)
     spikes = {3: 5.0, 10: -3.0, 17: 1.5}
@@ -294,14 +296,14 @@ def test_spike_clip_clips_known_elements(hyper_type, block):
     torch.testing.assert_close(active[1], expected)
     torch.testing.assert_close(warming[1], grad)  # not applied during warm-up
     loop_grad = grad.clone()
-    assert ref_spike_clip_(loop_grad, exp_avg_sq, theta) == len(spikes)
+    assert ref_spike_clip_(loop_grad, exp_avg_sq, theta, correction) == len(spikes)
     torch.testing.assert_close(loop_grad, expected)
 
 
 def test_spike_clip_with_nonfinite_gradients(block):
     # Only reachable with skip_nonfinite off on the host: inf is a spike like any
     # other, nan is not comparable and passes through (and is not counted).
-    exp_avg_sq = torch.full((6,), 4.0)  # bound = 1 * sqrt(4) = 2
+    exp_avg_sq = torch.full((6,), 4.0 * (1 - 0.999**4))  # before step 5: bound = 1 * sqrt(v_hat) = 2
     grad = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 1.0, -3.0])
     exp_avg = torch.zeros(6)
     reports = update_(

@@ -170,9 +170,10 @@ class Guards:
             Decided on the host, which sees every slice; carried here so the
             configuration lives in one place. The kernels do not look at it.
         spike_clip: theta. Before the update, a gradient element with
-            ``g**2 > theta**2 * v`` (``v``: the second moment before this step) is
-            clipped to ``sign(g) * theta * sqrt(v)``. Elements with ``v == 0`` have no
-            history and are left alone. Adam and AdamW only; for Adam the raw gradient
+            ``g**2 > theta**2 * v_hat`` is clipped to ``sign(g) * theta * sqrt(v_hat)``,
+            where ``v_hat = v / (1 - beta2**(t - 1))`` is the bias-corrected second moment
+            before this step (step ``t``): theta counts the element's own standard
+            deviations. Elements with ``v == 0`` have no history and are left alone. Adam and AdamW only; for Adam the raw gradient
             is clipped, before L2 weight decay is added.
         spike_warmup: spike clipping starts once ``step > spike_warmup``, so early,
             noisy estimates of ``v`` do not clip.
@@ -335,8 +336,13 @@ def _guarded_step_(
         piece_states = {name: [states[name][i][start:stop] for i, start, stop in batch] for name in states}
         if spike_on:
             for i, grad, exp_avg_sq in zip(index, piece_grads, piece_states["exp_avg_sq"]):
-                if steps[i] > guards.spike_warmup:
-                    spiked[i] += _spike_clip_piece_(grad, exp_avg_sq, guards.spike_clip, *spike_scratch)
+                if steps[i] > guards.spike_warmup and steps[i] > 1:  # at step 1 there is no history
+                    # [Note: spike bound] v is an average that starts at zero: before step t it
+                    # holds (1 - beta2**(t-1)) of E[g^2]. Without Adam's bias correction the bound
+                    # would sit far below one standard deviation for thousands of steps and clip
+                    # ordinary gradients (a third of them at step 50 with beta2 = 0.999).
+                    theta = guards.spike_clip / math.sqrt(1.0 - hyper.beta2 ** (steps[i] - 1))
+                    spiked[i] += _spike_clip_piece_(grad, exp_avg_sq, theta, *spike_scratch)
         if old_scratch is not None:
             olds = flat_views(old_scratch, [stop - start for _, start, stop in batch])
             torch._foreach_copy_(olds, piece_masters)
