@@ -94,7 +94,7 @@ class _MiniLM:
         self.model.load_state_dict(self.initial)
         torch.manual_seed(seed)
         self.model.head.reset_parameters()
-        return self.model
+        return self.model.train()  # from_pretrained returns eval mode: every run trains with dropout
 
     def batches(self, seed: int) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         if seed not in self._batches:
@@ -155,7 +155,8 @@ class _SmolLM2:
 
     def fresh(self, seed: int) -> nn.Module:
         self.model.load_state_dict(self.initial)
-        return self.model
+        torch.manual_seed(seed)
+        return self.model.train()
 
     def batches(self, seed: int) -> list[torch.Tensor]:
         if seed not in self._batches:
@@ -187,7 +188,10 @@ def _run(task: _MiniLM | _SmolLM2, spec: RunSpec, work: Path) -> dict[str, Any]:
     batches = task.batches(spec.seed)
     t0 = time.perf_counter()
     losses = []
-    with AdamW(task.groups(model), store=work / f"{spec.model}-{spec.state_format}-{spec.guards}-{spec.seed}",
+    # A fresh directory per run: two runs that differ only in what the name leaves out (the
+    # spikes) would otherwise share a store, and the second would resume from the first.
+    store = Path(tempfile.mkdtemp(prefix=f"{spec.model}-{spec.guards}-{spec.seed}-", dir=work)) / "state"
+    with AdamW(task.groups(model), store=store,
                device="inline", state_format=spec.state_format, guards=Guards(**kwargs), max_grad_norm=max_norm) as opt:
         for step in range(spec.steps):
             corrupt = step in spec.spikes
