@@ -41,10 +41,11 @@ from typing import Any, NamedTuple
 import torch
 
 import nearstep
-from nearstep import aio, workloads
+from nearstep import aio
 from nearstep.bench.report import WorkerError, machine, read_text, run_worker, scratch, table_line, verdict
 from nearstep.bench.step import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
-                                  missing_packages)
+                                  build_workload, missing_packages)
+from nearstep.trace import merge_intervals
 from nearstep.device import parse_bytes
 
 __all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", "collapse_to_huge_pages", "VARIANTS"]
@@ -264,36 +265,9 @@ class Workload(NamedTuple):
 
 
 def _workload(spec: WorkerSpec) -> Workload:
-    """The model and data ``nearstep bench step`` trains, built the same way for every variant.
-
-    NOTE: a thin local version of ``nearstep.bench.step._build`` (private there): the same models
-    and the same kind of data, one batch list in training order.
-    """
-    gen = torch.Generator().manual_seed(SEED + 1)
-    count = spec.warmup + spec.steps
-    if spec.model == "mlp":
-        model = workloads.mlp(width=spec.width, seed=SEED)
-        batches = [(torch.randn(spec.batch, spec.width, generator=gen),
-                    torch.randn(spec.batch, spec.width, generator=gen)) for _ in range(count)]
-        return Workload(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches,
-                        f"mlp: 3 x {spec.width}-wide linears, batch {spec.batch}, MSE to random targets")
-    if spec.model == "minilm":
-        train, _held = workloads.load_bbc_news()
-        model, tokenizer = workloads.load_minilm_classifier(len(train.classes), seed=SEED)
-        order = torch.randperm(len(train.texts), generator=gen).tolist()
-        batches = []
-        for i in range(count):  # tokenized here, never inside the timed loop
-            picked = [order[(i * spec.batch + j) % len(order)] for j in range(spec.batch)]
-            inputs = workloads.tokenize(tokenizer, [train.texts[k] for k in picked], spec.seq_len)
-            batches.append((inputs, torch.tensor([train.labels[k] for k in picked])))
-        return Workload(model, lambda m, b: torch.nn.functional.cross_entropy(m(**b[0]), b[1]), batches,
-                        f"minilm: MiniLM-L6 classifier on BBC News ({len(train.classes)} classes), "
-                        f"batch {spec.batch} x {spec.seq_len} tokens, cross-entropy")
-    model = workloads.load_smollm2()
-    vocab = int(model.config.vocab_size)
-    batches = [torch.randint(0, vocab, (spec.batch, spec.seq_len), generator=gen) for _ in range(count)]
-    return Workload(model, lambda m, ids: m(input_ids=ids, labels=ids).loss, batches,
-                    f"smollm2: SmolLM2-135M causal LM, batch {spec.batch} x {spec.seq_len} random tokens")
+    """The model and data ``nearstep bench step`` trains (its own builder), batches in training order."""
+    built = build_workload(spec, spec.warmup)
+    return Workload(built.model, built.loss, built.warm + built.timed, built.describe)
 
 
 def _proc_io(pid: int) -> dict[str, int]:
@@ -316,16 +290,6 @@ def _io_delta(before: dict[int, dict[str, int]], after: dict[int, dict[str, int]
         for k in total:
             total[k] += counters.get(k, 0) - before.get(pid, {}).get(k, 0)
     return total
-
-
-def _merge(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
 
 
 def _overlap_ns(intervals: list[tuple[int, int]], start: int, end: int) -> int:
@@ -449,7 +413,7 @@ def _nearstep_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
         # The loop's waits for the optimizer outside step(): forward pre-hooks waiting for new weights,
         # backward waiting for a staging buffer. Inside step() they are already in its time.
         # The final synchronize() is already in the tail, so only the waits of the timed iterations count.
-        waits = _merge([(e.start_ns, e.end_ns) for e in opt.trace.events()
+        waits = merge_intervals([(e.start_ns, e.end_ns) for e in opt.trace.events()
                         if e.lane == "compute" and e.name.startswith("wait")])
         inside = sum(_overlap_ns(waits, a, b) for a, b in loop.step_intervals)
         outside_ns = _overlap_ns(waits, *loop.window) - inside

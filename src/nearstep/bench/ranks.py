@@ -82,7 +82,7 @@ def _rank_worker(spec: Any, rank: int, world: int, port: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    work = step._build(spec, spec.warmup)
+    work = step.build_workload(spec, spec.warmup)
     model = work.model
     model.train()
     extra = {"model": model} if spec.variant == "overlap" else {}

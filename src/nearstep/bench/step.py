@@ -238,7 +238,9 @@ class Workload(NamedTuple):
     describe: str
 
 
-def _build(spec: WorkerSpec, warm_steps: int) -> Workload:
+def build_workload(spec: Any, warm_steps: int) -> Workload:
+    """The model and fixed batches of ``spec`` (``model``, ``width``, ``batch``, ``seq_len``, ``steps``):
+    the timed batches are drawn first, so every variant and every benchmark times the same ones."""
     gen = torch.Generator().manual_seed(SEED + 1)
     count = spec.steps + warm_steps  # timed batches first, so every variant times the same ones
     if spec.model == "mlp":
@@ -288,7 +290,7 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
     os.sched_setaffinity(0, {spec.compute_core})
     torch.set_num_threads(1)
     warm_steps = spec.warmup + (DELAYED_WARMUP_STEPS if spec.variant == "delayed" else 0)
-    work = _build(spec, warm_steps)
+    work = build_workload(spec, warm_steps)
     if spec.device == "cuda":
         work = work._replace(model=work.model.cuda(), timed=_to_cuda(work.timed), warm=_to_cuda(work.warm))
     model = work.model
