@@ -59,7 +59,7 @@ def test_buffer_is_page_aligned_and_rounded(nbytes):
     with AlignedBuffer(nbytes) as buf:
         assert buf.address % PAGE == 0
         assert buf.nbytes == align_up(nbytes)
-        assert aio._address(buf.memoryview()) == buf.address
+        assert aio.address_of(buf.memoryview()) == buf.address
 
 
 def test_buffer_views_share_memory():

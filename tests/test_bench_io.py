@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_positive
+from nearstep import uring
 from nearstep.bench import io
 from nearstep.bench.io import main
 
@@ -119,8 +120,20 @@ def test_deepspeed_row_reads_and_writes_the_same_slice_files(tmp_path, monkeypat
     assert_positive(bw["median_gbps"], "deepspeed_read", "deepspeed_write")
     assert_positive(ds, "read_ratio", "write_ratio")
     assert isinstance(ds["read_pass"], bool) and isinstance(ds["write_pass"], bool)
-    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store", "deepspeed")
-                                           for op in ("read", "write"))
+    # Where the store runs on the io_uring ring, the thread pool runs alongside as "pool".
+    sides = ("raw", "store", "deepspeed") + (("pool",) if uring.ring_support()[0] else ())
+    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in sides for op in ("read", "write"))
     table = capsys.readouterr().out
     for label in ("ds read", "ds write", "store/DeepSpeed read", "store/DeepSpeed write", "DeepSpeed fake async I/O"):
         assert label in table, label
+    assert (("store/pool read" in table) and "io_uring, queue depth 32" in table) == ("pool" in sides)
+
+
+def test_the_store_side_on_the_thread_pool_alone(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["--quick", "--skip-peak", "--no-deepspeed", "--io-backend", "threads", "--io-threads", "3",
+                 "--dir", str(tmp_path / "b"), "--json", str(out)]) == 0
+    bw = json.loads(out.read_text())["bandwidth"]
+    assert bw["io_backend"] == "thread pool of 3" and bw["pool_io"] is None
+    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store") for op in ("read", "write"))
+    assert "store: thread pool of 3" in capsys.readouterr().out

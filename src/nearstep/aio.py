@@ -1,12 +1,14 @@
-"""Page-aligned host buffers and O_DIRECT file I/O run by a small thread pool.
+"""Page-aligned host buffers and O_DIRECT file I/O with many requests in flight.
 
 O_DIRECT bypasses the page cache, so the optimizer state streamed through a
 step does not evict everything else; in exchange the kernel insists that the
 buffer address, the file offset and the length are all multiples of the page
 size. :class:`AlignedBuffer` provides such memory, :class:`AlignedFile` checks
 every request before it reaches the kernel (an EINVAL from deep inside a step
-says nothing about which argument was wrong), and :class:`IOPool` splits large
-requests into blocks so that several are in flight on the SSD at once.
+says nothing about which argument was wrong), and an :class:`IOQueue` splits
+large requests into blocks so that several are in flight on the SSD at once.
+:func:`open_io` makes one: the io_uring ring of :mod:`nearstep.uring` where the
+kernel allows it, else :class:`IOPool`, a small thread pool.
 
 [Note: what the I/O path costs] Measured side by side with DeepSpeed's libaio
 op on the same file (``nearstep bench io``): with O_DIRECT the kernel moves
@@ -21,6 +23,7 @@ most ``max_segments`` contiguous pieces (254 on a virtio disk), so from
 scattered 4 KiB pages a request reaches the disk in pieces of about 1 MiB,
 while 2 MiB transparent huge pages let it go out whole (up to the disk's
 ``max_sectors_kb``). Huge-page buffers read 15-40% faster on the development VM.
+(3) Requests in flight: see [Note: why a ring] in :mod:`nearstep.uring`.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ import torch
 from nearstep.errors import DiskFullError, MisalignedIOError, StoreCorruptError, StoreIOError, StorePermissionError
 
 __all__ = [
-    "PAGE", "DEFAULT_BLOCK_BYTES", "CRC32_IMPLEMENTATION", "align_up", "crc32", "combine_crcs", "wrap_os_error",
-    "AlignedBuffer", "AlignedFile", "IOResult", "IOStats", "IOPool",
+    "PAGE", "DEFAULT_BLOCK_BYTES", "CRC32_IMPLEMENTATION", "IO_BACKENDS", "align_up", "address_of", "crc32",
+    "combine_crcs", "wrap_os_error", "short_read_error", "lower_priority", "AlignedBuffer", "AlignedFile", "IOResult",
+    "IOStats", "IOQueue", "IOPool", "open_io",
 ]
 
 PAGE: int = 4096
@@ -109,13 +113,13 @@ def _as_byte_view(buf: memoryview | AlignedBuffer) -> memoryview:
     return view
 
 
-def _address(view: memoryview) -> int:
-    # numpy reads the address of read-only buffers too, which ctypes cannot.
+def address_of(view: memoryview) -> int:
+    """The address of a buffer's first byte (numpy reads it for read-only buffers too, which ctypes cannot)."""
     return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0]
 
 
 def _check_aligned(path: pathlib.Path, view: memoryview, offset: int) -> None:
-    for what, value in (("buffer address", _address(view)), ("offset", offset), ("length", view.nbytes)):
+    for what, value in (("buffer address", address_of(view)), ("offset", offset), ("length", view.nbytes)):
         if value % PAGE:
             raise MisalignedIOError(
                 f"O_DIRECT I/O on {path}: {what} {value} ({value:#x}) is not a multiple of {PAGE}; "
@@ -288,10 +292,7 @@ class AlignedFile(_ContextManager):
             done += n
             # A short read is EOF unless the file still extends past it (then just keep going).
             if done < want and (n == 0 or self.size() <= offset + done):
-                raise StoreCorruptError(
-                    f"{self.path} is shorter than expected: reading {want} bytes at offset {offset} "
-                    f"got only {done} (file size {self.size()}); truncated? run `nearstep verify`"
-                )
+                raise short_read_error(self, want, offset, done)
         return done
 
     def write_from(self, buf: memoryview | AlignedBuffer, offset: int) -> int:
@@ -328,6 +329,14 @@ class AlignedFile(_ContextManager):
         return f"AlignedFile({str(self.path)!r}, direct={self.direct}, fd={self.fd})"
 
 
+def short_read_error(file: AlignedFile, want: int, offset: int, done: int) -> StoreCorruptError:
+    """The error for a read that met the end of ``file`` after ``done`` of ``want`` bytes."""
+    return StoreCorruptError(
+        f"{file.path} is shorter than expected: reading {want} bytes at offset {offset} "
+        f"got only {done} (file size {file.size()}); truncated? run `nearstep verify`"
+    )
+
+
 def _warn_buffered_fallback(path: pathlib.Path, fd: int) -> None:
     try:
         device = os.fstat(fd).st_dev
@@ -352,7 +361,7 @@ class IOResult(NamedTuple):
 
 @dataclass
 class IOStats:
-    """Running totals of an IOPool; the seconds are summed syscall time over blocks."""
+    """Running totals of an IOQueue; the seconds are summed over blocks, each from start to completion."""
 
     bytes_read: int = 0
     bytes_written: int = 0
@@ -361,7 +370,8 @@ class IOStats:
     requests: int = 0
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (Linux: per thread); best effort."""
     if nice > 0:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
@@ -369,51 +379,61 @@ def _lower_priority(nice: int) -> None:
             pass  # best effort: priorities are a scheduling hint, not a requirement
 
 
-class IOPool(_ContextManager):
-    """A small thread pool that keeps several block-sized requests in flight.
+#: What :func:`open_io` accepts: ``"ring"`` (io_uring, :class:`nearstep.uring.IORing`),
+#: ``"threads"`` (:class:`IOPool`) or ``"auto"`` (the ring where it works, else threads).
+IO_BACKENDS: tuple[str, ...] = ("auto", "ring", "threads")
 
-    Each request is cut into ``block_bytes`` blocks that the workers run
-    concurrently; the returned future resolves once every block is done. The
-    caller must keep the buffer alive and untouched until then.
 
-    Argument errors (misalignment, a read-only buffer, a closed pool) are raised
-    by :meth:`read`/:meth:`write` themselves; I/O errors come through the future.
+class IOQueue(_ContextManager):
+    """Keeps several block-sized reads and writes of store files in flight.
+
+    Each request is cut into ``block_bytes`` blocks that run concurrently; the
+    returned future resolves to an :class:`IOResult` once every block is done
+    (with one CRC per block when ``checksum=True``). The caller must keep the
+    buffer alive and untouched until then. Argument errors (misalignment, a
+    read-only buffer, a closed queue) are raised by :meth:`read`/:meth:`write`
+    themselves; I/O errors come through the future, as nearstep errors naming
+    file and range. The backends, made by :func:`open_io`, differ only in how
+    the blocks are kept in flight.
     """
 
-    def __init__(self, threads: int = 4, block_bytes: int = DEFAULT_BLOCK_BYTES, nice: int = 0):
-        """``nice`` > 0 lowers the workers' CPU priority (Linux: per thread), so that on a
-        shared core the checksums and copies of I/O yield to whatever else runs there."""
-        if threads <= 0:
-            raise ValueError(f"IOPool needs at least one thread, got {threads}")
+    def __init__(self, block_bytes: int) -> None:
         if block_bytes <= 0 or block_bytes % PAGE:
             raise ValueError(f"block_bytes must be a positive multiple of {PAGE}, got {block_bytes}")
         self.block_bytes = block_bytes
         self.stats = IOStats()
         self._stats_lock = threading.Lock()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            threads, thread_name_prefix="nearstep-io", initializer=_lower_priority, initargs=(nice,)
-        )
         self._closed = False
 
     def counters(self) -> dict[str, int | float]:
         with self._stats_lock:
             return asdict(self.stats)
 
+    def record(self, writing: bool, nbytes: int, seconds: float) -> None:
+        """Count one finished block in :attr:`stats`."""
+        with self._stats_lock:
+            if writing:
+                self.stats.bytes_written += nbytes
+                self.stats.write_seconds += seconds
+            else:
+                self.stats.bytes_read += nbytes
+                self.stats.read_seconds += seconds
+
     def read(self, file: AlignedFile, buf: memoryview | AlignedBuffer, offset: int, *,
              checksum: bool = False) -> concurrent.futures.Future[IOResult]:
         view = _as_byte_view(buf)
         if view.readonly:
             raise ValueError(f"cannot read {file.path} into a read-only buffer")
-        return self._submit(file, view, offset, checksum, writing=False)
+        return self._request(file, view, offset, checksum, writing=False)
 
     def write(self, file: AlignedFile, buf: memoryview | AlignedBuffer, offset: int, *,
               checksum: bool = False) -> concurrent.futures.Future[IOResult]:
-        return self._submit(file, _as_byte_view(buf), offset, checksum, writing=True)
+        return self._request(file, _as_byte_view(buf), offset, checksum, writing=True)
 
-    def _submit(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
-                writing: bool) -> concurrent.futures.Future[IOResult]:
+    def _request(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
+                 writing: bool) -> concurrent.futures.Future[IOResult]:
         if self._closed:
-            raise RuntimeError("IOPool is closed")
+            raise RuntimeError(f"{type(self).__name__} is closed")
         if file.direct:
             _check_aligned(file.path, view, offset)
         with self._stats_lock:
@@ -421,14 +441,46 @@ class IOPool(_ContextManager):
         request: concurrent.futures.Future[IOResult] = concurrent.futures.Future()
         # RUNNING from the start: the caller cannot cancel a request whose blocks are already queued.
         request.set_running_or_notify_cancel()
-        starts = range(0, view.nbytes, self.block_bytes)
-        if not starts:
+        if not view.nbytes:
             request.set_result(IOResult(0, () if checksum else None))
             return request
-        blocks = [self._executor.submit(self._run_block, file, view[s:s + self.block_bytes], offset + s,
-                                        checksum, writing) for s in starts]
-        _gather(request, blocks, checksum)
+        _gather(request, self._start_blocks(file, view, offset, checksum, writing), checksum)
         return request
+
+    def _start_blocks(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
+                      writing: bool) -> list[concurrent.futures.Future[tuple[int, int | None]]]:
+        """Queue the request's blocks; one future per block resolving to (bytes moved, CRC or None).
+
+        A block future still PENDING may be cancelled (after a sibling failed) and must then not run.
+        """
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Wait for queued work, then release the backend's threads and kernel objects."""
+        raise NotImplementedError
+
+
+class IOPool(IOQueue):
+    """An :class:`IOQueue` on a small thread pool: each thread runs one block at a time.
+
+    Works everywhere O_DIRECT does; it is what ``io_backend="auto"`` falls back to
+    where io_uring is unavailable (see :func:`open_io`).
+    """
+
+    def __init__(self, threads: int = 4, block_bytes: int = DEFAULT_BLOCK_BYTES, nice: int = 0):
+        """``nice`` > 0 lowers the workers' CPU priority (Linux: per thread), so that on a
+        shared core the checksums and copies of I/O yield to whatever else runs there."""
+        if threads <= 0:
+            raise ValueError(f"IOPool needs at least one thread, got {threads}")
+        super().__init__(block_bytes)
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            threads, thread_name_prefix="nearstep-io", initializer=lower_priority, initargs=(nice,)
+        )
+
+    def _start_blocks(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
+                      writing: bool) -> list[concurrent.futures.Future[tuple[int, int | None]]]:
+        return [self._executor.submit(self._run_block, file, view[s:s + self.block_bytes], offset + s,
+                                      checksum, writing) for s in range(0, view.nbytes, self.block_bytes)]
 
     def _run_block(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
                    writing: bool) -> tuple[int, int | None]:
@@ -438,19 +490,34 @@ class IOPool(_ContextManager):
         seconds = time.perf_counter() - start
         if checksum and not writing:
             crc = crc32(view)
-        with self._stats_lock:
-            if writing:
-                self.stats.bytes_written += nbytes
-                self.stats.write_seconds += seconds
-            else:
-                self.stats.bytes_read += nbytes
-                self.stats.read_seconds += seconds
+        self.record(writing, nbytes, seconds)
         return nbytes, crc
 
     def close(self) -> None:
-        """Wait for queued work, then stop the workers."""
         self._closed = True
         self._executor.shutdown(wait=True)
+
+
+def open_io(backend: str = "auto", *, threads: int = 4, queue_depth: int = 32,
+            block_bytes: int = DEFAULT_BLOCK_BYTES, nice: int = 0) -> IOQueue:
+    """The I/O backend ``backend`` names (one of :data:`IO_BACKENDS`).
+
+    ``"auto"`` is the io_uring ring where this kernel, architecture and sandbox
+    allow one (see :func:`nearstep.uring.ring_support`), else the thread pool;
+    ``"ring"`` insists on the ring and raises ``OSError`` saying why where there
+    is none. ``threads`` sizes the pool, ``queue_depth`` the ring.
+    """
+    if backend not in IO_BACKENDS:
+        raise ValueError(f"io_backend must be one of {', '.join(map(repr, IO_BACKENDS))}, got {backend!r}")
+    if backend != "threads":
+        from nearstep import uring  # imported here: uring builds on this module
+
+        ok, why = uring.ring_support()
+        if ok:
+            return uring.IORing(queue_depth=queue_depth, block_bytes=block_bytes, nice=nice)
+        if backend == "ring":
+            raise OSError(f"io_backend='ring' is not available here: {why}; use io_backend='auto' or 'threads'")
+    return IOPool(threads=threads, block_bytes=block_bytes, nice=nice)
 
 
 def _gather(request: concurrent.futures.Future[IOResult],

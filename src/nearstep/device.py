@@ -40,6 +40,7 @@ from .engine import Engine, EngineConfig, MapMemory, Query, Request
 from .staging import SharedMemory
 from .errors import DeviceDiedError, DeviceError, NearstepError
 from .store import Store
+from .uring import DEFAULT_QUEUE_DEPTH
 
 __all__ = [
     "DeviceConfig",
@@ -82,13 +83,19 @@ class DeviceConfig:
             core when the machine has more than one (the training loop keeps the rest).
         memory_budget: device memory for the slices being updated, like ``"1GiB"``.
             Host memory used by the device is bounded by this, not by model size.
-        io_threads: threads that keep store reads and writes in flight.
+        io_backend: how store reads and writes are kept in flight: ``"ring"``
+            (Linux io_uring), ``"threads"`` (a thread pool) or ``"auto"`` (the ring
+            where the kernel and sandbox allow it, else threads). See ``nearstep.uring``.
+        io_threads: threads of the thread-pool backend.
+        queue_depth: blocks the io_uring backend keeps in flight.
     """
 
     backend: Literal["emulated", "inline"] = "emulated"
     cores: tuple[int, ...] | None = None
     memory_budget: int | str = "1GiB"
+    io_backend: Literal["auto", "ring", "threads"] = "auto"
     io_threads: int = 4
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
 
     def __post_init__(self) -> None:
         if self.backend not in ("emulated", "inline"):
@@ -96,10 +103,20 @@ class DeviceConfig:
         parse_bytes(self.memory_budget)
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.queue_depth < 1:
+            raise ValueError(f"queue_depth must be >= 1, got {self.queue_depth}")
+        if self.io_backend not in aio.IO_BACKENDS:
+            raise ValueError(f"io_backend must be one of {', '.join(map(repr, aio.IO_BACKENDS))}, "
+                             f"got {self.io_backend!r}")
         if self.cores is not None:
             count = os.cpu_count() or 1
             if not self.cores or not all(isinstance(c, int) and 0 <= c < count for c in self.cores):
                 raise ValueError(f"cores must be a non-empty tuple of core numbers in 0..{count - 1}, got {self.cores!r}")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's share of this configuration."""
+        return EngineConfig(memory_budget=parse_bytes(self.memory_budget), io_backend=self.io_backend,
+                            io_threads=self.io_threads, queue_depth=self.queue_depth)
 
     def resolved_cores(self) -> tuple[int, ...]:
         if self.cores is not None:
@@ -121,6 +138,7 @@ class DeviceInfo:
     kernels: tuple[str, ...]
     store: str
     direct_io: bool
+    io_backend: str = ""  # what keeps store I/O in flight, e.g. "io_uring, queue depth 32"
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +233,13 @@ class InlineDevice(Device):
 
     def __init__(self, store: Store, config: DeviceConfig) -> None:
         budget = parse_bytes(config.memory_budget)
-        self._engine = Engine(store, EngineConfig(memory_budget=budget, io_threads=config.io_threads))
+        self._engine = Engine(store, config.engine_config())
         self._ids = itertools.count(1)
         self._closed = False
         self.info = DeviceInfo(
             "inline", os.getpid(), tuple(sorted(os.sched_getaffinity(0))), budget, self._engine.slot_bytes,
             self._engine.max_slots, tuple(kernels.KERNELS), str(store.path), _direct_io(store),
+            self._engine.io_backend,
         )
 
     @property
@@ -278,8 +297,8 @@ def _device_main(conn: Any, store_path: str, lock_fd: int, config: DeviceConfig,
     torch.set_num_threads(len(cores))
     try:
         store = Store.adopt(store_path, lock_fd)
-        engine = Engine(store, EngineConfig(memory_budget=parse_bytes(config.memory_budget), io_threads=config.io_threads))
-        conn.send(("ready", (engine.slot_bytes, engine.max_slots, _direct_io(store)), None))
+        engine = Engine(store, config.engine_config())
+        conn.send(("ready", (engine.slot_bytes, engine.max_slots, _direct_io(store), engine.io_backend), None))
     except BaseException as exc:
         conn.send(("failed", None, _pack_error(exc)))
         return
@@ -358,10 +377,10 @@ class EmulatedDevice(Device):
             self._proc.wait(5)
             assert error is not None
             raise _remote_error("open the store", error[0], error[1], error[2])
-        slot_bytes, slots, direct = payload
+        slot_bytes, slots, direct, io_backend = payload
         self.info = DeviceInfo(
             "emulated", self._proc.pid, cores, parse_bytes(config.memory_budget), slot_bytes, slots,
-            tuple(kernels.KERNELS), str(store.path), direct,
+            tuple(kernels.KERNELS), str(store.path), direct, io_backend,
         )
         # One thread receives every completion, so waiting on any of them also notices
         # a dead device at once (its end of the socket closes), never after a timeout.
@@ -456,7 +475,9 @@ def open_device(
     cores: tuple[int, ...] | None = None,
     memory_budget: int | str = "1GiB",
     *,
+    io_backend: Literal["auto", "ring", "threads"] = "auto",
     io_threads: int = 4,
+    queue_depth: int = DEFAULT_QUEUE_DEPTH,
 ) -> Device:
     """Open a computational storage device on ``store``.
 
@@ -466,7 +487,9 @@ def open_device(
         backend: ``"emulated"`` (separate process) or ``"inline"`` (this process).
         cores: cores to pin the emulated device to (default: the last one).
         memory_budget: device memory for slices in flight, like ``"1GiB"``.
-        io_threads: threads keeping store I/O in flight.
+        io_backend: ``"auto"``, ``"ring"`` (io_uring) or ``"threads"``: see :class:`DeviceConfig`.
+        io_threads: threads of the thread-pool backend.
+        queue_depth: blocks the io_uring backend keeps in flight.
 
     Returns:
         A :class:`Device`; close it (or use ``with``) to stop it.
@@ -476,7 +499,8 @@ def open_device(
         with Store.open("run/.nearstep") as store, open_device(store, "inline") as dev:
             print(dev.info)
     """
-    config = DeviceConfig(backend=backend, cores=cores, memory_budget=memory_budget, io_threads=io_threads)
+    config = DeviceConfig(backend=backend, cores=cores, memory_budget=memory_budget, io_backend=io_backend,
+                          io_threads=io_threads, queue_depth=queue_depth)
     return build_device(store, config)
 
 

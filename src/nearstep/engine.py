@@ -38,6 +38,7 @@ from . import aio, formats, kernels
 from .errors import StoreCorruptError
 from .staging import SharedMemory, StagingLayout
 from .store import PARAM_STATS, Manifest, SliceState, Store, encode_slice, rounding_seed, slice_views
+from .uring import DEFAULT_QUEUE_DEPTH, IORing
 
 __all__ = [
     "MapMemory",
@@ -161,11 +162,15 @@ class EngineConfig:
 
     Attributes:
         memory_budget: bytes of device memory for slots (state + gradient scratch).
-        io_threads: threads of the I/O pool.
+        io_backend: ``"auto"``, ``"ring"`` or ``"threads"``: see :func:`nearstep.aio.open_io`.
+        io_threads: threads of the thread-pool backend.
+        queue_depth: blocks the io_uring backend keeps in flight.
     """
 
     memory_budget: int
+    io_backend: str = "auto"
     io_threads: int = 4
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +234,10 @@ class Engine:
         # [Note: kernels before I/O] The next forward waits for the kernels (new weights),
         # never for the write-back, which only has to finish before the commit; on a
         # shared core the I/O threads' checksums and copies therefore run at a lower priority.
-        self.pool = aio.IOPool(threads=config.io_threads, block_bytes=m.checksum_block, nice=_IO_NICE)
+        self.pool = aio.open_io(config.io_backend, threads=config.io_threads, queue_depth=config.queue_depth,
+                                block_bytes=m.checksum_block, nice=_IO_NICE)
+        self.io_backend = (f"io_uring, queue depth {config.queue_depth}" if isinstance(self.pool, IORing)
+                           else f"thread pool of {config.io_threads}")
         self.memory: dict[int, torch.Tensor] = {}
         self._shared: list[SharedMemory] = []
         self._files: dict[tuple[int, int], aio.AlignedFile] = {}

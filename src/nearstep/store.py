@@ -459,7 +459,7 @@ class Store:
         hyperparameters: Sequence[dict[str, Any]],
         slice_bytes: int = 64 << 20,
         checksum_block: int = aio.DEFAULT_BLOCK_BYTES,
-        pool: aio.IOPool | None = None,
+        pool: aio.IOQueue | None = None,
         state_format: str | formats.StateFormat = "fp32",
         moments: Callable[[str, int], torch.Tensor] | None = None,
     ) -> Store:
@@ -624,7 +624,7 @@ class Store:
 
     def _write_initial(
         self, masters: Callable[[int], torch.Tensor], moments: Callable[[str, int], torch.Tensor] | None,
-        pool: aio.IOPool | None,
+        pool: aio.IOQueue | None,
     ) -> tuple[SliceState, ...]:
         m = self.manifest
         own_pool = pool is None
@@ -657,7 +657,7 @@ class Store:
         fsync_path(self.path / SLICES)
         return tuple(states)
 
-    def read_slice(self, index: int, pool: aio.IOPool | None = None) -> dict[str, torch.Tensor]:
+    def read_slice(self, index: int, pool: aio.IOQueue | None = None) -> dict[str, torch.Tensor]:
         """Read the committed state of one slice, verifying its checksum.
 
         Returns one flat fp32 tensor per state name (``master`` first), each a copy,

@@ -39,6 +39,7 @@ import nearstep
 from nearstep import aio, formats, kernels
 from nearstep.device import DeviceConfig, parse_bytes
 from nearstep.store import ParamSpec, Store
+from nearstep.uring import IORing
 from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
 
 __all__ = ["main"]
@@ -72,7 +73,10 @@ class Options:
         budget: device memory budget of the peak-memory test, like ``"1GiB"``.
         skip_peak: leave the peak-memory test out.
         quick: tiny sizes, for smoke tests.
-        io_threads: I/O threads of the store pass (the engine's ``DeviceConfig.io_threads``).
+        io_backend: the store pass's I/O backend (the engine's ``DeviceConfig.io_backend``). Where it is the
+            io_uring ring, the thread pool runs alongside as its own side ("pool"), for comparison.
+        io_threads: threads of the thread-pool backend (``DeviceConfig.io_threads``).
+        queue_depth: blocks the ring keeps in flight (``DeviceConfig.queue_depth``).
         deepspeed: add DeepSpeed's async I/O to the bandwidth test where it is installed.
     """
 
@@ -85,7 +89,9 @@ class Options:
     budget: str
     skip_peak: bool
     quick: bool
+    io_backend: str = DeviceConfig().io_backend
     io_threads: int = DeviceConfig().io_threads
+    queue_depth: int = DeviceConfig().queue_depth
     deepspeed: bool = True
 
 
@@ -102,15 +108,20 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--skip-peak", action="store_true", help="leave out the peak-memory test")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 16 MiB of state, 1M update params, 2M peak params, 1 repeat")
+    parser.add_argument("--io-backend", choices=aio.IO_BACKENDS, default=DeviceConfig().io_backend,
+                        help="the store pass's I/O backend (default: the device's default, %(default)s)")
     parser.add_argument("--io-threads", type=int, default=DeviceConfig().io_threads,
-                        help="I/O threads of the store pass (default: the device's default, %(default)s)")
+                        help="threads of the thread-pool backend (default: the device's default, %(default)s)")
+    parser.add_argument("--queue-depth", type=int, default=DeviceConfig().queue_depth,
+                        help="blocks the io_uring backend keeps in flight (default: %(default)s)")
     parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
                         help="leave DeepSpeed's async I/O out of the bandwidth test even where it is installed")
     args = parser.parse_args(argv)
     if args.quick:
         args.gib, args.update_params, args.peak_params, args.repeats = 1 / 64, 1_000_000, 2_000_000, 1
-    if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8 or args.io_threads < 1:
-        parser.error("--gib must be > 0, --repeats >= 1, --io-threads >= 1, --update-params >= 4 "
+    if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8 or args.io_threads < 1 \
+            or args.queue_depth < 1:
+        parser.error("--gib must be > 0, --repeats >= 1, --io-threads >= 1, --queue-depth >= 1, --update-params >= 4 "
                      "and --peak-params >= 8")
     try:
         parse_bytes(args.budget)
@@ -118,8 +129,8 @@ def _parse(argv: list[str] | None) -> Options:
         parser.error(f"--budget: {exc}")
     return Options(dir=args.dir, json=args.json, state_bytes=int(args.gib * GiB), repeats=args.repeats,
                    update_params=args.update_params, peak_params=args.peak_params, budget=args.budget,
-                   skip_peak=args.skip_peak, quick=args.quick, io_threads=args.io_threads,
-                   deepspeed=args.deepspeed)
+                   skip_peak=args.skip_peak, quick=args.quick, io_backend=args.io_backend,
+                   io_threads=args.io_threads, queue_depth=args.queue_depth, deepspeed=args.deepspeed)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -204,10 +215,13 @@ def _synthetic_store(path: pathlib.Path, state_bytes: int) -> Store:
 class _StorePass:
     """A step's state traffic, moved as the engine moves it (engine.Engine._load_loop and _commit)."""
 
-    def __init__(self, store: Store, threads: int) -> None:
+    def __init__(self, store: Store, opts: Options, backend: str) -> None:
         m = self.manifest = store.manifest
         self.store = store
-        self.pool = aio.IOPool(threads=threads, block_bytes=m.checksum_block)
+        self.pool = aio.open_io(backend, threads=opts.io_threads, queue_depth=opts.queue_depth,
+                                block_bytes=m.checksum_block)
+        self.about = (f"io_uring, queue depth {opts.queue_depth}" if isinstance(self.pool, IORing)
+                      else f"thread pool of {opts.io_threads}")
         size = max(m.slice_file_bytes(s.index) for s in m.slices)
         self.buffers = [aio.AlignedBuffer(size) for _ in range(min(STORE_BUFFERS, len(m.slices)))]
         self.files = {(k, g): aio.AlignedFile.open(path) for k, g, path in store.iter_slice_paths()}
@@ -337,7 +351,9 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     ops, ds_version = _deepspeed_aio() if opts.deepspeed else (None, "left out (--no-deepspeed)")
     sides: dict[str, Any] = {}
     try:
-        sides["store"] = _StorePass(store, opts.io_threads)
+        sides["store"] = _StorePass(store, opts, opts.io_backend)
+        if isinstance(sides["store"].pool, IORing):
+            sides["pool"] = _StorePass(store, opts, "threads")
         nbytes = store.manifest.state_bytes  # the raw loop moves exactly the store's bytes
         sides["raw"] = _RawFile(work / "raw.bin", nbytes)
         if ops is not None:
@@ -346,7 +362,7 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
         # first write into fallocated extents converts them; either would weigh on one side's round 1.
         for side in sides.values():
             side.read(), side.write()
-        names = sorted(sides, key=("raw", "store", "deepspeed").index)
+        names = sorted(sides, key=("raw", "store", "pool", "deepspeed").index)
         times: dict[str, list[float]] = {f"{name}_{op}": [] for name in names for op in ("read", "write")}
         for r in range(opts.repeats):
             _progress(f"bandwidth round {r + 1}/{opts.repeats}")
@@ -358,6 +374,7 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
                 times[f"{name}_read"].append(sides[name].read())
                 times[f"{name}_write"].append(sides[name].write())
         direct = sides["raw"].direct and all(f.direct for f in sides["store"].files.values())
+        about = {name: sides[name].about for name in ("store", "pool") if name in sides}
         ds = sides.get("deepspeed")
         ds_config = None if ds is None else ds.config | {"huge_pages": ds.huge_pages}
     finally:
@@ -368,7 +385,8 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     median = {k: nbytes / statistics.median(v) / GB for k, v in times.items()}
     ratios = {op: median[f"store_{op}"] / median[f"raw_{op}"] for op in ("read", "write")}
     out = {"bytes": nbytes, "slices": len(store.manifest.slices), "direct_io": direct, "seconds": times,
-           "io_threads": opts.io_threads, "crc32": aio.CRC32_IMPLEMENTATION,
+           "io_backend": about["store"], "pool_io": about.get("pool"), "io_threads": opts.io_threads,
+           "queue_depth": opts.queue_depth, "crc32": aio.CRC32_IMPLEMENTATION,
            "rounds_gbps": [{k: nbytes / v[r] / GB for k, v in times.items()} for r in range(opts.repeats)],
            "median_gbps": median, "target": TARGET, "read_ratio": ratios["read"], "write_ratio": ratios["write"],
            "read_pass": ratios["read"] >= TARGET, "write_pass": ratios["write"] >= TARGET,
@@ -384,7 +402,9 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
 def _end_to_end(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     """Full inline-device AdamW steps over as many parameters as the bandwidth test's state holds."""
     sizes = _split(max(opts.state_bytes // ADAMW_BYTES_PER_PARAM, 4), 4)
-    opt = nearstep.AdamW(_bf16_params(sizes), lr=1e-3, store=work / "e2e", device="inline")
+    device = DeviceConfig(backend="inline", io_backend=opts.io_backend, io_threads=opts.io_threads,
+                          queue_depth=opts.queue_depth)
+    opt = nearstep.AdamW(_bf16_params(sizes), lr=1e-3, store=work / "e2e", device=device)
     try:
         opt.step()  # warm-up: first touches of slots and staging, first writes into generation 1
         before = opt.stats()
@@ -599,7 +619,8 @@ def _render(res: dict[str, Any]) -> str:
            f"1. store bandwidth vs raw O_DIRECT{' and DeepSpeed' if ds['available'] else ''}, GB/s (1e9 B/s): "
            f"{bw['bytes'] / GiB:.2f} GiB of AdamW state, {bw['slices']} slice file(s)"
            f"{'' if bw['direct_io'] else ', BUFFERED: no O_DIRECT on this file system'}",
-           f"  store: IOPool of {bw['io_threads']} threads, {bw['crc32']} CRC-32; {peer}",
+           f"  store: {bw['io_backend']}, {bw['crc32']} CRC-32"
+           f"{'; pool: the store pass on a ' + bw['pool_io'] if bw.get('pool_io') else ''}; {peer}",
            f"  {'round':<10}" + "".join(f"{c.replace('deepspeed', 'ds').replace('_', ' '):>13}" for c in cols)]
     rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
     out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
@@ -609,6 +630,9 @@ def _render(res: dict[str, Any]) -> str:
         out += [table_line(f"store/DeepSpeed {op}", f"{ds[f'{op}_ratio']:.3f}",
                            verdict(ds[f"{op}_pass"], f"target >= {PEER_TARGET}; same files, writes with fdatasync"))
                 for op in ("read", "write")]
+    if "pool_read" in bw["median_gbps"]:
+        out += [table_line(f"store/pool {op}", f"{bw['median_gbps'][f'store_{op}'] / bw['median_gbps'][f'pool_{op}']:.3f}",
+                           "the ring against the thread pool, for information") for op in ("read", "write")]
     out += [table_line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
                        f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
                        f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
