@@ -7,15 +7,18 @@ ring and a completion ring shared with the kernel by mmap, one reaper thread
 that waits for completions, computes read checksums and refills the ring.
 
 [Note: why a ring] Measured on the development VM (2 cores, virtio disk, 1 GiB
-of slice files, DeepSpeed's libaio op alongside in the same run, alternating):
-a pool of 4 threads read 0.91 and wrote 0.89 of DeepSpeed's bandwidth; 8, 16
-or 32 threads did not close the gap (0.92-0.99 on reads, 0.90-0.95 on writes,
-and worse under load). A thread blocked in ``preadv`` holds one request; the
-disk wants more than the pool's threads can cheaply hold, and each
-completion costs a thread wake-up plus the GIL. The ring keeps ``queue_depth``
-requests in flight for the price of one thread: at depth 32 it read at
-DeepSpeed's bandwidth (1.93 vs 1.94 GB/s) and wrote faster (2.98 vs 2.81).
-Run ``nearstep bench io --io-backend ring`` and ``--io-backend threads``.
+of AdamW state in 6 slice files, DeepSpeed's libaio op on the same files in
+the same run, alternating; ``nearstep bench io``): a pool of 4 threads read
+0.91 and wrote 0.89 of DeepSpeed's bandwidth, and 8, 16 or 32 threads did not
+close the gap. A thread blocked in ``preadv`` holds one request, and each
+completion costs a thread wake-up and the GIL. The ring keeps ``queue_depth``
+requests in flight for the price of one thread: unchecked, it moved as much as
+libaio (0.96-1.04 of DeepSpeed over four runs); checked, it wrote 1.01-1.03 of
+DeepSpeed and 1.20-1.23 of the thread pool, and read 0.96-0.97 of DeepSpeed
+and 1.01-1.02 of the pool (quiet runs). The device step of a 50M-parameter
+AdamW went from 600 to 561 ms. What is left on reads is the CRC-32 of every
+block (DeepSpeed checks nothing): one more pass over memory the disk is
+writing into at the same time. Depths 4-32 were within noise of each other.
 
 [Note: ring memory ordering] The rings' head and tail indices are shared with
 the kernel and need acquire/release ordering, which Python cannot express. We
