@@ -121,12 +121,13 @@ def test_deepspeed_row_reads_and_writes_the_same_slice_files(tmp_path, monkeypat
     assert_positive(ds, "read_ratio", "write_ratio")
     assert isinstance(ds["read_pass"], bool) and isinstance(ds["write_pass"], bool)
     # Where the store runs on the io_uring ring, the thread pool runs alongside as "pool".
-    sides = ("raw", "store", "deepspeed") + (("pool",) if uring.ring_support()[0] else ())
+    sides = ("raw", "store", "bare", "deepspeed") + (("pool",) if uring.ring_support()[0] else ())
     assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in sides for op in ("read", "write"))
     table = capsys.readouterr().out
     for label in ("ds read", "ds write", "store/DeepSpeed read", "store/DeepSpeed write", "DeepSpeed fake async I/O"):
         assert label in table, label
     assert (("store/pool read" in table) and "io_uring, queue depth 32" in table) == ("pool" in sides)
+    assert "bare/DeepSpeed read" in table and "bare write" in table
 
 
 def test_the_store_side_on_the_thread_pool_alone(tmp_path, capsys):
@@ -135,5 +136,6 @@ def test_the_store_side_on_the_thread_pool_alone(tmp_path, capsys):
                  "--dir", str(tmp_path / "b"), "--json", str(out)]) == 0
     bw = json.loads(out.read_text())["bandwidth"]
     assert bw["io_backend"] == "thread pool of 3" and bw["pool_io"] is None
-    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store") for op in ("read", "write"))
+    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store", "bare")
+                                           for op in ("read", "write"))
     assert "store: thread pool of 3" in capsys.readouterr().out

@@ -213,11 +213,16 @@ def _synthetic_store(path: pathlib.Path, state_bytes: int) -> Store:
 
 
 class _StorePass:
-    """A step's state traffic, moved as the engine moves it (engine.Engine._load_loop and _commit)."""
+    """A step's state traffic, moved as the engine moves it (engine.Engine._load_loop and _commit).
 
-    def __init__(self, store: Store, opts: Options, backend: str) -> None:
+    ``checksum=False`` leaves out what the engine never does, the CRC-32 of every block: that side
+    ("bare") shows the I/O path alone, next to DeepSpeed's, which computes none.
+    """
+
+    def __init__(self, store: Store, opts: Options, backend: str, *, checksum: bool = True) -> None:
         m = self.manifest = store.manifest
         self.store = store
+        self.checksum = checksum
         self.pool = aio.open_io(backend, threads=opts.io_threads, queue_depth=opts.queue_depth,
                                 block_bytes=m.checksum_block)
         self.about = (f"io_uring, queue depth {opts.queue_depth}" if isinstance(self.pool, IORing)
@@ -236,14 +241,16 @@ class _StorePass:
             if len(in_flight) == len(self.buffers):
                 self._verify(*in_flight.popleft())  # its buffer is the one this slice takes
             gen = self.manifest.committed[spec.index].generation
-            future = self.pool.read(self.files[spec.index, gen], self._view(spec.index), 0, checksum=True)
+            future = self.pool.read(self.files[spec.index, gen], self._view(spec.index), 0, checksum=self.checksum)
             in_flight.append((spec.index, gen, future))
         while in_flight:
             self._verify(*in_flight.popleft())
         return time.perf_counter() - start
 
     def _verify(self, k: int, gen: int, future: Any) -> None:
-        self.store.check_checksum(k, self.store.slice_path(k, gen), future.result().crcs or ())
+        result = future.result()
+        if self.checksum:
+            self.store.check_checksum(k, self.store.slice_path(k, gen), result.crcs or ())
 
     def write(self) -> float:
         """Write every slice to its other generation with checksums, then fdatasync each file.
@@ -257,7 +264,7 @@ class _StorePass:
             if len(writes) >= len(self.buffers):
                 writes[-len(self.buffers)][2].result()  # the write that last used this slice's buffer
             gen = self.manifest.committed[spec.index].generation ^ 1
-            future = self.pool.write(self.files[spec.index, gen], self._view(spec.index), 0, checksum=True)
+            future = self.pool.write(self.files[spec.index, gen], self._view(spec.index), 0, checksum=self.checksum)
             writes.append((spec.index, gen, future))
         for k, gen, future in writes:
             future.result()
@@ -354,6 +361,7 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
         sides["store"] = _StorePass(store, opts, opts.io_backend)
         if isinstance(sides["store"].pool, IORing):
             sides["pool"] = _StorePass(store, opts, "threads")
+        sides["bare"] = _StorePass(store, opts, opts.io_backend, checksum=False)
         nbytes = store.manifest.state_bytes  # the raw loop moves exactly the store's bytes
         sides["raw"] = _RawFile(work / "raw.bin", nbytes)
         if ops is not None:
@@ -362,7 +370,7 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
         # first write into fallocated extents converts them; either would weigh on one side's round 1.
         for side in sides.values():
             side.read(), side.write()
-        names = sorted(sides, key=("raw", "store", "pool", "deepspeed").index)
+        names = sorted(sides, key=("raw", "store", "pool", "bare", "deepspeed").index)
         times: dict[str, list[float]] = {f"{name}_{op}": [] for name in names for op in ("read", "write")}
         for r in range(opts.repeats):
             _progress(f"bandwidth round {r + 1}/{opts.repeats}")
@@ -620,7 +628,8 @@ def _render(res: dict[str, Any]) -> str:
            f"{bw['bytes'] / GiB:.2f} GiB of AdamW state, {bw['slices']} slice file(s)"
            f"{'' if bw['direct_io'] else ', BUFFERED: no O_DIRECT on this file system'}",
            f"  store: {bw['io_backend']}, {bw['crc32']} CRC-32"
-           f"{'; pool: the store pass on a ' + bw['pool_io'] if bw.get('pool_io') else ''}; {peer}",
+           f"{'; pool: the store pass on a ' + bw['pool_io'] if bw.get('pool_io') else ''}"
+           f"; bare: the store pass without checksums; {peer}",
            f"  {'round':<10}" + "".join(f"{c.replace('deepspeed', 'ds').replace('_', ' '):>13}" for c in cols)]
     rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
     out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
@@ -633,6 +642,9 @@ def _render(res: dict[str, Any]) -> str:
     if "pool_read" in bw["median_gbps"]:
         out += [table_line(f"store/pool {op}", f"{bw['median_gbps'][f'store_{op}'] / bw['median_gbps'][f'pool_{op}']:.3f}",
                            "the ring against the thread pool, for information") for op in ("read", "write")]
+    if ds["available"]:
+        out += [table_line(f"bare/DeepSpeed {op}", f"{bw['median_gbps'][f'bare_{op}'] / bw['median_gbps'][f'deepspeed_{op}']:.3f}",
+                           "the store's I/O path without its checksums, for information") for op in ("read", "write")]
     out += [table_line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
                        f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
                        f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
