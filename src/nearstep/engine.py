@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -201,6 +201,75 @@ class _Ticket:
         self.ready = threading.Event()
 
 
+# Elements per region in one chunk of the kernel's pass: 1 MiB of fp32 per region, so
+# that a chunk's state and gradient stay in cache from checksum to kernel to checksum.
+_PASS_CHUNK = 1 << 18
+
+
+def _chunks(segments: list[int], bounds: list[tuple[int, int]],
+            chunk: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
+    """The kernel's pass over ``segments`` (in slice order) in chunks of about ``chunk`` elements:
+    yields (the element the chunk reaches, its pieces (segment, first element, stop)).
+
+    A segment is cut only at multiples of ``chunk`` from its own start, so every piece but its
+    last is a whole number of vector lengths: the fused kernels' vectorised body and scalar tail
+    then see each element as they would see the whole segment, and chunking changes no bit.
+    """
+    pieces: list[tuple[int, int, int]] = []
+    filled = 0
+    for j in segments:
+        lo, hi = bounds[j]
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            pieces.append((j, start, stop))
+            filled += stop - start
+            if filled >= chunk:
+                yield stop, pieces
+                pieces, filled = [], 0
+    if pieces:
+        yield pieces[-1][2], pieces
+
+
+class _PassCrcs:
+    """Per-block CRC-32s of a slice's file image, computed during the kernel's pass over it.
+
+    Blocks lying inside one of ``spans`` (the regions' data) are fed a chunk at a
+    time, in file order, while the chunk is in cache (:meth:`feed`); the few
+    others, which straddle a region's end, its page padding or the next region,
+    are computed whole by :meth:`edges`. With no spans every block is an edge.
+    """
+
+    def __init__(self, block: int, nbytes: int, spans: list[tuple[int, int]]) -> None:
+        self.block, self.nbytes = block, nbytes
+        count = -(-nbytes // block)
+        self.crcs = [0] * count
+        self.next = {b: b * block for b in range(count)
+                     if any(lo <= b * block and min(nbytes, (b + 1) * block) <= hi for lo, hi in spans)}
+        self.edge_blocks = [b for b in range(count) if b not in self.next]
+
+    def edges(self, image: memoryview) -> None:
+        for b in self.edge_blocks:
+            self.crcs[b] = aio.crc32(image[b * self.block : min(self.nbytes, (b + 1) * self.block)])
+
+    def feed(self, image: memoryview, start: int, stop: int) -> None:
+        """Continue the CRCs of the blocks holding bytes [start, stop) of ``image`` (edges skipped)."""
+        while start < stop:
+            b = start // self.block
+            end = min(stop, (b + 1) * self.block)
+            if b in self.next:
+                if self.next[b] != start:
+                    raise AssertionError(f"block {b} fed at {start}, expected {self.next[b]}")
+                self.crcs[b] = aio.crc32(image[start:end], self.crcs[b])
+                self.next[b] = end
+            start = end
+
+    def result(self) -> list[int]:
+        for b, at in self.next.items():
+            if at != min(self.nbytes, (b + 1) * self.block):
+                raise AssertionError(f"block {b} was fed only up to {at}")
+        return self.crcs
+
+
 class Engine:
     """Runs device requests against one store. Not thread-safe: one caller at a time."""
 
@@ -246,7 +315,7 @@ class Engine:
         self._made = 0
         self._order: deque[int] = deque()
         self._tickets: dict[int, _Ticket] = {}
-        self._writes: dict[int, tuple[Future[aio.IOResult], int]] = {}
+        self._writes: dict[int, tuple[Future[aio.IOResult], int, list[int] | None]] = {}
         self._closing = False
         self._failed: BaseException | None = None  # see _refuse_if_failed
         self._trace: list[TraceEvent] = []
@@ -368,8 +437,10 @@ class Engine:
             try:
                 gen = self.manifest.committed[k].generation
                 nbytes = self.manifest.slice_file_bytes(k)
+                # An fp32 slice is verified in the kernel's pass (see [Note: checksums in the kernel's pass]).
+                checksum = not self.manifest.format.is_identity
                 ticket.future = self._timed(
-                    self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True),
+                    self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=checksum),
                     "device-io", f"read s{k}",
                 )
             except BaseException as exc:  # surfaced by the apply that waits on this ticket
@@ -394,15 +465,16 @@ class Engine:
         assert ticket.future is not None
         try:
             result = ticket.future.result()
-            self._verify(k, result)
+            if result.crcs is not None:
+                self._verify(k, result.crcs)
         except BaseException:
             self._release(ticket.slot)
             raise
         self.counters["load_wait_seconds"] += time.perf_counter() - t0
         return ticket.slot, result
 
-    def _verify(self, k: int, result: aio.IOResult) -> None:
-        got = aio.combine_crcs(result.crcs or ())
+    def _verify(self, k: int, crcs: Sequence[int]) -> None:
+        got = aio.combine_crcs(crcs)
         state = self.manifest.committed[k]
         if got != state.checksum:
             path = self.store.slice_path(k, state.generation)
@@ -449,15 +521,18 @@ class Engine:
             return [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         try:
             start = time.monotonic_ns()
-            reports = self._run_kernel(req, slot, arena)
+            reports, crcs = self._run_kernel(req, slot, arena)
             self._event("device-compute", f"apply s{k}", start, time.monotonic_ns())
-            self._write_back(k, slot)
+            self._write_back(k, slot, crcs)
         except BaseException:
             self._release(slot)
             raise
         return reports
 
-    def _run_kernel(self, req: Apply, slot: _Slot, arena: torch.Tensor) -> list[kernels.SegmentReport]:
+    def _run_kernel(self, req: Apply, slot: _Slot,
+                    arena: torch.Tensor) -> tuple[list[kernels.SegmentReport], list[int] | None]:
+        """Update slice ``req.slice`` in its slot; returns the segments' reports and, for an fp32
+        slice, the per-block CRC-32s of the new file image (else None: the write computes them)."""
         t0 = time.perf_counter()
         m = self.manifest
         staged = self.layout.slices[req.slice]
@@ -467,6 +542,12 @@ class Engine:
         fmt = m.format
         if fmt.is_identity:
             regions = [slot.buffer.tensor(torch.float32, r * region, extent) for r in range(len(m.state_names))]
+            image = slot.buffer.memoryview(0, file_bytes)
+            # Chunked only where every guard is elementwise: a chunk's report then adds up.
+            chunk = _PASS_CHUNK if not (req.guards.telemetry or req.guards.update_clip is not None) else max(extent, 1)
+            spans = [(r * region, r * region + 4 * extent) for r in range(len(m.state_names))] if chunk < extent else []
+            verify, written = (_PassCrcs(m.checksum_block, file_bytes, spans) for _ in range(2))
+            verify.edges(image)  # before the kernel touches them
         else:
             coded = slice_views(m, req.slice, slot.buffer)
             regions = [slot.buffer.tensor(torch.float32, file_bytes + r * region, extent)
@@ -481,6 +562,7 @@ class Engine:
                 by_group.setdefault(seg.group, []).append(j)
         reports = [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         link_in = 0
+        work = []
         for group, members in by_group.items():
             hyper = req.hypers[group]
             grads = []
@@ -502,16 +584,37 @@ class Engine:
                 else:
                     g = scratch[lo:hi].copy_(src)
                 grads.append(g)
-            masters = [regions[0][bounds[j][0] : bounds[j][1]] for j in members]
-            states = {
-                name: [regions[r][bounds[j][0] : bounds[j][1]] for j in members]
-                for r, name in enumerate(m.state_names[1:], start=1)
-            }
-            out = kernels.update_(hyper, masters, states, grads, [req.steps[j] for j in members], req.guards)
-            for j, rep in zip(members, out):
-                reports[j] = rep
+            work.append((hyper, members, grads))
+        if not fmt.is_identity:
+            self._update(req, work, bounds, regions, [(j, *bounds[j]) for _h, members, _g in work for j in members],
+                         reports)
+        else:
+            # [Note: checksums in the kernel's pass] An fp32 slice arrives unchecked (the
+            # loader reads it without checksums) and leaves unchecked (the write-back
+            # computes none): the checksums of the old image and of the new one are
+            # computed here, a chunk at a time, right before and right after the kernel
+            # works on that chunk, while its bytes are in cache. In the I/O path each
+            # was one more pass over memory the disk was filling or emptying (about 5%
+            # of the read bandwidth on the development VM, and a pass the device's one
+            # core paid for). A corrupted slice is still refused before anything leaves
+            # the slot: the kernel's work on it is discarded with the slot.
+            done = 0
+            for stop, pieces in _chunks(sorted(j for _h, members, _g in work for j in members), bounds, chunk):
+                for lo, _hi in spans:
+                    verify.feed(image, lo + 4 * done, lo + 4 * stop)
+                self._update(req, work, bounds, regions, pieces, reports)
+                for lo, _hi in spans:
+                    written.feed(image, lo + 4 * done, lo + 4 * stop)
+                done = stop
+            for lo, _hi in spans:  # what lies past the last updated segment
+                verify.feed(image, lo + 4 * done, lo + 4 * extent)
+                written.feed(image, lo + 4 * done, lo + 4 * extent)
+            self._verify(req.slice, verify.result())
+            written.edges(image)
+        for _hyper, members, _grads in work:
+            for j in members:
                 checked = req.guards.spike_clip is not None and req.steps[j] > req.guards.spike_warmup
-                self._count(staged.segments[j].param, staged.segments[j].length, rep, checked)
+                self._count(staged.segments[j].param, staged.segments[j].length, reports[j], checked)
         if not fmt.is_identity:
             # Encoding rounds the fp32 state to what the store holds, in place: the weights
             # posted below are then exactly the master a resumed run reads back.
@@ -530,7 +633,30 @@ class Engine:
         self.counters["link_out_bytes"] += link_out
         self.counters["compute_seconds"] += time.perf_counter() - t0
         self.counters["slices_applied"] += 1
-        return reports
+        return reports, written.result() if fmt.is_identity else None
+
+    def _update(self, req: Apply, work: list[tuple[kernels.Hyper, list[int], list[torch.Tensor]]],
+                bounds: list[tuple[int, int]], regions: list[torch.Tensor], pieces: list[tuple[int, int, int]],
+                reports: list[kernels.SegmentReport]) -> None:
+        """Run the kernels on ``pieces`` (segment, first element, stop) of the slice, one fused call per
+        group; a segment's reports over several pieces add up."""
+        names = self.manifest.state_names
+        wanted = {j: (lo, hi) for j, lo, hi in pieces}
+        for hyper, members, grads in work:
+            cut = [(j, g, *wanted[j]) for j, g in zip(members, grads) if j in wanted]
+            if not cut:
+                continue
+            out = kernels.update_(
+                hyper,
+                [regions[0][lo:hi] for _j, _g, lo, hi in cut],
+                {name: [regions[r][lo:hi] for _j, _g, lo, hi in cut] for r, name in enumerate(names[1:], start=1)},
+                [g[lo - bounds[j][0] : hi - bounds[j][0]] for j, g, lo, hi in cut],
+                [req.steps[j] for j, *_ in cut],
+                req.guards,
+            )
+            for (j, _g, lo, _hi), rep in zip(cut, out):
+                first = lo == bounds[j][0]
+                reports[j] = rep if first else rep._replace(spike_clipped=reports[j].spike_clipped + rep.spike_clipped)
 
     def _count(self, param: int, length: int, rep: kernels.SegmentReport, spike_checked: bool) -> None:
         self._kernel_counts["spike_clipped"] += rep.spike_clipped
@@ -558,16 +684,17 @@ class Engine:
                 stats["update_to_weight"][i] = math.sqrt(ratio_energy / length)
         return stats
 
-    def _write_back(self, k: int, slot: _Slot) -> None:
+    def _write_back(self, k: int, slot: _Slot, crcs: list[int] | None) -> None:
+        """Write the slot to slice ``k``'s other generation; ``crcs``: its block CRCs, when known already."""
         gen = self.manifest.committed[k].generation ^ 1
         nbytes = self.manifest.slice_file_bytes(k)
         future = self._timed(
-            self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=True),
+            self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=crcs is None),
             "device-io", f"write s{k}",
         )
         # The slot is free only once the write has read its bytes.
         future.add_done_callback(lambda _f, slot=slot: self._release(slot))
-        self._writes[k] = (future, gen)
+        self._writes[k] = (future, gen, crcs)
 
     def _load_state(self, req: LoadState) -> None:
         k = req.slice
@@ -588,7 +715,7 @@ class Engine:
         gen = m.committed[k].generation ^ 1
         future = self.pool.write(self._file(k, gen), buf.memoryview(0, nbytes), 0, checksum=True)
         future.add_done_callback(lambda _f, buf=buf: buf.close())
-        self._writes[k] = (future, gen)
+        self._writes[k] = (future, gen, None)
 
     # -- committing ----------------------------------------------------------
 
@@ -606,12 +733,12 @@ class Engine:
             counters[name] = m.counters.get(name, 0) + value
         param_stats = self._param_stats(m)  # before the finally below forgets this step's counts
         try:
-            for k, (future, gen) in sorted(self._writes.items()):
+            for k, (future, gen, crcs) in sorted(self._writes.items()):
                 result = future.result()
                 # O_DIRECT skips the page cache, not the drive's cache or the metadata of
                 # the file's (fallocated, so far unwritten) extents: fdatasync both.
                 self._file(k, gen).sync()
-                committed[k] = SliceState(gen, aio.combine_crcs(result.crcs or ()))
+                committed[k] = SliceState(gen, aio.combine_crcs(result.crcs if crcs is None else crcs))
         finally:
             self._writes_abort()
         manifest = replace(
@@ -635,7 +762,7 @@ class Engine:
     def _writes_abort(self) -> None:
         self._kernel_counts = dict.fromkeys(self._kernel_counts, 0)
         self._param_counts = {}
-        for future, _gen in self._writes.values():
+        for future, _gen, _crcs in self._writes.values():
             try:
                 future.result()
             except BaseException:

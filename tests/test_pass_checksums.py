@@ -1,0 +1,156 @@
+"""Checksums computed in the kernel's pass over an fp32 slice (engine [Note: checksums in the kernel's pass]).
+
+The slow references: zlib.crc32 over each block of the image in a plain loop,
+the engine with the whole slice as one chunk, torch.optim.AdamW, and
+``Store.verify`` reading every committed file back.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import nearstep
+from nearstep import engine, store as store_module
+from nearstep.aio import PAGE
+
+CHECKSUM_BLOCK = 2 * PAGE  # many blocks per slice, several straddling region boundaries
+
+
+def zlib_blocks(image: bytes, block: int) -> list[int]:
+    return [zlib.crc32(image[i:i + block]) for i in range(0, len(image), block)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pass_crcs_match_zlib_for_any_layout_and_chunking(seed):
+    rng = np.random.default_rng(seed)
+    regions, extent = int(rng.integers(1, 4)), int(rng.integers(1, 5000))
+    region = -(-extent * 4 // PAGE) * PAGE
+    nbytes = regions * region
+    block = int(rng.integers(1, 4)) * PAGE
+    chunk = int(rng.integers(1, 700))
+    image = bytearray(rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes())
+    spans = [(r * region, r * region + 4 * extent) for r in range(regions)]
+    crcs = engine._PassCrcs(block, nbytes, spans)
+    view = memoryview(image)
+    crcs.edges(view)
+    for a in range(0, extent, chunk):  # the engine's order: every region's piece of chunk 1, then of chunk 2...
+        b = min(a + chunk, extent)
+        for lo, _hi in spans:
+            crcs.feed(view, lo + 4 * a, lo + 4 * b)
+    assert crcs.result() == zlib_blocks(bytes(image), block)
+    assert engine._PassCrcs(block, nbytes, []).edge_blocks == list(range(-(-nbytes // block)))
+
+
+def test_a_block_fed_out_of_order_is_a_bug_not_a_checksum(tmp_path):
+    crcs = engine._PassCrcs(PAGE, 4 * PAGE, [(0, 4 * PAGE)])
+    view = memoryview(bytearray(4 * PAGE))
+    with pytest.raises(AssertionError, match="fed at"):
+        crcs.feed(view, 100, 200)
+    with pytest.raises(AssertionError, match="fed only up to"):
+        crcs.result()
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(96, 120)
+        self.b = nn.Linear(120, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    create = store_module.Store.create.__func__
+    monkeypatch.setattr(store_module.Store, "create",
+                        classmethod(lambda cls, *a, **k: create(cls, *a, **{**k, "checksum_block": CHECKSUM_BLOCK})))
+
+
+def train(path: Path, chunk: int, monkeypatch, steps: int = 6, **options) -> tuple[nn.Module, dict]:
+    monkeypatch.setattr(engine, "_PASS_CHUNK", chunk)
+    torch.manual_seed(0)
+    model = Wide()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 96, generator=g), torch.randn(16, 7, generator=g)) for _ in range(steps)]
+    with nearstep.AdamW(model.parameters(), lr=1e-2, store=path, device="inline", slice_mb=0.03, **options) as opt:
+        for x, y in data:
+            nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        stats = opt.stats()
+    return model, stats
+
+
+def test_chunked_pass_equals_one_chunk_and_torch_and_commits_true_checksums(tmp_path, small_blocks, monkeypatch):
+    chunked, _ = train(tmp_path / "chunked", 256, monkeypatch)
+    whole, _ = train(tmp_path / "whole", 1 << 30, monkeypatch)
+    for p, q in zip(chunked.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+    with nearstep.Store.open(tmp_path / "chunked") as a, nearstep.Store.open(tmp_path / "whole") as b:
+        m = a.manifest
+        assert m.checksum_block == CHECKSUM_BLOCK and len(m.slices) > 1
+        assert max(m.slice_file_bytes(s.index) for s in m.slices) > 4 * CHECKSUM_BLOCK
+        assert m.committed == b.manifest.committed  # same bytes, same checksums
+        assert a.verify() == [] and b.verify() == []  # the checksums of the pass are the files' own
+    torch.manual_seed(0)
+    reference = Wide()
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    g = torch.Generator().manual_seed(1)
+    for x, y in [(torch.randn(16, 96, generator=g), torch.randn(16, 7, generator=g)) for _ in range(6)]:
+        nn.functional.mse_loss(reference(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(chunked.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_spike_clip_counts_add_up_over_chunks(tmp_path, small_blocks, monkeypatch):
+    guards = nearstep.Guards(spike_clip=0.5, spike_warmup=1)
+    chunked, a = train(tmp_path / "chunked", 128, monkeypatch, guards=guards)
+    whole, b = train(tmp_path / "whole", 1 << 30, monkeypatch, guards=guards)
+    assert a["spike_clipped"] == b["spike_clipped"] > 0
+    for p, q in zip(chunked.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("guards", [nearstep.Guards(telemetry=True), nearstep.Guards(update_clip=1e-3)],
+                         ids=["telemetry", "update_clip"])
+def test_per_tensor_guards_take_the_unchunked_pass(tmp_path, small_blocks, monkeypatch, guards):
+    chunked, a = train(tmp_path / "small", 128, monkeypatch, guards=guards)
+    whole, b = train(tmp_path / "whole", 1 << 30, monkeypatch, guards=guards)
+    for p, q in zip(chunked.parameters(), whole.parameters()):
+        assert torch.equal(p, q)
+    assert a["update_clipped"] == b["update_clipped"]
+    with nearstep.Store.open(tmp_path / "small") as s:
+        assert s.verify() == []
+
+
+@pytest.mark.parametrize("where", ["inside a region", "in a region's padding"])
+def test_a_corrupted_slice_is_refused_and_nothing_changes(tmp_path, small_blocks, monkeypatch, where):
+    path = tmp_path / "store"
+    model, _ = train(path, 256, monkeypatch, steps=2)
+    m = store_module.read_manifest(path)
+    k = max(range(len(m.slices)), key=m.slice_file_bytes)
+    extent, _starts = m.slice_extent(k)
+    victim = path / "slices" / f"s{k:06d}.g{m.committed[k].generation}"
+    offset = 4 * (extent // 2) if where == "inside a region" else 4 * extent + 8
+    assert offset < -(-extent * 4 // PAGE) * PAGE, "the padding exists in this layout"
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(engine, "_PASS_CHUNK", 256)
+    with nearstep.AdamW(model.parameters(), lr=1e-2, store=path, device="inline", slice_mb=0.03) as opt:
+        # Corrupted after the optimizer loaded the weights (which checks them), before the step reads it.
+        data = bytearray(victim.read_bytes())
+        data[offset] ^= 0x40
+        victim.write_bytes(bytes(data))
+        nn.functional.mse_loss(model(torch.randn(16, 96)), torch.randn(16, 7)).backward()
+        with pytest.raises(nearstep.StoreCorruptError, match=f"slice {k} .* is corrupted.*Nothing was updated"):
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert store_module.read_manifest(path).step == 2
