@@ -35,6 +35,10 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     update = res["update"]
     assert_positive(update, "nearstep_params_per_second", "torch_params_per_second", "ratio")
     assert isinstance(update["pass"], bool)
+    assert list(update["formats"]) == [*io.FORMATS, io.UNCHECKED]
+    for row in update["formats"].values():
+        assert_positive(row, "bytes_per_param_per_step", "params_per_second")
+    assert update["formats"]["fp32"]["bytes_per_param_per_step"] == update["formats"][io.UNCHECKED]["bytes_per_param_per_step"]
 
     peak = res["peak"]
     assert_positive(peak, "state_bytes", "budget_bytes", "baseline_rss_anon", "peak_rss_anon", "peak_vm_rss",
@@ -47,7 +51,8 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     for label in ("machine:", "raw read", "raw write", "store read", "store write", "median", "store/raw read",
                   "store/raw write", "end-to-end inline AdamW step", "nearstep kernels.update_",
                   "torch.optim.AdamW(fused=True)", "nearstep/torch", "peak slot memory", "peak RssAnon",
-                  "peak private memory", "peak RssShmem", "host-link staging", "DeepSpeed async I/O: not run"):
+                  "peak private memory", "peak RssShmem", "host-link staging", "DeepSpeed async I/O: not run",
+                  "fp32, no checksums", "checked read"):
         assert label in table, label
 
     assert not scratch.exists() or not any(scratch.rglob("*"))
@@ -121,13 +126,13 @@ def test_deepspeed_row_reads_and_writes_the_same_slice_files(tmp_path, monkeypat
     assert_positive(ds, "read_ratio", "write_ratio")
     assert isinstance(ds["read_pass"], bool) and isinstance(ds["write_pass"], bool)
     # Where the store runs on the io_uring ring, the thread pool runs alongside as "pool".
-    sides = ("raw", "store", "bare", "deepspeed") + (("pool",) if uring.ring_support()[0] else ())
+    sides = ("raw", "store", "checked", "deepspeed") + (("pool",) if uring.ring_support()[0] else ())
     assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in sides for op in ("read", "write"))
     table = capsys.readouterr().out
     for label in ("ds read", "ds write", "store/DeepSpeed read", "store/DeepSpeed write", "DeepSpeed fake async I/O"):
         assert label in table, label
     assert (("store/pool read" in table) and "io_uring, queue depth 32" in table) == ("pool" in sides)
-    assert "bare/DeepSpeed read" in table and "bare write" in table
+    assert "checked/DeepSpeed read" in table and "checked write" in table
 
 
 def test_the_store_side_on_the_thread_pool_alone(tmp_path, capsys):
@@ -136,6 +141,6 @@ def test_the_store_side_on_the_thread_pool_alone(tmp_path, capsys):
                  "--dir", str(tmp_path / "b"), "--json", str(out)]) == 0
     bw = json.loads(out.read_text())["bandwidth"]
     assert bw["io_backend"] == "thread pool of 3" and bw["pool_io"] is None
-    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store", "bare")
+    assert sorted(bw["seconds"]) == sorted(f"{side}_{op}" for side in ("raw", "store", "checked")
                                            for op in ("read", "write"))
     assert "store: thread pool of 3" in capsys.readouterr().out

@@ -74,7 +74,7 @@ def small_blocks(monkeypatch):
 
 
 def train(path: Path, chunk: int, monkeypatch, steps: int = 6, **options) -> tuple[nn.Module, dict]:
-    monkeypatch.setattr(engine, "_PASS_CHUNK", chunk)
+    monkeypatch.setattr(engine, "PASS_CHUNK", chunk)
     torch.manual_seed(0)
     model = Wide()
     g = torch.Generator().manual_seed(1)
@@ -143,7 +143,7 @@ def test_a_corrupted_slice_is_refused_and_nothing_changes(tmp_path, small_blocks
     offset = 4 * (extent // 2) if where == "inside a region" else 4 * extent + 8
     assert offset < -(-extent * 4 // PAGE) * PAGE, "the padding exists in this layout"
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(engine, "_PASS_CHUNK", 256)
+    monkeypatch.setattr(engine, "PASS_CHUNK", 256)
     with nearstep.AdamW(model.parameters(), lr=1e-2, store=path, device="inline", slice_mb=0.03) as opt:
         # Corrupted after the optimizer loaded the weights (which checks them), before the step reads it.
         data = bytearray(victim.read_bytes())

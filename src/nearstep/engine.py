@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -53,6 +53,8 @@ __all__ = [
     "TraceEvent",
     "EngineConfig",
     "Engine",
+    "checked_pass",
+    "PASS_CHUNK",
 ]
 
 _MARGIN_BYTES = 16 << 20
@@ -203,7 +205,7 @@ class _Ticket:
 
 # Elements per region in one chunk of the kernel's pass: 1 MiB of fp32 per region, so
 # that a chunk's state and gradient stay in cache from checksum to kernel to checksum.
-_PASS_CHUNK = 1 << 18
+PASS_CHUNK = 1 << 18
 
 
 def _chunks(segments: list[int], bounds: list[tuple[int, int]],
@@ -268,6 +270,46 @@ class _PassCrcs:
             if at != min(self.nbytes, (b + 1) * self.block):
                 raise AssertionError(f"block {b} was fed only up to {at}")
         return self.crcs
+
+
+def checked_pass(image: memoryview, block: int, spans: list[tuple[int, int]], extent: int, segments: list[int],
+                 bounds: list[tuple[int, int]], chunk: int,
+                 update: Callable[[list[tuple[int, int, int]]], None]) -> tuple[list[int], list[int]]:
+    """The kernel's pass over an fp32 slice image, with its checksums; returns the per-block
+    CRC-32s of the image before and after.
+
+    [Note: checksums in the kernel's pass] An fp32 slice arrives unchecked (the
+    loader reads it without checksums) and leaves unchecked (the write-back
+    computes none): the checksums of the old image and of the new one are
+    computed here, a chunk at a time, right before and right after ``update``
+    works on that chunk's ``pieces`` (segment, first element, stop), while its
+    bytes are in cache. In the I/O path they were one more pass over memory the
+    disk was filling or emptying: 3-6% of the read bandwidth on the development
+    VM. The device's CPU per step did not change (the same work, elsewhere).
+    The caller compares the "before" CRCs with the manifest before anything
+    leaves the slot, so a corrupted slice is still refused and the update made
+    to it is discarded with the slot.
+
+    ``spans`` are the regions' data, ``(first byte, end)`` each, at element
+    offsets 0..``extent`` within them; ``chunk`` >= ``extent`` makes one chunk
+    (then the CRCs are whole-block passes before and after).
+    """
+    spans = spans if chunk < extent else []
+    verify, written = _PassCrcs(block, len(image), spans), _PassCrcs(block, len(image), spans)
+    verify.edges(image)  # before the update touches them
+    done = 0
+    for stop, pieces in _chunks(segments, bounds, chunk):
+        for lo, _hi in spans:
+            verify.feed(image, lo + 4 * done, lo + 4 * stop)
+        update(pieces)
+        for lo, _hi in spans:
+            written.feed(image, lo + 4 * done, lo + 4 * stop)
+        done = stop
+    for lo, _hi in spans:  # what lies past the last updated segment
+        verify.feed(image, lo + 4 * done, lo + 4 * extent)
+        written.feed(image, lo + 4 * done, lo + 4 * extent)
+    written.edges(image)
+    return verify.result(), written.result()
 
 
 class Engine:
@@ -542,12 +584,6 @@ class Engine:
         fmt = m.format
         if fmt.is_identity:
             regions = [slot.buffer.tensor(torch.float32, r * region, extent) for r in range(len(m.state_names))]
-            image = slot.buffer.memoryview(0, file_bytes)
-            # Chunked only where every guard is elementwise: a chunk's report then adds up.
-            chunk = _PASS_CHUNK if not (req.guards.telemetry or req.guards.update_clip is not None) else max(extent, 1)
-            spans = [(r * region, r * region + 4 * extent) for r in range(len(m.state_names))] if chunk < extent else []
-            verify, written = (_PassCrcs(m.checksum_block, file_bytes, spans) for _ in range(2))
-            verify.edges(image)  # before the kernel touches them
         else:
             coded = slice_views(m, req.slice, slot.buffer)
             regions = [slot.buffer.tensor(torch.float32, file_bytes + r * region, extent)
@@ -589,28 +625,16 @@ class Engine:
             self._update(req, work, bounds, regions, [(j, *bounds[j]) for _h, members, _g in work for j in members],
                          reports)
         else:
-            # [Note: checksums in the kernel's pass] An fp32 slice arrives unchecked (the
-            # loader reads it without checksums) and leaves unchecked (the write-back
-            # computes none): the checksums of the old image and of the new one are
-            # computed here, a chunk at a time, right before and right after the kernel
-            # works on that chunk, while its bytes are in cache. In the I/O path each
-            # was one more pass over memory the disk was filling or emptying (about 5%
-            # of the read bandwidth on the development VM, and a pass the device's one
-            # core paid for). A corrupted slice is still refused before anything leaves
-            # the slot: the kernel's work on it is discarded with the slot.
-            done = 0
-            for stop, pieces in _chunks(sorted(j for _h, members, _g in work for j in members), bounds, chunk):
-                for lo, _hi in spans:
-                    verify.feed(image, lo + 4 * done, lo + 4 * stop)
-                self._update(req, work, bounds, regions, pieces, reports)
-                for lo, _hi in spans:
-                    written.feed(image, lo + 4 * done, lo + 4 * stop)
-                done = stop
-            for lo, _hi in spans:  # what lies past the last updated segment
-                verify.feed(image, lo + 4 * done, lo + 4 * extent)
-                written.feed(image, lo + 4 * done, lo + 4 * extent)
-            self._verify(req.slice, verify.result())
-            written.edges(image)
+            # Chunked only where every guard is elementwise: a chunk's report then adds up.
+            elementwise = not (req.guards.telemetry or req.guards.update_clip is not None)
+            before, written = checked_pass(
+                slot.buffer.memoryview(0, file_bytes), m.checksum_block,
+                [(r * region, r * region + 4 * extent) for r in range(len(m.state_names))], extent,
+                sorted(j for _h, members, _g in work for j in members), bounds,
+                PASS_CHUNK if elementwise else max(extent, 1),
+                lambda pieces: self._update(req, work, bounds, regions, pieces, reports),
+            )
+            self._verify(req.slice, before)
         for _hyper, members, _grads in work:
             for j in members:
                 checked = req.guards.spike_clip is not None and req.steps[j] > req.guards.spike_warmup
@@ -633,7 +657,7 @@ class Engine:
         self.counters["link_out_bytes"] += link_out
         self.counters["compute_seconds"] += time.perf_counter() - t0
         self.counters["slices_applied"] += 1
-        return reports, written.result() if fmt.is_identity else None
+        return reports, written if fmt.is_identity else None
 
     def _update(self, req: Apply, work: list[tuple[kernels.Hyper, list[int], list[torch.Tensor]]],
                 bounds: list[tuple[int, int]], regions: list[torch.Tensor], pieces: list[tuple[int, int, int]],

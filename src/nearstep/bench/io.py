@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import nearstep
-from nearstep import aio, formats, kernels
+from nearstep import aio, engine, formats, kernels
 from nearstep.device import DeviceConfig, parse_bytes
 from nearstep.store import ParamSpec, Store
 from nearstep.uring import IORing
@@ -215,14 +215,15 @@ def _synthetic_store(path: pathlib.Path, state_bytes: int) -> Store:
 class _StorePass:
     """A step's state traffic, moved as the engine moves it (engine.Engine._load_loop and _commit).
 
-    ``checksum=False`` leaves out what the engine never does, the CRC-32 of every block: that side
-    ("bare") shows the I/O path alone, next to DeepSpeed's, which computes none.
+    The engine computes an fp32 slice's checksums in the kernel's pass (engine.checked_pass), so its
+    reads and writes carry none; every other state format has them computed in the I/O path.
+    ``checksum=True`` forces the latter (the side "checked": fp32 state as the store moved it before).
     """
 
-    def __init__(self, store: Store, opts: Options, backend: str, *, checksum: bool = True) -> None:
+    def __init__(self, store: Store, opts: Options, backend: str, *, checksum: bool | None = None) -> None:
         m = self.manifest = store.manifest
         self.store = store
-        self.checksum = checksum
+        self.checksum = not m.format.is_identity if checksum is None else checksum
         self.pool = aio.open_io(backend, threads=opts.io_threads, queue_depth=opts.queue_depth,
                                 block_bytes=m.checksum_block)
         self.about = (f"io_uring, queue depth {opts.queue_depth}" if isinstance(self.pool, IORing)
@@ -361,7 +362,7 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
         sides["store"] = _StorePass(store, opts, opts.io_backend)
         if isinstance(sides["store"].pool, IORing):
             sides["pool"] = _StorePass(store, opts, "threads")
-        sides["bare"] = _StorePass(store, opts, opts.io_backend, checksum=False)
+        sides["checked"] = _StorePass(store, opts, opts.io_backend, checksum=True)
         nbytes = store.manifest.state_bytes  # the raw loop moves exactly the store's bytes
         sides["raw"] = _RawFile(work / "raw.bin", nbytes)
         if ops is not None:
@@ -370,7 +371,7 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
         # first write into fallocated extents converts them; either would weigh on one side's round 1.
         for side in sides.values():
             side.read(), side.write()
-        names = sorted(sides, key=("raw", "store", "pool", "bare", "deepspeed").index)
+        names = sorted(sides, key=("raw", "store", "pool", "checked", "deepspeed").index)
         times: dict[str, list[float]] = {f"{name}_{op}": [] for name in names for op in ("read", "write")}
         for r in range(opts.repeats):
             _progress(f"bandwidth round {r + 1}/{opts.repeats}")
@@ -444,43 +445,60 @@ def _update_rate(opts: Options) -> dict[str, Any]:
 
 
 FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "bf16-kahan+8bit", "bf16-sr+8bit")
+UNCHECKED = "fp32, no checksums"  # the fp32 row without the checksums of its pass: what they cost
 
 
 def _race_formats(n: int) -> dict[str, Any]:
     """Per state format: bytes per parameter per step, and the device's update rate on one core
-    (decode the state file image, the fused AdamW kernel, encode it back), alternating formats."""
+    (decode the state file image, the fused AdamW kernel, encode it back; for fp32 the kernel on the
+    image itself with the checksums of engine.checked_pass), alternating formats."""
     names = ("master",) + kernels.state_names(kernels.AdamWHyper)
     hyper, guards = kernels.AdamWHyper(lr=1e-3), kernels.Guards(skip_nonfinite=False)
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(n, generator=gen).mul_(1e-3)
     cases = {}
-    for name in FORMATS:
-        fmt = formats.StateFormat.parse(name)
+    for name in (*FORMATS, UNCHECKED):
+        fmt = formats.StateFormat.parse("fp32" if name == UNCHECKED else name)
         image = torch.zeros(fmt.file_bytes(names, n), dtype=torch.uint8)
         coded = formats.views(fmt, image, names, n)
-        work = {k: torch.zeros(n) for k in names}
+        spans = [(r.offset, r.offset + r.nbytes) for r in fmt.regions(names, n)]
+        if fmt.is_identity:  # the engine's kernel works on the file image itself
+            work = {r.name: image[r.offset:r.offset + r.nbytes].view(torch.float32) for r in fmt.regions(names, n)}
+        else:
+            work = {k: torch.zeros(n) for k in names}
         work["master"].copy_(torch.randn(n, generator=gen))
         formats.encode_(fmt, work, names, coded, seed=0)
-        cases[name] = (fmt, coded, work, formats.Workspace(), [0])
+        cases[name] = (fmt, coded, work, formats.Workspace(), [0], memoryview(image.numpy()), spans)
 
     def one(name: str) -> None:
-        fmt, coded, work, space, step = cases[name]
+        fmt, coded, work, space, step, image, spans = cases[name]
         step[0] += 1
+
+        def update(pieces: list[tuple[int, int, int]]) -> None:
+            cut = [(lo, hi) for _j, lo, hi in pieces]
+            kernels.update_(hyper, [work["master"][lo:hi] for lo, hi in cut],
+                            {k: [work[k][lo:hi] for lo, hi in cut] for k in names[1:]},
+                            [grad[lo:hi].clone() for lo, hi in cut], [step[0]] * len(cut), guards)
+
+        if name == "fp32":
+            engine.checked_pass(image, aio.DEFAULT_BLOCK_BYTES, spans, n, [0], [(0, n)], engine.PASS_CHUNK, update)
+            return
         if not fmt.is_identity:
             formats.decode_(fmt, coded, names, work, workspace=space)
-        kernels.update_(hyper, [work["master"]], {k: [work[k]] for k in names[1:]}, [grad.clone()], [step[0]], guards)
+        update([(0, 0, n)])
         if not fmt.is_identity:
             formats.encode_(fmt, work, names, coded, seed=step[0], workspace=space, decode_moments=False)
 
-    for name in FORMATS:
+    rows = (*FORMATS, UNCHECKED)
+    for name in rows:
         one(name)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in FORMATS}
+    times: dict[str, list[float]] = {name: [] for name in rows}
     for _ in range(UPDATE_ROUNDS):
-        for name in FORMATS:  # alternating, as everywhere
+        for name in rows:  # alternating, as everywhere
             times[name].append(_timed(lambda name=name: one(name)))
     return {name: {"bytes_per_param_per_step": 2 * cases[name][0].file_bytes(names, n) / n,
                    "params_per_second": n / statistics.median(times[name]), "seconds": times[name]}
-            for name in FORMATS}
+            for name in rows}
 
 
 def _race_update(n: int) -> dict[str, Any]:
@@ -627,9 +645,9 @@ def _render(res: dict[str, Any]) -> str:
            f"1. store bandwidth vs raw O_DIRECT{' and DeepSpeed' if ds['available'] else ''}, GB/s (1e9 B/s): "
            f"{bw['bytes'] / GiB:.2f} GiB of AdamW state, {bw['slices']} slice file(s)"
            f"{'' if bw['direct_io'] else ', BUFFERED: no O_DIRECT on this file system'}",
-           f"  store: {bw['io_backend']}, {bw['crc32']} CRC-32"
+           f"  store: {bw['io_backend']}, the {bw['crc32']} CRC-32s of fp32 state in the kernel's pass (row 2)"
            f"{'; pool: the store pass on a ' + bw['pool_io'] if bw.get('pool_io') else ''}"
-           f"; bare: the store pass without checksums; {peer}",
+           f"; checked: the store pass with CRC-32s in the I/O path; {peer}",
            f"  {'round':<10}" + "".join(f"{c.replace('deepspeed', 'ds').replace('_', ' '):>13}" for c in cols)]
     rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
     out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
@@ -643,8 +661,10 @@ def _render(res: dict[str, Any]) -> str:
         out += [table_line(f"store/pool {op}", f"{bw['median_gbps'][f'store_{op}'] / bw['median_gbps'][f'pool_{op}']:.3f}",
                            "the ring against the thread pool, for information") for op in ("read", "write")]
     if ds["available"]:
-        out += [table_line(f"bare/DeepSpeed {op}", f"{bw['median_gbps'][f'bare_{op}'] / bw['median_gbps'][f'deepspeed_{op}']:.3f}",
-                           "the store's I/O path without its checksums, for information") for op in ("read", "write")]
+        out += [table_line(f"checked/DeepSpeed {op}",
+                           f"{bw['median_gbps'][f'checked_{op}'] / bw['median_gbps'][f'deepspeed_{op}']:.3f}",
+                           "CRC-32s in the I/O path, as other formats have them; for information")
+                for op in ("read", "write")]
     out += [table_line("end-to-end inline AdamW step", f"{e2e['params_per_second'] / 1e6:.1f} M params/s",
                        f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
                        f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
@@ -653,12 +673,16 @@ def _render(res: dict[str, Any]) -> str:
             table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), "",
-            "  per state format (decode + kernel + encode; the store's read and write bandwidth above give the I/O side):",
+            "  per state format (decode + kernel + encode; fp32: the kernel with the checksums of its pass; the I/O side",
+            "  from the bandwidth above: 'store' for fp32, 'checked' for formats whose checksums are in the I/O path):",
             f"  {'format':<18}{'B/param/step':>13}{'M params/s':>12}{'I/O-bound M params/s':>22}"]
-    io_gbps = 2 / (1 / bw["median_gbps"]["store_read"] + 1 / bw["median_gbps"]["store_write"])
+    def io_gbps(side: str) -> float:  # reads and writes of equal size, one after the other
+        return 2 / (1 / bw["median_gbps"][f"{side}_read"] + 1 / bw["median_gbps"][f"{side}_write"])
+
     for name, f in up["formats"].items():
+        side = "store" if name.startswith("fp32") else "checked"  # where each format's checksums are computed
         out.append(f"  {name:<18}{f['bytes_per_param_per_step']:>13.3f}{f['params_per_second'] / 1e6:>12.1f}"
-                   f"{io_gbps * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
+                   f"{io_gbps(side) * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
     out.append("")
     if pk is None:
         return "\n".join(out + ["3. device peak memory: skipped (--skip-peak)"])
