@@ -13,12 +13,11 @@ the same run, alternating; ``nearstep bench io``): a pool of 4 threads read
 close the gap. A thread blocked in ``preadv`` holds one request, and each
 completion costs a thread wake-up and the GIL. The ring keeps ``queue_depth``
 requests in flight for the price of one thread: unchecked, it moved as much as
-libaio (0.96-1.04 of DeepSpeed over four runs); checked, it wrote 1.01-1.03 of
-DeepSpeed and 1.20-1.23 of the thread pool, and read 0.96-0.97 of DeepSpeed
-and 1.01-1.02 of the pool (quiet runs). The device step of a 50M-parameter
-AdamW went from 600 to 561 ms. What is left on reads is the CRC-32 of every
-block (DeepSpeed checks nothing): one more pass over memory the disk is
-writing into at the same time. Depths 4-32 were within noise of each other.
+libaio (0.96-1.04 of DeepSpeed over six runs); with CRC-32s computed in its
+I/O path it read 0.96-0.97 and wrote 0.95-1.03 of DeepSpeed, and wrote
+1.07-1.23 of the thread pool (quiet runs). Depths 4-32 were within noise of
+each other. What the checksums cost in the I/O path is why fp32 state is now
+checksummed in the kernel's pass instead (``engine.checked_pass``).
 
 [Note: ring memory ordering] The rings' head and tail indices are shared with
 the kernel and need acquire/release ordering, which Python cannot express. We

@@ -648,9 +648,9 @@ def _render(res: dict[str, Any]) -> str:
            f"  store: {bw['io_backend']}, the {bw['crc32']} CRC-32s of fp32 state in the kernel's pass (row 2)"
            f"{'; pool: the store pass on a ' + bw['pool_io'] if bw.get('pool_io') else ''}"
            f"; checked: the store pass with CRC-32s in the I/O path; {peer}",
-           f"  {'round':<10}" + "".join(f"{c.replace('deepspeed', 'ds').replace('_', ' '):>13}" for c in cols)]
+           f"  {'round':<10}" + "".join(f"{c.replace('deepspeed', 'ds').replace('_', ' '):>14}" for c in cols)]
     rows = [(str(i + 1), r) for i, r in enumerate(bw["rounds_gbps"])] + [("median", bw["median_gbps"])]
-    out += [f"  {name:<10}" + "".join(f"{r[c]:>13.3f}" for c in cols) for name, r in rows]
+    out += [f"  {name:<10}" + "".join(f"{r[c]:>14.3f}" for c in cols) for name, r in rows]
     out += [table_line("store/raw read", f"{bw['read_ratio']:.3f}", verdict(bw["read_pass"], target)),
             table_line("store/raw write", f"{bw['write_ratio']:.3f}", verdict(bw["write_pass"], target))]
     if ds["available"]:
