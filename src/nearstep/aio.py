@@ -457,6 +457,10 @@ class IOQueue(_ContextManager):
         """
         raise NotImplementedError
 
+    def describe(self) -> str:
+        """What keeps the blocks in flight, for people: "thread pool of 4", "io_uring, queue depth 32"."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Wait for queued work, then release the backend's threads and kernel objects."""
         raise NotImplementedError
@@ -475,6 +479,7 @@ class IOPool(IOQueue):
         if threads <= 0:
             raise ValueError(f"IOPool needs at least one thread, got {threads}")
         super().__init__(block_bytes)
+        self.threads = threads
         self._executor = concurrent.futures.ThreadPoolExecutor(
             threads, thread_name_prefix="nearstep-io", initializer=lower_priority, initargs=(nice,)
         )
@@ -494,6 +499,9 @@ class IOPool(IOQueue):
             crc = crc32(view)
         self.record(writing, nbytes, seconds)
         return nbytes, crc
+
+    def describe(self) -> str:
+        return f"thread pool of {self.threads}"
 
     def close(self) -> None:
         self._closed = True

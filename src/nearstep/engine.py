@@ -38,7 +38,7 @@ from . import aio, formats, kernels
 from .errors import StoreCorruptError
 from .staging import SharedMemory, StagingLayout
 from .store import PARAM_STATS, Manifest, SliceState, Store, encode_slice, rounding_seed, slice_views
-from .uring import DEFAULT_QUEUE_DEPTH, IORing
+from .uring import DEFAULT_QUEUE_DEPTH
 
 __all__ = [
     "MapMemory",
@@ -347,8 +347,7 @@ class Engine:
         # shared core the I/O threads' checksums and copies therefore run at a lower priority.
         self.pool = aio.open_io(config.io_backend, threads=config.io_threads, queue_depth=config.queue_depth,
                                 block_bytes=m.checksum_block, nice=_IO_NICE)
-        self.io_backend = (f"io_uring, queue depth {config.queue_depth}" if isinstance(self.pool, IORing)
-                           else f"thread pool of {config.io_threads}")
+        self.io_backend = self.pool.describe()
         self.memory: dict[int, torch.Tensor] = {}
         self._shared: list[SharedMemory] = []
         self._files: dict[tuple[int, int], aio.AlignedFile] = {}

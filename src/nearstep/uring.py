@@ -377,6 +377,9 @@ class IORing(aio.IOQueue):
         self._push(_OP_NOP, -1, 0, 0, 0, _WAKE)
         self._submit(1)
 
+    def describe(self) -> str:
+        return f"io_uring, queue depth {self.queue_depth}"
+
     def close(self) -> None:
         """Wait for queued work, stop the reaper, unmap the rings and close the ring's fd."""
         if self._closed:

@@ -226,8 +226,7 @@ class _StorePass:
         self.checksum = not m.format.is_identity if checksum is None else checksum
         self.pool = aio.open_io(backend, threads=opts.io_threads, queue_depth=opts.queue_depth,
                                 block_bytes=m.checksum_block)
-        self.about = (f"io_uring, queue depth {opts.queue_depth}" if isinstance(self.pool, IORing)
-                      else f"thread pool of {opts.io_threads}")
+        self.about = self.pool.describe()
         size = max(m.slice_file_bytes(s.index) for s in m.slices)
         self.buffers = [aio.AlignedBuffer(size) for _ in range(min(STORE_BUFFERS, len(m.slices)))]
         self.files = {(k, g): aio.AlignedFile.open(path) for k, g, path in store.iter_slice_paths()}
