@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,3 +63,22 @@ COMPUTE_DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torc
 @pytest.fixture(params=COMPUTE_DEVICES)
 def compute_device(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def process_running(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie (any process's, not only our children)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``pid`` to exit; whether it did."""
+    deadline = time.monotonic() + timeout
+    while process_running(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

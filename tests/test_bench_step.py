@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_positive
 from nearstep.bench import step
-from nearstep.bench.step import VARIANTS, main
+from nearstep.bench.step import DEFAULT_VARIANTS, VARIANTS, main
 
 
 def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path, capsys):
@@ -22,7 +22,7 @@ def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path,
     res = json.loads(out.read_text())
     assert res["machine"] and res["date"] and res["options"]["quick"] is True
     assert res["options"]["width"] == 512 and res["options"]["rounds"] == 1
-    assert list(res["variants"]) == list(VARIANTS)
+    assert list(res["variants"]) == list(DEFAULT_VARIANTS)
     for name, v in res["variants"].items():
         assert_positive(v, "ms_per_step", "steps_per_second")
         assert len(v["round_ms_per_step"]) == len(v["rounds"]) == 1
@@ -55,6 +55,24 @@ def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path,
     assert table.count("PASS") + table.count("MISS") == 3
 
     assert not scratch.exists() or not any(scratch.rglob("*"))
+
+
+def test_clipping_variants_report_how_often_clipping_fired(tmp_path, capsys):
+    out = tmp_path / "out.json"
+    assert main(["--quick", "--variants", "overlap,overlap-clip,overlap-userclip", "--dir", str(tmp_path / "b"),
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert list(res["variants"]) == ["overlap", "overlap-clip", "overlap-userclip"]
+    for name in ("overlap-clip", "overlap-userclip"):
+        c = res["derived"][name]
+        assert c["timed_steps"] == 2
+        assert 0 <= c["speculation_misses"] <= c["timed_steps"] and 0 <= c["speculated_steps"] <= c["timed_steps"]
+        assert c["vs_overlap"] == res["variants"][name]["ms_per_step"] / res["variants"]["overlap"]["ms_per_step"]
+    # The loop's own clip_grad_norm_ and nearstep's max_grad_norm clip alike: the same losses, step for step.
+    losses = {n: res["variants"][n]["rounds"][0]["losses"] for n in ("overlap-clip", "overlap-userclip")}
+    assert losses["overlap-clip"] == losses["overlap-userclip"]
+    table = capsys.readouterr().out
+    assert "overlap-clip / overlap" in table and "clipping fired in" in table
 
 
 def test_smollm2_without_its_packages_says_how_to_install_them(tmp_path, monkeypatch, capsys):

@@ -52,7 +52,7 @@ from hypothesis import configuration as hypothesis_configuration
 from hypothesis import strategies as st
 
 import nearstep
-from conftest import loss_of, make_model
+from conftest import loss_of, make_model, process_running, wait_gone
 from fault_worker import PHASES, STEPS, data, open_optimizer
 from nearstep import errors
 from nearstep import store as store_module
@@ -112,7 +112,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
             opt.step()
             opt.zero_grad()
             weights.append(_weights(model))
-            states.append({i: {n: entry[n].reshape(-1).clone() for n in STATE} for i, entry in opt.state_dict()["state"].items()})
+            states.append({i: {n: entry[n].reshape(-1).clone() for n in STATE} for i, entry in opt.full_state_dict()["state"].items()})
     return Reference(tuple(weights), tuple(states))
 
 
@@ -207,7 +207,7 @@ def recover(path: Path, ref: Reference, *, at_least: int = 0, at_most: int = STE
                 loss_of(model, batch).backward()
                 opt.step()
                 opt.zero_grad()
-            final = {i: {n: e[n].reshape(-1) for n in STATE} for i, e in opt.state_dict()["state"].items()}
+            final = {i: {n: e[n].reshape(-1) for n in STATE} for i, e in opt.full_state_dict()["state"].items()}
     except nearstep.NearstepError as exc:
         return step, problems + [f"resuming failed: {type(exc).__name__}: {exc}"]
     problems += [f"final weight {i} differs from the uninterrupted run's"
@@ -289,7 +289,7 @@ def test_killing_the_device_process_loses_nothing(trial: int, reference: Referen
             opt.close()
         except Exception as exc:  # noqa: BLE001 - overlap mode: the last commit was still in flight
             problems += _check_died_error(exc)
-    if _running(device_pid):
+    if process_running(device_pid):
         problems.append(f"device process {device_pid} still runs after close()")
     # Sync mode: a step() that returned is committed. Overlap: the next step() waits for that commit.
     at_least = returned if mode == "sync" else max(returned - 1, 0)
@@ -304,22 +304,6 @@ def _check_died_error(exc: BaseException) -> list[str]:
     return [f"a dead device gave {type(exc).__name__}: {exc} (expected DeviceDiedError saying to reopen)"]
 
 
-def _running(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie (any process's, not only our children)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while _running(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 # ---------------------------------------------------------------------------
@@ -392,7 +376,7 @@ def _wait_file(path: Path, pid: int, timeout: float) -> dict[str, Any]:
     """The JSON a worker writes into ``path`` (its status directory), once it is there."""
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if not _running(pid):
+        if not process_running(pid):
             if path.exists():
                 break
             raise AssertionError(f"worker {pid} exited before writing {path.name}:\n{_log_tail(path.parent)}")
@@ -416,10 +400,10 @@ def kill_worker(worker: Worker) -> list[str]:
         os.kill(worker.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass  # it finished first
-    if not _wait_gone(worker.pid, 10):
+    if not wait_gone(worker.pid, 10):
         problems.append(f"worker {worker.pid} survived SIGKILL")
     device = worker.ready["device_pid"]
-    if device != worker.pid and not _wait_gone(device, LOCK_RELEASE_SECONDS):
+    if device != worker.pid and not wait_gone(device, LOCK_RELEASE_SECONDS):
         problems.append(f"device process {device} still runs {LOCK_RELEASE_SECONDS:.0f} s after its trainer died")
         with contextlib.suppress(ProcessLookupError):
             os.kill(device, signal.SIGKILL)  # leave nothing behind

@@ -103,7 +103,7 @@ def test_bf16_weights_follow_fp32_master_reference(backend: str, tmp_path) -> No
             loss_of(model, batch).backward()
             ours.step()
             ours.zero_grad()
-        state = ours.state_dict()["state"]
+        state = ours.full_state_dict()["state"]
     for i, (m, p) in enumerate(zip(masters, model.parameters())):
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(state[i]["master"], m.detach())
@@ -152,7 +152,7 @@ def test_params_without_grad_are_left_alone_like_torch(tmp_path) -> None:
                     model.head.weight.grad = None  # skipped on odd steps: its own step count lags
                 opt.step()
                 opt.zero_grad()
-        steps = {i: int(s["step"]) for i, s in ours.state_dict()["state"].items()}
+        steps = {i: int(s["step"]) for i, s in ours.full_state_dict()["state"].items()}
     assert_same_weights(ref_model, our_model)
     head_index = [n for n, _ in our_model.named_parameters()].index("head.weight")
     assert steps[head_index] == 4 and steps[0] == 8
@@ -195,7 +195,7 @@ def test_state_dict_loads_into_torch_adamw(tmp_path) -> None:
     model = make_model()
     with nearstep.AdamW(model.parameters(), lr=1e-2, store=tmp_path / "s", device="inline", slice_mb=SLICE_MB) as opt:
         train(model, opt, batches(3))
-        sd = opt.state_dict()
+        sd = opt.full_state_dict()
     ref = torch.optim.AdamW(make_model().parameters(), lr=1e-2)
     ref.load_state_dict(sd)
     assert float(ref.state_dict()["state"][0]["step"]) == 3

@@ -91,7 +91,7 @@ def test_training_equals_torch_adamw_rounded_through_the_codec(state_format: str
         for (name, p_ours), p_ref in zip(ours.named_parameters(), ref_params):
             assert_same_but_for_rare_ulps(p_ours.detach(), p_ref.detach(), f"step {step}, {name}")
             p_ref.data.copy_(p_ours.detach())  # a rare last-bit difference must not grow over the steps
-    saved = opt.state_dict()["state"]
+    saved = opt.full_state_dict()["state"]
     for i, p in enumerate(ref_params):
         for n in ("exp_avg", "exp_avg_sq"):
             assert_same_but_for_rare_ulps(saved[i][n], torch_opt.state[p][n], f"{n} of parameter {i}")
@@ -190,14 +190,14 @@ def test_parameters_without_gradient_keep_their_state_bitwise(tmp_path) -> None:
         loss_of(model, batch).backward()
         opt.step()
         opt.zero_grad()
-    before = opt.state_dict()["state"]
+    before = opt.full_state_dict()["state"]
     frozen = model.embed.weight.detach().clone()
     model.embed.weight.requires_grad_(False)
     for batch in batches(2, seed=3):
         loss_of(model, batch).backward()
         opt.step()
         opt.zero_grad()
-    after = opt.state_dict()["state"]
+    after = opt.full_state_dict()["state"]
     torch.testing.assert_close(model.embed.weight, frozen, rtol=0, atol=0)
     for name in ("master", "exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(after[0][name], before[0][name], rtol=0, atol=0)

@@ -3,8 +3,8 @@
 from .device import Device, DeviceConfig, DeviceInfo, open_device
 from .distributed import ShardingConfig
 from .errors import (CollectiveError, DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError,
-                     ShardMismatchError, StoreCorruptError, StoreError, StoreIOError, StoreLockedError,
-                     StoreMismatchError, StorePermissionError)
+                     ShardMismatchError, StaleWeightError, StoreCorruptError, StoreError, StoreIOError, StoreLockedError,
+                     StoreMismatchError, StorePermissionError, UnsupportedUsageError)
 from .formats import StateFormat
 from .kernels import Guards
 from .sensitivity import SensitivityReport
@@ -20,5 +20,5 @@ __all__ = [
     "open_device", "Device", "DeviceConfig", "DeviceInfo", "ShardingConfig",
     "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",
     "StoreIOError", "StorePermissionError", "MisalignedIOError", "DeviceError", "DeviceDiedError",
-    "CollectiveError", "ShardMismatchError",
+    "CollectiveError", "ShardMismatchError", "StaleWeightError", "UnsupportedUsageError",
 ]

@@ -1,6 +1,8 @@
 """``nearstep demo``: fine-tune MiniLM-L6 on BBC News with the step on the storage device.
 
-No configuration: the AdamW state goes into a store under ``./.nearstep/``, the
+No configuration: the AdamW state goes into the store ``./.nearstep/demo`` (each
+run without ``--store`` replaces the previous demo store there, so repeated runs
+do not pile up stores of half a GiB; ``--store PATH`` continues one), the
 update runs on the emulated device (a separate process pinned to its own core,
 standing in for a computational SSD), in overlap mode. The model and the data
 come from installed packages; nothing is downloaded.
@@ -9,7 +11,9 @@ come from installed packages; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -19,11 +23,53 @@ import torch
 from torch import nn
 
 from .device import DeviceConfig
-from .optim import AdamW, default_store_path
+from .errors import NearstepError, StoreError, StoreLockedError
+from .optim import AdamW
+from .store import LOCK, MANIFEST, read_manifest
 from .trace import plot_timelines
 from .workloads import DEMO_PACKAGES, load_bbc_news, load_minilm_classifier, tokenize
 
-__all__ = ["main"]
+__all__ = ["DEMO_STORE", "replace_demo_store", "main"]
+
+DEMO_STORE = Path(".nearstep") / "demo"  # relative: under the directory the demo is run from
+
+
+def replace_demo_store(path: Path = DEMO_STORE) -> Path:
+    """Make way at ``path`` for a new demo store; returns ``path``.
+
+    A previous store there (a directory with a manifest) is deleted, provided no live
+    process holds its lock. A directory without a manifest is left as it is:
+    ``Store.create`` clears the files of an interrupted creation and refuses anything
+    else. Anything that is not a directory is refused.
+
+    Raises:
+        StoreLockedError: a running process (another demo?) has the store open.
+        StoreError: ``path`` is something other than a directory.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if path.is_symlink() or not path.is_dir():
+        raise StoreError(f"{path} exists and is not a directory, so the demo will not replace it. "
+                         f"Remove it, or give the demo another store with --store PATH.")
+    if not (path / MANIFEST).is_file():
+        return path
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise StoreLockedError(
+                f"the demo store {path} is in use by process {holder} (another demo still running?). "
+                f"Wait for it to finish or stop it, or give this run another store with --store PATH."
+            ) from None
+        # Deleted while we hold its lock: a run that opens it meanwhile is refused, never
+        # handed a half-deleted store.
+        shutil.rmtree(path)
+    finally:
+        os.close(fd)
+    return path
 
 
 def _split_cores() -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -108,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearstep demo", description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=90, help="fine-tuning steps (default 90)")
     parser.add_argument("--mode", choices=["overlap", "sync", "delayed"], default="overlap")
-    parser.add_argument("--store", type=Path, default=None, help="store directory (default: new under ./.nearstep/)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help=f"store directory: a new one is created there, an existing one is continued "
+                             f"(default: {DEMO_STORE}, which each run without --store replaces, so stores do not pile up)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=96)
     parser.add_argument("--compare-steps", type=int, default=4, help="steps of sync and of overlap for the timing table (0: skip)")
@@ -131,7 +179,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     held_n = len(held.texts) if args.eval_docs <= 0 else min(args.eval_docs, len(held.texts))
     held_texts, held_labels = held.texts[:held_n], held.labels[:held_n]
-    store = args.store or default_store_path("demo")
+    try:
+        # Only now, with the model and data loaded: a demo that cannot run keeps the last store.
+        store = args.store or replace_demo_store(DEMO_STORE)
+    except NearstepError as exc:
+        print(f"nearstep demo: {exc}", file=sys.stderr)
+        return 2
     out = args.out or Path(store).parent
     params = sum(p.numel() for p in model.parameters())
     print(f"nearstep demo: fine-tune MiniLM-L6 ({params / 1e6:.1f} M parameters) on BBC News "
@@ -160,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  median step {1e3 * statistics.median(times):.0f} ms; device time hidden {100 * stats['overlap_fraction']:.0f}%; "
           f"per step {stats['store_bytes_per_step'] / 2**20:.0f} MiB to/from the store, "
           f"{stats['link_bytes_per_step'] / 2**20:.0f} MiB over the host link; skipped steps {stats['skipped_steps']}")
+    print(f"  max_grad_norm=1.0 clipped {stats['clipped_steps']} of {stats['host_steps']} steps; "
+          f"{stats['speculated_steps']} steps applied each slice as backward finished it, "
+          f"{stats['speculation_misses']} redone at step() (clipping, or a changed gradient)")
 
     if args.compare_steps > 0:
         rows, traces = [], []
@@ -187,5 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"timeline: {png}")
         except ImportError as exc:
             print(f"timeline: skipped ({exc})")
-    print(f"store: {store} (committed step {stats['step']}); run again with --store {store} to continue")
+    # Read from the store itself, after every run above closed: the timing table trained it further.
+    committed = read_manifest(Path(store)).step
+    replaced = "" if args.store else "; a demo run without --store replaces it"
+    print(f"store: {store} (committed step {committed}); run again with --store {store} to continue it{replaced}")
     return 0

@@ -300,7 +300,10 @@ def _device_main(conn: Any, store_path: str, lock_fd: int, config: DeviceConfig,
         engine = Engine(store, config.engine_config())
         conn.send(("ready", (engine.slot_bytes, engine.max_slots, _direct_io(store), engine.io_backend), None))
     except BaseException as exc:
-        conn.send(("failed", None, _pack_error(exc)))
+        try:
+            conn.send(("failed", None, _pack_error(exc)))
+        except OSError:
+            pass  # the trainer is gone already (interrupted while we started): nobody to tell
         return
     try:
         while True:
@@ -311,9 +314,12 @@ def _device_main(conn: Any, store_path: str, lock_fd: int, config: DeviceConfig,
             if request is None:
                 break
             try:
-                conn.send((rid, engine.handle(request), None))
-            except Exception as exc:  # the engine has dropped the step
-                conn.send((rid, None, _pack_error(exc)))
+                try:
+                    conn.send((rid, engine.handle(request), None))
+                except Exception as exc:  # the engine has dropped the step
+                    conn.send((rid, None, _pack_error(exc)))
+            except OSError:
+                break  # the trainer died while we worked (its end closed): stop as on EOF, quietly
     finally:
         engine.close()
         try:
@@ -346,12 +352,25 @@ class EmulatedDevice(Device):
         package_root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        # [Note: interrupts reach the training process only]
+        # A terminal sends Ctrl-C (SIGINT), and SIGHUP when it closes, to its whole
+        # foreground process group. The device is not the user's job: in that group it
+        # would die of the same Ctrl-C mid-request, print a second traceback, and turn
+        # the trainer's KeyboardInterrupt into a DeviceDiedError. So it runs in a session
+        # of its own (setsid; also no controlling terminal, so no SIGTTOU on its writes),
+        # and ignores SIGINT from its first line on, before the slow imports. Its life
+        # stays tied to the trainer's through the socket, not through signals: when the
+        # trainer exits, is killed or crashes, its end closes and the device's recv()
+        # sees EOF, drops uncommitted work and exits (see _device_main).
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", "from nearstep.device import _device_entry; _device_entry()",
+            [sys.executable, "-c",
+             "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "from nearstep.device import _device_entry; _device_entry()",
              str(child.fileno()), str(store.lock_fd)],
             pass_fds=(child.fileno(), store.lock_fd),
             env=env,
             stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         child.close()
         self._conn = multiprocessing.connection.Connection(parent.detach())
@@ -365,14 +384,23 @@ class EmulatedDevice(Device):
         self._closed = False
         # Wait for the engine to open the store: failures there (budget too small,
         # store unreadable) belong to open_device, not to the first step.
-        if not self._conn.poll(start_timeout):
-            self._proc.kill()
-            raise DeviceDiedError(f"the emulated device process did not start within {start_timeout:.0f} s")
         try:
-            tag, payload, error = self._conn.recv()
-        except (EOFError, OSError):
-            code = self._proc.wait(5)
-            raise DeviceDiedError(f"the emulated device process exited while starting (exit code {code}); see its output above") from None
+            if not self._conn.poll(start_timeout):
+                self._proc.kill()
+                raise DeviceDiedError(f"the emulated device process did not start within {start_timeout:.0f} s")
+            try:
+                tag, payload, error = self._conn.recv()
+            except (EOFError, OSError):
+                code = self._proc.wait(5)
+                raise DeviceDiedError(f"the emulated device process exited while starting (exit code {code}); see its output above") from None
+        except KeyboardInterrupt:
+            # Ctrl-C while the device starts (its imports take seconds): it shares the
+            # store's lock and would hold it until it noticed we are gone, refusing a
+            # rerun meanwhile. It has done nothing yet, so stop it now.
+            self._proc.kill()
+            self._proc.wait()
+            self._conn.close()
+            raise
         if tag != "ready":
             self._proc.wait(5)
             assert error is not None

@@ -94,6 +94,12 @@ class Apply:
         grad_scale: multiplies every gradient first (global-norm clipping).
         guards: the error-reduction guards.
         memory: id of the staging arena.
+        adopt: per segment (empty: none), whether the host wrote new weights into the
+            parameter since they last landed (``load_state_dict``, an in-place edit): the
+            segment's master takes the weights the host put in the slice's weight region of
+            ``memory`` before the kernel runs, and its new weights are posted back even
+            without a gradient (a lossy master format rounds them; the model gets the
+            rounded values). See [Note: the model's weights are the truth] in pipeline.py.
     """
 
     slice: int
@@ -102,6 +108,7 @@ class Apply:
     grad_scale: float
     guards: kernels.Guards
     memory: int
+    adopt: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -550,13 +557,15 @@ class Engine:
         staged = self.layout.slices[k]
         if len(req.steps) != len(staged.segments):
             raise ValueError(f"slice {k} has {len(staged.segments)} segments but {len(req.steps)} step values came")
+        if req.adopt and len(req.adopt) != len(staged.segments):
+            raise ValueError(f"slice {k} has {len(staged.segments)} segments but {len(req.adopt)} adopt flags came")
         arena = self.memory.get(req.memory)
         if arena is None:
             raise ValueError(f"staging memory {req.memory} is not mapped on this device")
         if k in self._writes:
             raise RuntimeError(f"slice {k} was already applied in this step; commit before applying it again")
         slot, _ = self._take_loaded(k)
-        if not any(req.steps):
+        if not any(req.steps) and not any(req.adopt):
             # Prefetched, but nothing of it had a gradient this step: the state is unchanged.
             self._release(slot)
             return [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
@@ -595,6 +604,7 @@ class Engine:
             bounds.append((starts[j], starts[j] + seg.length))
             if req.steps[j] > 0:
                 by_group.setdefault(seg.group, []).append(j)
+        adopted = {j: self.layout.weight_view(arena, staged.segments[j], staged) for j, flag in enumerate(req.adopt) if flag}
         reports = [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         link_in = 0
         work = []
@@ -620,18 +630,19 @@ class Engine:
                     g = scratch[lo:hi].copy_(src)
                 grads.append(g)
             work.append((hyper, members, grads))
+        link_in += sum(w.numel() * w.element_size() for w in adopted.values())
+        passed = sorted({j for _h, members, _g in work for j in members} | set(adopted))
         if not fmt.is_identity:
-            self._update(req, work, bounds, regions, [(j, *bounds[j]) for _h, members, _g in work for j in members],
-                         reports)
+            self._update(req, work, bounds, regions, [(j, *bounds[j]) for j in passed], reports, adopted)
         else:
             # Chunked only where every guard is elementwise: a chunk's report then adds up.
             elementwise = not (req.guards.telemetry or req.guards.update_clip is not None)
             before, written = checked_pass(
                 slot.buffer.memoryview(0, file_bytes), m.checksum_block,
                 [(r * region, r * region + 4 * extent) for r in range(len(m.state_names))], extent,
-                sorted(j for _h, members, _g in work for j in members), bounds,
+                passed, bounds,
                 PASS_CHUNK if elementwise else max(extent, 1),
-                lambda pieces: self._update(req, work, bounds, regions, pieces, reports),
+                lambda pieces: self._update(req, work, bounds, regions, pieces, reports, adopted),
             )
             self._verify(req.slice, before)
         for _hyper, members, _grads in work:
@@ -646,12 +657,11 @@ class Engine:
                             rounding_seed(m, m.step + 1, req.slice), workspace=self._workspace, decode_moments=False)
         # Post the new weights, cast to the model dtype, where the host will pick them up.
         link_out = 0
-        for members in by_group.values():
-            for j in members:
-                seg = staged.segments[j]
-                dst = self.layout.weight_view(arena, seg, staged)
-                dst.copy_(regions[0][bounds[j][0] : bounds[j][1]])
-                link_out += dst.numel() * dst.element_size()
+        for j in passed:
+            seg = staged.segments[j]
+            dst = self.layout.weight_view(arena, seg, staged)
+            dst.copy_(regions[0][bounds[j][0] : bounds[j][1]])
+            link_out += dst.numel() * dst.element_size()
         self.counters["link_in_bytes"] += link_in
         self.counters["link_out_bytes"] += link_out
         self.counters["compute_seconds"] += time.perf_counter() - t0
@@ -660,11 +670,17 @@ class Engine:
 
     def _update(self, req: Apply, work: list[tuple[kernels.Hyper, list[int], list[torch.Tensor]]],
                 bounds: list[tuple[int, int]], regions: list[torch.Tensor], pieces: list[tuple[int, int, int]],
-                reports: list[kernels.SegmentReport]) -> None:
+                reports: list[kernels.SegmentReport], adopted: dict[int, torch.Tensor]) -> None:
         """Run the kernels on ``pieces`` (segment, first element, stop) of the slice, one fused call per
-        group; a segment's reports over several pieces add up."""
+        group; a segment's reports over several pieces add up. Adopted segments' masters first take
+        the host's weights (``adopted``: segment -> its weight view in staging)."""
         names = self.manifest.state_names
         wanted = {j: (lo, hi) for j, lo, hi in pieces}
+        for j, lo, hi in pieces:
+            if j in adopted:
+                # After the pass checksummed the old image of this chunk, before the kernel reads it.
+                first = bounds[j][0]
+                regions[0][lo:hi].copy_(adopted[j][lo - first : hi - first])
         for hyper, members, grads in work:
             cut = [(j, g, *wanted[j]) for j, g in zip(members, grads) if j in wanted]
             if not cut:

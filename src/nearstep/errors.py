@@ -22,6 +22,8 @@ __all__ = [
     "DeviceDiedError",
     "CollectiveError",
     "ShardMismatchError",
+    "StaleWeightError",
+    "UnsupportedUsageError",
 ]
 
 
@@ -75,3 +77,11 @@ class CollectiveError(NearstepError):
 
 class ShardMismatchError(StoreMismatchError):
     """The ranks' stores do not form one store set for this run (world size, steps, model)."""
+
+
+class StaleWeightError(NearstepError, RuntimeError):
+    """Code read or wrote a parameter whose update of the last step had not landed yet (overlap mode)."""
+
+
+class UnsupportedUsageError(NearstepError, ValueError):
+    """The training loop does something nearstep cannot follow exactly; the message says what to do instead."""

@@ -14,26 +14,29 @@ because the state is on the store (``state_dict()`` reads it from there).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
+import warnings
 import weakref
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from . import formats, kernels
+from . import checkpoint, formats, kernels
 from .device import Completion, Device, DeviceConfig, build_device
 from .distributed import Sharding, ShardingConfig, build_sharding
 from .engine import Apply, Commit, LoadState, Query
 from .staging import StagingLayout
-from .pipeline import InFlight, Pipeline
+from .pipeline import InFlight, Pipeline, ReadCheck
 from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
-from .errors import NearstepError, StoreMismatchError
-from .store import MANIFEST, ParamSpec, Store, param_specs
+from .errors import NearstepError, StoreMismatchError, UnsupportedUsageError
+from .store import MANIFEST, ParamSpec, PendingGroups, Store, is_positional_name, param_specs
 
 __all__ = ["NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "auto_slice_mb", "default_store_path"]
 
@@ -128,6 +131,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         state_format: str | formats.StateFormat | None = None,
         process_group: Any = None,
         sharding: ShardingConfig | None = None,
+        check_reads: bool | None = None,
+        keep_snapshots: int = checkpoint.DEFAULT_KEEP_SNAPSHOTS,
     ) -> None:
         if mode not in ("sync", "overlap", "delayed"):
             raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
@@ -167,24 +172,63 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.guards = guards
         self.warmup_steps = warmup_steps
+        self.keep_snapshots = keep_snapshots
         self._params: list[torch.Tensor] = [p for group in self.param_groups for p in group["params"]]
         self._names = [n for group_names in names for n in group_names]
         specs = param_specs([list(zip(gn, g["params"])) for gn, g in zip(names, self.param_groups)])
+        self._slice_bytes = int((slice_mb or auto_slice_mb(specs)) * 2**20)
         # Many ranks: the optimizer works on this rank's share (see distributed.py); param_groups keep the model's.
         self._ranks: Sharding | None = build_sharding(self._params, self._names, specs, model=model,
                                                       process_group=process_group, config=sharding)
         if self._ranks is None:
-            self._store, resumed = self._open_store(store, specs, hyper_type, slice_mb, state_format)
+            self._store, resumed, pending = self._open_store(store, specs, hyper_type, state_format,
+                                                             trainable=[p.requires_grad for p in self._params])
         else:
             self._params, self._names, specs = list(self._ranks.local_params), list(self._ranks.local_names), self._ranks.local_specs
             device = self._ranks.device_config(device)
-            self._store, resumed = self._ranks.open_store(
-                store, lambda: default_store_path(self.kind),
-                lambda path: self._open_store(path, specs, hyper_type, slice_mb, state_format))
+            opened: list[Any] = []
+
+            def open_one(path: Any) -> tuple[Store, bool]:
+                got, was_resumed, pend = self._open_store(path, specs, hyper_type, state_format, trainable=None)
+                opened.append(pend)
+                return got, was_resumed
+
+            self._store, resumed = self._ranks.open_store(store, lambda: default_store_path(self.kind), open_one)
+            pending = opened[-1] if opened else None
+            if pending is not None and pending.params:
+                self._store.close()
+                raise UnsupportedUsageError("with many ranks, the store must hold exactly the parameters given; "
+                                            "add_param_group is not supported there")
         self._closed = False
+        self._device_config = device
+        self._model = model
+        self._offload = offload_gradients and mode != "sync"
+        if self._offload and max_grad_norm is None:
+            # Not an error: a loop that clips nothing is right as it is. But clip_grad_norm_
+            # (HF Trainer's and Lightning's clipping) would see no gradient and clip nothing.
+            warnings.warn(
+                "offload_gradients=True frees each p.grad during backward, so code that reads or clips "
+                "gradients between backward() and step() (torch.nn.utils.clip_grad_norm_, HF Trainer's "
+                "max_grad_norm, Lightning's gradient_clip_val) sees none and does nothing. Clip with "
+                "nearstep's max_grad_norm= instead, or leave offload_gradients off.",
+                UserWarning, stacklevel=3,
+            )
+        if check_reads is None:
+            check_reads = os.environ.get("NEARSTEP_CHECK_READS", "") not in ("", "0")
+        self._read_check: ReadCheck | None = None
+        self._want_read_check = bool(check_reads) and mode == "overlap" and model is not None
         try:
             manifest = self._store.manifest
-            self._layout = StagingLayout.from_manifest(manifest)
+            # Param groups an earlier run added with add_param_group and this one has not yet:
+            # stand-ins hold their place until add_param_group supplies them (see add_param_group).
+            self._standins = set(pending.params) if pending is not None else set()
+            self._pending_hypers = [dict(manifest.hyperparameters[g]) for g in pending.groups] if pending is not None else []
+            where = self._params[0].device
+            for i in sorted(self._standins):
+                spec = manifest.params[i]
+                self._params.append(torch.zeros(spec.shape, dtype=spec.torch_dtype, device=where))
+                self._names.append(spec.name)
+            self._dormant = set(manifest.dormant)
             self._step = manifest.step
             self._param_steps = list(manifest.param_steps)
             self._counters = {"skipped_steps": 0, "spike_clipped": 0, "update_clipped": 0, **manifest.counters}
@@ -197,21 +241,38 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 self._load_masters_into_params()
             if self._ranks is not None:
                 self._ranks.publish_all()  # every rank starts from the owners' weights
-            self._device: Device = build_device(self._store, device)
         except BaseException:
             self._store.close()
             raise
         self.trace = Trace(collect=self._device_events)
+        self._start()
+        self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
+        self._clipped_steps = 0
+        self._restarts = 0
+
+    def _start(self) -> None:
+        """Open the device on the store and build the pipeline and its hooks (at construction, and
+        after the store grew: see [Note: growing the store])."""
+        mode, model = self.mode, self._model
+        self._layout = StagingLayout.from_manifest(self._store.manifest)
+        try:
+            self._device: Device = build_device(self._store, self._device_config)
+        except BaseException:
+            self._store.close()
+            raise
         # Stop the device process even when the user forgets close().
         self._finalizer = weakref.finalize(self, _close_quietly, self._device, self._store)
         self._pipeline = Pipeline(
             self._params, self._names, self._layout, self._device, self.trace,
             arenas=2 if mode == "delayed" else 1,
-            offload_gradients=offload_gradients and mode != "sync",
+            offload_gradients=self._offload,
             rollback=self._rollback,
+            track_weights=self._ranks is None,
         )
-        self._pipeline.need_norms = max_grad_norm is not None or guards.skip_nonfinite
-        if mode != "sync" and max_grad_norm is None:
+        self._pipeline.need_norms = self.max_grad_norm is not None or self.guards.skip_nonfinite
+        # Speculation then validation (see pipeline.py): with many ranks the clip scale is a
+        # collective, so slices are applied early there only when nothing clips.
+        if mode != "sync" and (self._ranks is None or self.max_grad_norm is None):
             self._pipeline.early_apply = self._early_apply
         if mode != "sync":
             self._pipeline.attach_grad_hooks()
@@ -220,14 +281,131 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if model is not None:
             if mode == "overlap":
                 if self._ranks is None:
+                    self._check_model_holds(model)
                     self._pipeline.attach_forward_hooks(model)
                 else:
                     self._ranks.attach_forward_hooks(model, self._pipeline)
-            # Whatever reads the weights through model.state_dict() sees the updated ones.
-            self._pipeline.add_handle(model.register_state_dict_pre_hook(_synchronizer(weakref.ref(self))))
-        self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
+            # Whatever reads the weights through model.state_dict() sees the updated ones, and
+            # whatever loads weights writes them after the last update landed.
+            sync = _synchronizer(weakref.ref(self))
+            self._pipeline.add_handle(model.register_state_dict_pre_hook(sync))
+            self._pipeline.add_handle(model.register_load_state_dict_pre_hook(sync))
+        if self._want_read_check:
+            if self._read_check is None:
+                self._read_check = ReadCheck(self._pipeline)
+                self._read_check.__enter__()
+            else:
+                self._read_check.watch(self._pipeline)
+
+    # [Note: growing the store]
+    # A parameter frozen when the optimizer was built has no state on the store (it is
+    # dormant: LoRA over model.named_parameters() stores the adapters only). When it gets
+    # its first gradient, or when add_param_group adds parameters, the optimizer lands
+    # the step in flight, stops the device, grows the store (new slice files written and
+    # synced before the manifest that names them replaces the old one: a crash leaves
+    # the store as it was before or after), and opens a new device on the grown store.
+    # That costs a device start (a second or two), once per such change.
+
+    def _restart(self, grow: Callable[[], Any]) -> None:
+        """Stop the device, run ``grow`` on the store, start again on the grown store."""
+        edited = self._pipeline.edited_weights()  # written by the user, not adopted yet: the new pipeline adopts them
+        self._pipeline.detach()
+        self._finalizer.detach()
+        try:
+            self._device.close()
+        finally:
+            if self._store.lock_fd < 0:  # the inline device closes the store it ran on
+                self._store = Store.open(self._store.path)
+        try:
+            grow()
+        finally:
+            manifest = self._store.refresh()
+            self._dormant = set(manifest.dormant)
+            self._param_steps = list(manifest.param_steps)
+            grown = len(self._params) - len(self._spike_by_param)
+            self._spike_by_param += [0] * grown
+            self._uclip_by_param += [0] * grown
+            self._last += [(math.nan, math.nan)] * grown
+            self._restarts += 1
+            self._start()
+            self._pipeline.mark_edited(edited)
+
+    def _wake_dormant(self) -> None:
+        """Parameters without state that now have a gradient (unfrozen): give them state."""
+        wake = sorted(i for i in self._dormant if i not in self._standins and self._params[i].grad is not None)
+        if not wake:
+            return
+        pipeline = self._pipeline
+        pipeline.restore_gradients()  # what backward staged goes back to p.grad: the new device stages it again
+        pipeline.abort()
+        self._restart(lambda: self._store.grow(wake, masters=lambda i: self._params[i], slice_bytes=self._slice_bytes))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim.Optimizer.add_param_group``: its parameters get state
+        on the store (those that require grad now; the others at their first gradient).
+
+        A store that already holds this group (an earlier run added it, and this run is
+        resuming) gives its parameters the store's committed weights, as resuming does.
+        """
+        if "_store" not in self.__dict__:
+            super().add_param_group(param_group)  # torch's __init__ adds the first groups
+            return
+        self._check_open()
+        if self._ranks is not None:
+            raise UnsupportedUsageError("add_param_group is not supported with many ranks: pass every param group "
+                                        "when the optimizer is built")
+        g = len(self.param_groups)
+        groups, names = _split_names([param_group])
+        names = [[n.replace("group0.", f"group{g}.", 1) if is_positional_name(n) else n for n in names[0]]]
+        super().add_param_group(groups[0])
+        group = self.param_groups[-1]
+        try:
+            self._hyper(group)
+            self._check_params()
+            specs = param_specs([[(n, p) for n, p in zip(names[0], group["params"])]])
+            specs = tuple(replace(spec, group=g) for spec in specs)
+            first = len(self._params) - len(self._standins)
+            known = self._store.check_added(specs, first, group=g)
+        except BaseException:
+            self.param_groups.pop()
+            raise
+        self._account(self._finish())  # the step in flight lands before the device stops
+        tensors = list(group["params"])
+        if known:
+            for j, p in enumerate(tensors):
+                self._params[first + j], self._names[first + j] = p, names[0][j]
+                self._standins.discard(first + j)
+            self._pending_hypers.pop(0)
+            self._pipeline.abort()
+            self._restart(lambda: None)
+            self._load_masters_into_params(range(first, first + len(tensors)))
+            return
+        self._params += tensors
+        self._names += names[0]
+        add = [first + j for j, p in enumerate(tensors) if p.requires_grad]
+        self._pipeline.abort()
+        self._restart(lambda: self._store.grow(add, masters=lambda i: self._params[i], new_params=specs,
+                                               new_hyperparameters=[self._group_json(group)],
+                                               slice_bytes=self._slice_bytes))
+
+    def _groups_json(self) -> tuple[dict[str, Any], ...]:
+        """Every param group's hyperparameters as committed: this run's, then those of groups an
+        earlier run added that add_param_group has not supplied again yet."""
+        return tuple(self._group_json(g) for g in self.param_groups) + tuple(self._pending_hypers)
 
     # -- set-up helpers --------------------------------------------------------
+
+    def _check_model_holds(self, model: torch.nn.Module) -> None:
+        """Overlap mode lands weights in the forward of the modules that hold them: all must be in ``model``."""
+        held = {id(p) for p in model.parameters()}
+        missing = [n for n, p in zip(self._names, self._params) if id(p) not in held]
+        if missing:
+            raise UnsupportedUsageError(
+                f"mode='overlap' lands each parameter's new weights just before the forward of the module in "
+                f"model= that holds it, but {len(missing)} of the optimizer's parameters ({', '.join(map(repr, missing[:3]))}"
+                f"{' ...' if len(missing) > 3 else ''}) are not in {type(model).__name__}.parameters(). Pass the "
+                f"module that holds all of them (the whole model), or use mode='sync'."
+            )
 
     def _check_params(self) -> None:
         seen: set[int] = set()
@@ -239,20 +417,22 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 if p.is_sparse or p.is_complex():
                     raise TypeError("nearstep optimizers handle dense real parameters only")
 
-    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type, slice_mb: float | None,
-                    state_format: formats.StateFormat | None) -> tuple[Store, bool]:
+    def _open_store(self, store: Any, specs: tuple[ParamSpec, ...], hyper_type: type,
+                    state_format: formats.StateFormat | None,
+                    trainable: list[bool] | None) -> tuple[Store, bool, PendingGroups | None]:
+        groups = len(self.param_groups)
         if isinstance(store, Store):
-            store.check_model(specs, self.kind, state_format)
-            return store, True  # its committed masters become the model's weights
+            pending = store.check_model(specs, self.kind, state_format, groups=groups)
+            return store, True, pending  # its committed masters become the model's weights
         path = Path(store) if store is not None else default_store_path(self.kind)
         if (path / MANIFEST).exists():
             opened = Store.open(path)
             try:
-                opened.check_model(specs, self.kind, state_format)
+                pending = opened.check_model(specs, self.kind, state_format, groups=groups)
             except BaseException:
                 opened.close()
                 raise
-            return opened, True
+            return opened, True, pending
         created = Store.create(
             path,
             params=specs,
@@ -260,20 +440,26 @@ class NearstepOptimizer(torch.optim.Optimizer):
             optimizer=self.kind,
             state_names=kernels.state_names(hyper_type),
             hyperparameters=[self._group_json(g) for g in self.param_groups],
-            slice_bytes=int((slice_mb or auto_slice_mb(specs)) * 2**20),
+            slice_bytes=self._slice_bytes,
             state_format=state_format or formats.StateFormat(),
+            trainable=trainable,
         )
-        return created, False
+        return created, False, None
 
     @torch.no_grad()
-    def _load_masters_into_params(self) -> None:
-        """Resuming: the store's committed master weights become the model's weights.
+    def _load_masters_into_params(self, which: range | None = None) -> None:
+        """Resuming: the store's committed master weights become the model's weights (of the
+        parameters in ``which``, default all). Dormant parameters have none and keep theirs.
 
         Every slice is read (and its checksum verified) before any parameter changes,
         so a damaged store leaves the model as it was.
         """
-        for p, master in zip(self._params, self._store.read_params()["master"]):
-            p.view(-1).copy_(master)
+        masters = self._store.read_params()["master"]
+        for i in range(len(self._params)) if which is None else which:
+            if masters[i] is not None:
+                self._params[i].view(-1).copy_(masters[i])
+        if "_pipeline" in self.__dict__:
+            self._pipeline.note_weights(which)  # the model holds the store's masters again
 
     def _group_json(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in asdict(self._hyper(group)).items()}
@@ -303,6 +489,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
         pipeline = self._pipeline
         # The barrier: the previous step must be in the model before this one starts.
         self._account(self._finish())
+        if self._dormant and self._ranks is None:
+            self._wake_dormant()
+            pipeline = self._pipeline  # a new one if the store grew
         if self._ranks is not None:
             self._ranks.take_gradients()  # this rank's share, averaged over the ranks
         present = [i for i in range(len(self._params)) if pipeline.has_gradient(i)]
@@ -318,6 +507,22 @@ class NearstepOptimizer(torch.optim.Optimizer):
                     f"expected {tuple(self._params[i].shape)} dense; nothing was updated"
                 )
         pipeline.stage_rest(present)
+        speculated = pipeline.speculated
+        edited: list[int] = []
+        if self._ranks is None:
+            # [Note: speculation then validation] in pipeline.py: what backward staged is checked here.
+            _changed, removed = pipeline.revalidate(present)
+            if removed:
+                present = [i for i in present if i not in set(removed)]
+            edited = pipeline.edited_weights()
+            if edited and pipeline.speculated and pipeline.adopts_late(edited):
+                pipeline.drop_early()
+                edited = pipeline.edited_weights()
+            if not present:
+                if speculated:
+                    pipeline.missed()
+                pipeline.abort()
+                return self._end_step(t0, loss)
         scale = 1.0
         if pipeline.need_norms:
             norms = [pipeline.grad_norm(i) for i in present]
@@ -328,24 +533,33 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 total = self._ranks.global_norm(total)
             if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
                 self._counters["skipped_steps"] += 1
+                if speculated:
+                    pipeline.missed()
                 pipeline.abort()
                 return self._end_step(t0, loss)
             if self.max_grad_norm is not None:
                 # The same rounding as torch.nn.utils.clip_grad_norm_: an fp32 coefficient.
                 scale = float(torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0))
+                if scale != 1.0:
+                    self._clipped_steps += 1
+                    pipeline.drop_early()  # they were applied unscaled: redo them with the scale
+        if speculated and not pipeline.speculated:
+            pipeline.missed()
         new_steps = list(self._param_steps)
         for i in present:
             new_steps[i] += 1
         hypers = tuple(self._hyper(g) for g in self.param_groups)
-        commit = Commit(self._step + 1, tuple(new_steps), tuple(self._group_json(g) for g in self.param_groups),
+        commit = Commit(self._step + 1, tuple(new_steps), self._groups_json(),
                         {"skipped_steps": self._counters["skipped_steps"]})
-        pipeline.launch(self._step + 1, present, hypers, new_steps, scale, self.guards, commit)
+        pipeline.launch(self._step + 1, present, hypers, new_steps, scale, self.guards, commit, edited)
         if self._ranks is not None:
             self._ranks.launched()
         self._param_steps = new_steps
         self._step += 1
         if self.mode == "sync" or (self.mode == "delayed" and self._step <= self.warmup_steps):
             self._account(self._finish())
+        if self.mode != "sync" and self._ranks is None:
+            pipeline.attach_grad_hooks()  # parameters unfrozen since get theirs
         return self._end_step(t0, loss)
 
     def _early_apply(self, k: int) -> Apply:
@@ -456,6 +670,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
             "spike_clipped": committed.get("spike_clipped", 0),
             "update_clipped": committed.get("update_clipped", 0),
             "skipped_steps": self._counters["skipped_steps"],
+            "clipped_steps": self._clipped_steps,
+            "device_restarts": self._restarts,
+            **self._pipeline.counters,
             "step_ms": 1e3 * self._times["step_seconds"] / steps,
             "host_steps": self._times["steps"],
             "overlap_fraction": summary["overlap_fraction"],
@@ -473,13 +690,64 @@ class NearstepOptimizer(torch.optim.Optimizer):
     def device(self) -> Device:
         return self._device
 
+    @property
+    def keep_snapshots(self) -> int:
+        """How many snapshots of its store :meth:`state_dict` keeps (default 2); it deletes older ones.
+
+        Each snapshot holds one generation of the state on the store's disk. Keep at
+        least as many as the checkpoints your framework keeps (HF ``save_total_limit``,
+        plus one for ``load_best_model_at_end``): a checkpoint whose snapshot was
+        deleted cannot be loaded. Set it with ``opt.keep_snapshots = 5``.
+        """
+        return self.__dict__.get("_keep_snapshots", checkpoint.DEFAULT_KEEP_SNAPSHOTS)
+
+    @keep_snapshots.setter
+    def keep_snapshots(self, keep: int) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep_snapshots must be an int >= 1, got {keep!r}")
+        self.__dict__["_keep_snapshots"] = keep
+
     def state_dict(self) -> dict[str, Any]:
-        """The optimizer state in ``torch.optim``'s layout, read from the store's last commit.
+        """A small *reference* to the state: what frameworks ``torch.save`` as the optimizer's checkpoint.
+
+        The state stays on the SSD: this copies the store's last commit into a
+        snapshot directory inside the store, ``STORE/snapshots/step-NNNNNN-DIGEST/``
+        (in the kernel, so no state passes through host memory; itself a valid
+        store that ``nearstep verify`` reads), keeps the newest :attr:`keep_snapshots`
+        of them, and returns::
+
+            {"state": {},                       # nothing per parameter: it is in the snapshot
+             "param_groups": [...],             # as torch.optim has them (LR schedulers read them)
+             "nearstep": {"layout": "reference", "version": 1, "kind": "adamw", "step": 500,
+                          "counters": {...}, "names": [...], "store": "/abs/STORE",
+                          "store_id": "...", "snapshot": {"path": "/abs/STORE/snapshots/step-000500-...",
+                                                          "name": ..., "step": 500, "digest": ...}}}
+
+        Plain Python values only (dicts, lists, tuples, str, numbers; tensors where
+        a param group holds one): ``torch.load(weights_only=True)`` reads it. :meth:`load_state_dict` restores it, bit for bit. The checkpoint is
+        valid only together with its snapshot: keep the store (or copy the snapshot
+        with the checkpoint). For a self-contained state dict that holds the whole
+        state in host memory, use :meth:`full_state_dict`.
+        """
+        self.synchronize()
+        manifest = self._device.manifest()
+        self._store.manifest = manifest
+        snapshot = checkpoint.take_snapshot(self._store, manifest, self.keep_snapshots)
+        counters = {**manifest.counters, "skipped_steps": self._counters["skipped_steps"]}
+        reference = checkpoint.Reference(snapshot.store, manifest.store_id, manifest.step, snapshot.path.resolve(),
+                                         snapshot.digest, counters)
+        return {"state": {}, "param_groups": checkpoint.pack_param_groups(self.param_groups),
+                "nearstep": reference.to_meta(self.kind, self._names)}
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole optimizer state in ``torch.optim``'s layout, read from the store's last commit.
 
         Each parameter with a step has ``step`` and its moments shaped like the
         parameter (as torch's optimizers keep them), plus ``master``: the fp32 master
-        weights. Loadable with :meth:`load_state_dict`, also into an optimizer on a
-        different store.
+        weights. It is built in host memory (12 bytes per parameter for AdamW), so
+        for checkpoints prefer :meth:`state_dict`; this one is for moving the state
+        to another store or to ``torch.optim`` (which ignores ``master``). Loadable
+        with :meth:`load_state_dict`, also into an optimizer on a different store.
         """
         self.synchronize()
         manifest = self._device.manifest()
@@ -493,25 +761,32 @@ class NearstepOptimizer(torch.optim.Optimizer):
             for n in manifest.state_names:
                 entry[n] = flats[n][i].view(p.shape)
             state_out[i] = entry
-        groups = []
-        index = 0
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = list(range(index, index + len(group["params"])))
-            index += len(group["params"])
-            groups.append(packed)
         return {
             "state": state_out,
-            "param_groups": groups,
-            "nearstep": {"kind": self.kind, "step": self._step, "counters": dict(self._counters), "names": list(self._names)},
+            "param_groups": checkpoint.pack_param_groups(self.param_groups),
+            "nearstep": {"layout": checkpoint.FULL_LAYOUT, "kind": self.kind, "step": self._step, "counters": dict(self._counters),
+                         "names": list(self._names)},
         }
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Replace the state (on the store) and the hyperparameters with ``state_dict``'s.
 
-        The master weights it carries become the model's weights, as when resuming
-        from a store. Nothing changes unless the whole state dict fits this optimizer.
+        ``state_dict`` is a reference from :meth:`state_dict` or the full layout of
+        :meth:`full_state_dict` (or of an earlier nearstep). The master weights it
+        holds become the model's weights, as when resuming from a store.
+
+        A reference to this store's current state (the step the store is at, and the
+        same bytes) only restores the hyperparameters and copies the store's masters
+        into the parameters. Any other reference is restored from its snapshot, one
+        slice at a time, and committed at the snapshot's step: resuming continues bit
+        for bit as the run that saved it. A snapshot of another store loads if its
+        parameter table matches (a checkpoint copied to a new store).
+
+        Raises:
+            StoreError: the reference's snapshot no longer exists (pruned: see
+                :attr:`keep_snapshots`). StoreMismatchError: the state dict is for other
+                parameters or another optimizer. Either way nothing changed.
         """
         self.synchronize()
         groups = state_dict.get("param_groups")
@@ -523,6 +798,47 @@ class NearstepOptimizer(torch.optim.Optimizer):
         meta = state_dict.get("nearstep", {})
         if meta.get("kind", self.kind) != self.kind:
             raise StoreMismatchError(f"the state dict is from nearstep.{meta['kind']}, not {self.kind}")
+        if checkpoint.is_reference(state_dict):
+            self._load_reference(checkpoint.Reference.from_meta(meta), groups)
+        else:
+            self._load_full_state_dict(state_dict, groups, meta)
+        self._pipeline.note_weights()  # the model holds the store's masters: nothing to adopt
+        if self._ranks is not None:
+            self._ranks.publish_all()
+
+    def _load_reference(self, reference: checkpoint.Reference, groups: list[dict[str, Any]]) -> None:
+        """load_state_dict of a reference (see there); the param groups are checked already."""
+        manifest = self._device.manifest()
+        self._store.manifest = manifest
+        merged = [{**mine, **{k: v for k, v in saved.items() if k != "params"}} for mine, saved in zip(self.param_groups, groups)]
+        hyperparameters = tuple(self._group_json(g) for g in merged)  # validates them before anything changes
+        if reference.store_id == manifest.store_id and reference.digest == checkpoint.state_digest(manifest):
+            # The store holds exactly the checkpoint's state: nothing to restore but the
+            # hyperparameters, and the weights (the model may have been changed since).
+            checkpoint.copy_masters_into(self._store, self._params)
+            counters = {**self._counters, **reference.counters}
+        else:
+            snapshot = checkpoint.open_snapshot(reference, self._store)
+            checkpoint.check_snapshot_fits(snapshot, self._store, self.kind)
+            saved = snapshot.manifest
+            counters = {**dict.fromkeys(manifest.counters, 0), **saved.counters,
+                        "skipped_steps": reference.counters.get("skipped_steps", saved.counters.get("skipped_steps", 0))}
+            commit = Commit(saved.step, tuple(saved.param_steps), hyperparameters, counters)
+            try:
+                manifest = checkpoint.restore_snapshot(snapshot, self._store, self._device, self._params, commit)
+            except BaseException:
+                self._rollback(reload_weights=False)  # step counters from whatever is committed now
+                with contextlib.suppress(NearstepError):  # the error being raised says what failed first
+                    checkpoint.copy_masters_into(self._store, self._params)
+                    self._pipeline.note_weights()
+                raise
+            counters = {"skipped_steps": 0, "spike_clipped": 0, "update_clipped": 0, **counters}
+        for group, values in zip(self.param_groups, merged):
+            group.update({k: v for k, v in values.items() if k != "params"})
+        self._step, self._param_steps, self._counters = manifest.step, list(manifest.param_steps), counters
+
+    def _load_full_state_dict(self, state_dict: dict[str, Any], groups: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+        """load_state_dict of the full layout (see there); the param groups are checked already."""
         manifest = self._store.manifest
         saved_state = state_dict.get("state", {})
         ids = [i for saved in groups for i in saved["params"]]
@@ -551,12 +867,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
                     group[k] = v
         step = int(meta.get("step", max(steps, default=0)))
         counters = {**self._counters, **meta.get("counters", {})}
-        completions.append(self._device.submit(Commit(step, tuple(steps), tuple(self._group_json(g) for g in self.param_groups), counters)))
+        completions.append(self._device.submit(Commit(step, tuple(steps), self._groups_json(), counters)))
         _wait_all(completions)
         for pos, p in enumerate(self._params):
             p.copy_(flats["master"][pos].view(p.shape))
-        if self._ranks is not None:
-            self._ranks.publish_all()
         self._step, self._param_steps, self._counters = step, steps, counters
 
     def close(self) -> None:
@@ -571,6 +885,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
         finally:
             self._closed = True
             self._pipeline.detach()
+            if self._read_check is not None:
+                check, self._read_check = self._read_check, None
+                with contextlib.suppress(Exception):  # another mode pushed later may sit above it
+                    check.__exit__(None, None, None)
             self._finalizer()
 
     def __enter__(self) -> NearstepOptimizer:
@@ -653,6 +971,10 @@ class AdamW(NearstepOptimizer):
             See the README's "Many ranks" and ``nearstep/distributed.py``.
         sharding: a :class:`~nearstep.ShardingConfig` (collective timeout, whether the
             gradients arrive averaged already).
+        check_reads: overlap mode: make any torch operation that reads a parameter whose new
+            weights have not landed yet raise :class:`~nearstep.StaleWeightError` (a Python
+            call per torch operation: for test runs). None: on when the environment has
+            ``NEARSTEP_CHECK_READS=1``. See the README's "What the training loop may do".
 
     Example::
 

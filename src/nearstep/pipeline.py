@@ -19,6 +19,44 @@ would make backward wait for the whole device step, so delayed mode alternates
 between two arenas; sync and overlap need one, because by the time backward of
 step t+1 reaches slice k, forward of step t+1 has already waited for it.
 
+[Note: speculation then validation]
+In overlap and delayed mode a slice is applied as soon as backward finished its
+gradients (``Apply`` with a clip scale of 1), before anything global is known.
+That is a speculation: the new state goes to the slice's uncommitted generation
+and its new weights to staging, and ``step()`` validates it. It is dropped
+(``Abort``; the committed generation is the rollback) and the slice applied again
+at ``step()`` when the global gradient norm clips (``max_grad_norm``), when a
+gradient is not finite, when a gradient was changed after it was staged (framework
+clipping such as HF Trainer's or Lightning's ``clip_grad_norm_``, GradScaler's
+unscale, any in-place edit of ``p.grad`` or a new ``p.grad`` tensor), or when a
+weight it read was written by the user. A staged gradient counts as changed when
+``p.grad`` is another tensor or its version counter moved *and* its values differ
+from the staged copy: ``clip_grad_norm_`` multiplies by exactly 1.0 when it does
+not clip, which moves the counter but changes no bit, and the speculation stands.
+After two misses in a row the pipeline stops speculating for a while (the redo
+reads the state a second time), then tries again.
+
+[Note: the model's weights are the truth]
+Between steps the parameters hold what the user sees and what torch would update:
+weights written into them after they last landed (``model.load_state_dict``, an
+in-place edit under ``no_grad``, ``p.data = ...``) are noticed by the tensor's
+version counter or storage pointer and sent to the device with the next
+``Apply`` of their slice (``adopt``), which puts them into the master before the
+kernel runs. Writes through ``p.data.copy_()`` bypass the version counter and are
+not seen. A write to a parameter whose new weights have not landed yet (overlap
+mode, between ``step()`` and the module's forward) would be overwritten by the
+landing; it raises :class:`~nearstep.StaleWeightError` instead.
+
+[Note: landing before any read]
+A forward pre-hook on a module lands its own parameters' slices, and those of
+child modules that never run their own forward (an ``nn.ParameterList`` read by
+its parent, a submodule whose ``forward`` is called directly): which modules run
+is learnt from the hooks themselves during the first forward, which needs no
+landing. Reads outside any forward (EMA, logging, saving by hand) are the user's
+to order: ``opt.synchronize()`` first, or ``check_reads=True`` (or the
+environment variable ``NEARSTEP_CHECK_READS=1``) to make any such stale read
+raise while testing.
+
 [Note: CUDA]
 On CUDA, gradients go device-to-host on a side stream after an event recorded on
 the compute stream (the gradient is final there), into page-locked staging;
@@ -32,22 +70,31 @@ when the staging weights may be overwritten.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
+import itertools
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import kernels
 from .device import Completion, Device, DeviceMemory
 from .engine import Abort, Apply, Commit, Prefetch, Stage
+from .errors import StaleWeightError
 from .staging import StagedSegment, StagedSlice, StagingLayout
 from .trace import Trace
 
-__all__ = ["Phase", "InFlight", "Pipeline"]
+__all__ = ["Phase", "InFlight", "Pipeline", "ReadCheck"]
+
+# A miss streak this long pauses speculation for _PAUSE_STEPS launches (see [Note: speculation then validation]).
+_MISS_STREAK = 2
+_PAUSE_STEPS = 10
 
 
 class Phase(enum.Enum):
@@ -64,7 +111,7 @@ class InFlight:
     arena: int
     applies: dict[int, Completion]
     commit: Completion
-    updated: frozenset[int]  # parameters that had a gradient (their segments land)
+    updated: frozenset[int]  # parameters that had a gradient or were adopted (their segments land)
     landed: set[int] = field(default_factory=set)
     reports: dict[int, list[kernels.SegmentReport]] = field(default_factory=dict)
 
@@ -101,8 +148,11 @@ class Pipeline:
         arenas: int,
         offload_gradients: bool,
         rollback: Callable[[bool], None],
+        track_weights: bool = True,
     ) -> None:
         self.params = list(params)
+        # Off with many ranks: their pieces are views that the other ranks' weights land in.
+        self.track_weights = track_weights
         self._ids = {id(p): i for i, p in enumerate(self.params)}
         self.names = list(names)
         self.layout = layout
@@ -115,27 +165,44 @@ class Pipeline:
         self.current = 0
         self.phase = Phase.IDLE
         self.inflight: InFlight | None = None
-        # param -> [(slice, segment)], slice -> trainable params
+        # param -> [(slice, segment)], slice -> the params with state in it
         self.segments: list[list[tuple[StagedSlice, StagedSegment]]] = [[] for _ in self.params]
         self.slice_params: list[set[int]] = []
         for staged in layout.slices:
             members = set()
             for seg in staged.segments:
                 self.segments[seg.param].append((staged, seg))
-                if self.params[seg.param].requires_grad:
-                    members.add(seg.param)
+                members.add(seg.param)
             self.slice_params.append(members)
-        self.forward_order = [s.index for s in reversed(layout.slices)]
+        # Slices are formed in backward order, but a grown store appends slices: order by parameter.
+        self.forward_order = [s.index for s in sorted(layout.slices, key=lambda s: (min(g.param for g in s.segments), -s.index))]
         self.staged = [False] * len(self.params)
         self.norms: list[torch.Tensor | None] = [None] * len(self.params)
-        self._remaining = [len(m) for m in self.slice_params]
+        self._remaining = self._trainable_counts()
         self._prefetched = False
         self._prefetch_order: tuple[int, ...] = ()
-        # Set by the optimizer when no global scalar rescales the gradients: each slice is
-        # then applied as soon as backward finished its gradients (see [Note: early apply]).
+        # Set by the optimizer in overlap and delayed mode: each slice is applied as soon as
+        # backward finished its gradients (see [Note: speculation then validation]).
         self.early_apply: Callable[[int], Apply] | None = None
         self._early: dict[int, Completion] = {}
+        self._launches = 0
+        self._miss_streak = 0
+        self._paused_until = 0
+        self.counters = {"speculated_steps": 0, "speculation_misses": 0, "gradients_changed_after_staging": 0,
+                         "weights_adopted": 0}
+        # What each staged gradient and each parameter's weights were when last seen (tensor, version).
+        self._grad_seen: list[tuple[Any, int] | None] = [None] * len(self.params)
+        self._adopted_early: set[int] = set()
+        self._adopting: set[int] = set()  # parameters whose weights this step's applies adopt
+        self._weights_seen: list[tuple[int, int]] = [(0, -1)] * len(self.params)
+        self.note_weights()
         self._handles: list[Any] = []
+        self._hooked: set[int] = set()
+        self._owners: list[tuple[torch.nn.Module, frozenset[int]]] = []
+        self._called: set[int] = set()
+        self._landing_sets: dict[int, tuple[int, ...]] = {}
+        self._pending: dict[int, int] = {}  # id(param) -> slices of it not landed (for ReadCheck)
+        self.landing = False
         devices = {p.device for p in self.params}
         if len(devices) > 1:
             raise ValueError(f"all parameters must be on one device; got {sorted(map(str, devices))}")
@@ -146,20 +213,32 @@ class Pipeline:
             for arena in self.arenas:
                 _pin(arena)
 
+    def _trainable_counts(self) -> list[int]:
+        return [sum(1 for i in members if self.params[i].requires_grad) for members in self.slice_params]
+
     # -- hooks -----------------------------------------------------------------
 
     def attach_grad_hooks(self) -> None:
-        for p in self.params:
-            if p.requires_grad:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+        """A post-accumulate-grad hook on every parameter that requires grad and has none yet.
+
+        Called again at each step, so parameters unfrozen later get theirs too.
+        """
+        for i, p in enumerate(self.params):
+            if p.requires_grad and i not in self._hooked and self.segments[i]:
+                self._hooked.add(i)
+                self._handles.append(p.register_post_accumulate_grad_hook(self._grad_hook))
 
     def attach_forward_hooks(self, model: torch.nn.Module) -> None:
-        """A pre-hook on each module with parameters here: land its slices before its forward."""
+        """A pre-hook on each module that holds parameters here: land their slices before its forward.
+
+        See [Note: landing before any read].
+        """
         for module in model.modules():
-            mine = sorted({staged.index for p in module.parameters(recurse=False) if id(p) in self._ids
-                           for staged, _seg in self.segments[self._ids[id(p)]]})
-            if mine:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(tuple(mine))))
+            own = frozenset(self._ids[id(p)] for p in module.parameters(recurse=False) if id(p) in self._ids)
+            self._owners.append((module, own))
+        for module in model.modules():
+            if any(id(p) in self._ids for p in module.parameters()):
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(module)))
 
     def add_handle(self, handle: Any) -> None:
         """A hook installed elsewhere that :meth:`detach` removes too."""
@@ -169,14 +248,46 @@ class Pipeline:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._hooked.clear()
 
-    def _make_pre_hook(self, slices: tuple[int, ...]) -> Callable[..., None]:
-        def pre_hook(_module: torch.nn.Module, _args: Any) -> None:
-            inflight = self.inflight
+    def _landing_set(self, module: torch.nn.Module) -> tuple[int, ...]:
+        key = id(module)
+        cached = self._landing_sets.get(key)
+        if cached is not None:
+            return cached
+        own = {id(m): o for m, o in self._owners}
+        params: set[int] = set()
+
+        def collect(m: torch.nn.Module) -> None:
+            params.update(own.get(id(m), ()))
+            for child in m.children():
+                if id(child) not in self._called:
+                    collect(child)
+
+        collect(module)
+        slices = tuple(sorted({staged.index for i in params for staged, _seg in self.segments[i]}))
+        self._landing_sets[key] = slices
+        return slices
+
+    def _make_pre_hook(self, module: torch.nn.Module) -> Callable[..., None]:
+        ref = weakref.ref(self)
+        key = id(module)
+
+        # Kept out of dynamo's tracing: its decisions depend on which step is in flight,
+        # which a compiled graph would freeze at trace time.
+        @torch.compiler.disable
+        def pre_hook(mod: torch.nn.Module, _args: Any) -> None:
+            pipeline = ref()
+            if pipeline is None:
+                return
+            if key not in pipeline._called:
+                pipeline._called.add(key)
+                pipeline._landing_sets.clear()
+            inflight = pipeline.inflight
             if inflight is not None:
-                for k in slices:
+                for k in pipeline._landing_set(mod):
                     if k not in inflight.landed and k in inflight.applies:
-                        self.land(k)
+                        pipeline.land(k)
 
         return pre_hook
 
@@ -184,22 +295,33 @@ class Pipeline:
         """``p.grad`` is final (a hook outside the pipeline saw it, as FSDP2's): stage it now."""
         self._on_grad(p)
 
+    @torch.compiler.disable
+    def _grad_hook(self, p: torch.Tensor) -> None:
+        self._on_grad(p)
+
     def _on_grad(self, p: torch.Tensor) -> None:
         if self.phase is not Phase.STAGING:
             self._begin_staging()
-        self.stage(self._ids[id(p)], p)
+        i = self._ids[id(p)]
+        if self.staged[i] and self._early and any(staged.index in self._early for staged, _seg in self.segments[i]):
+            self._cancel_early(i)
+        self.stage(i, p)
 
     # -- staging -----------------------------------------------------------------
+
+    def _speculating(self) -> bool:
+        return self.early_apply is not None and self._launches >= self._paused_until
 
     def _begin_staging(self) -> None:
         """First gradient of a step: the device may start reading state (in apply order)."""
         self.phase = Phase.STAGING
+        self._remaining = self._trainable_counts()
         if not self._prefetched:
             self._prefetched = True
             # Loads follow the order the applies will come in (see engine's [Note: the slot
             # pipeline]): backward order when slices are applied as backward finishes them.
-            order = reversed(self.forward_order) if self.early_apply is not None else self.forward_order
-            self._prefetch_order = tuple(k for k in order if self.slice_params[k])
+            order = reversed(self.forward_order) if self._speculating() else self.forward_order
+            self._prefetch_order = tuple(k for k in order if self._remaining[k])
             self.device.submit(Prefetch(self._prefetch_order))
 
     def stage(self, i: int, p: torch.Tensor) -> None:
@@ -213,8 +335,6 @@ class Pipeline:
                 f"expected {tuple(p.shape)} dense; nothing was updated"
             )
         start = time.monotonic_ns()
-        if self._early and any(staged.index in self._early for staged, _seg in self.segments[i]):
-            self._cancel_early(i)
         self._wait_staging_free(i)
         arena = self.arenas[self.current].bytes
         flat = grad.detach().reshape(-1)
@@ -245,42 +365,61 @@ class Pipeline:
                 assert self._side is not None
                 grad.record_stream(self._side)
             p.grad = None
+            self._grad_seen[i] = None
+        else:
+            self._grad_seen[i] = (grad, grad._version)
         self.trace.add("link", f"grad {self.names[i]}", start, time.monotonic_ns())
         if first:
             for staged, _seg in self.segments[i]:
                 self._remaining[staged.index] -= 1
                 if self._remaining[staged.index] == 0:
                     self.device.submit(Stage(staged.index))
-                    if self.early_apply is not None:
-                        self._early[staged.index] = self.device.submit(self.early_apply(staged.index))
+                    if self._speculating() and self.early_apply is not None:
+                        self._submit_early(staged.index)
 
-    # [Note: early apply]
-    # Without global-norm clipping nothing rescales the gradients, so a slice can be
-    # updated as soon as backward has finished its gradients: no barrier at step().
-    # It is speculative: the new state goes to the slice's other generation and the
-    # new weights to staging, and neither counts until step() commits. If step()
-    # finds a non-finite gradient, Abort drops them and the store keeps its last
-    # commit. If another backward adds to a slice already applied (gradient
-    # accumulation), the early applies of the step are dropped the same way and the
-    # optimizer falls back to applying at step() from then on.
+    def _submit_early(self, k: int) -> None:
+        inflight = self.inflight
+        if inflight is not None and inflight.arena == self.current and k in inflight.applies and k not in inflight.landed:
+            self.land(k)  # the early apply posts new weights where the last step's still wait
+        if k not in self._prefetch_order:
+            self._prefetch_order += (k,)
+            self.device.submit(Prefetch((k,)))
+        apply = self.early_apply(k) if self.early_apply is not None else None
+        assert apply is not None
+        adopt = self._adopt_flags(k, self.edited_weights(self.slice_params[k]))
+        self._early[k] = self.device.submit(dataclasses.replace(apply, adopt=adopt) if any(adopt) else apply)
 
     def _cancel_early(self, i: int) -> None:
         warnings.warn(
             f"the gradient of {self.names[i]!r} was accumulated over several backward passes after its slice "
             "had been applied; nearstep now waits for step() before applying (gradient accumulation detected)",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
         self.early_apply = None
+        self.drop_early()
+
+    def drop_early(self) -> None:
+        """Drop the speculative applies of this step; the slices are applied again at ``step()``."""
+        if not self._early:
+            return
         for done in self._early.values():
             try:
                 done.wait()
             except BaseException:
                 pass  # dropped below either way
         self._early.clear()
+        for i in self._adopted_early:
+            self._weights_seen[i] = (0, -1)  # the adoption was dropped with the apply: adopt again
+        self._adopted_early.clear()
+        self._adopting.clear()
+        # The committed generation is the rollback: Abort forgets the uncommitted writes.
         self.device.submit(Abort())
-        self._prefetch_order = tuple(k for k in self.forward_order if self.slice_params[k])
+        self._prefetch_order = tuple(k for k in self.forward_order if self._remaining_any(k))
         self.device.submit(Prefetch(self._prefetch_order))
+
+    def _remaining_any(self, k: int) -> bool:
+        return any(self.staged[i] or self.params[i].requires_grad for i in self.slice_params[k])
 
     def _wait_staging_free(self, i: int) -> None:
         """Staging of a slice is reused only after the device finished reading it."""
@@ -307,6 +446,68 @@ class Pipeline:
         if self._side is not None:
             self._side.synchronize()
 
+    def revalidate(self, present: Sequence[int]) -> tuple[list[int], list[int]]:
+        """``step()``: are the staged gradients still the parameters' gradients?
+
+        Returns (changed, removed): gradients edited or replaced after they were staged
+        (now staged again, their speculative applies dropped), and gradients the user set
+        to None after they were staged (no longer staged). See [Note: speculation then validation].
+        """
+        changed: list[int] = []
+        removed: list[int] = []
+        for i in present:
+            seen = self._grad_seen[i]
+            if not self.staged[i] or seen is None:
+                continue  # not staged by a hook, or offloaded (p.grad was freed at staging)
+            grad = self.params[i].grad
+            if grad is None:
+                removed.append(i)
+            elif grad is not seen[0] or grad._version != seen[1]:
+                if self._same_as_staged(i, grad):
+                    self._grad_seen[i] = (grad, grad._version)
+                else:
+                    changed.append(i)
+        if not changed and not removed:
+            return changed, removed
+        self.counters["gradients_changed_after_staging"] += 1
+        if any(staged.index in self._early for i in changed + removed for staged, _seg in self.segments[i]):
+            self.drop_early()
+        if self._side is not None:
+            self._side.synchronize()
+        for i in removed:
+            self.staged[i] = False
+            self.norms[i] = None
+            self._grad_seen[i] = None
+        for i in changed:
+            self.stage(i, self.params[i])
+        if self._side is not None:
+            self._side.synchronize()
+        return changed, removed
+
+    def _same_as_staged(self, i: int, grad: torch.Tensor) -> bool:
+        arena = self.arenas[self.current].bytes
+        flat = grad.detach().reshape(-1)
+        for staged, seg in self.segments[i]:
+            view = self.layout.grad_view(arena, seg, staged)
+            piece = flat[seg.start : seg.start + seg.length].to(device=view.device, dtype=view.dtype)
+            if not torch.equal(view, piece):
+                return False
+        return True
+
+    def restore_gradients(self) -> None:
+        """Put the gradients staging holds back into ``p.grad`` where staging freed them (offload), and
+        forget that they were staged: the step is staged afresh (a new device, after the store grew)."""
+        if self._side is not None:
+            self._side.synchronize()
+        arena = self.arenas[self.current].bytes
+        for i, p in enumerate(self.params):
+            if self.staged[i] and self.offload_gradients:
+                grad = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+                for staged, seg in self.segments[i]:
+                    grad[seg.start : seg.start + seg.length].copy_(self.layout.grad_view(arena, seg, staged))
+                p.grad = grad.view(p.shape)
+            self.staged[i] = False
+
     def grad_norm(self, i: int) -> torch.Tensor:
         norm = self.norms[i]
         if norm is None:
@@ -323,11 +524,70 @@ class Pipeline:
     def has_gradient(self, i: int) -> bool:
         return self.staged[i] or self.params[i].grad is not None
 
+    @property
+    def speculated(self) -> bool:
+        """Whether some slice of this step was applied before ``step()``."""
+        return bool(self._early)
+
+    # -- the model's weights ------------------------------------------------------------
+
+    def note_weights(self, params: Sequence[int] | None = None) -> None:
+        """The parameters' current weights are the store's masters (after landing or loading)."""
+        for i in range(len(self.params)) if params is None else params:
+            p = self.params[i]
+            self._weights_seen[i] = (p.data_ptr(), p._version)
+
+    def mark_edited(self, params: Sequence[int]) -> None:
+        """These parameters hold weights the store's masters do not have yet: adopt them at the next apply."""
+        for i in params:
+            self._weights_seen[i] = (0, -1)
+
+    def edited_weights(self, params: Sequence[int] | set[int] | None = None) -> list[int]:
+        """Parameters written since they last landed (see [Note: the model's weights are the truth])."""
+        out = []
+        for i in range(len(self.params)) if params is None else sorted(params):
+            p = self.params[i]
+            if self._weights_seen[i] != (p.data_ptr(), p._version) and self.segments[i]:
+                out.append(i)
+        return out
+
+    def _adopt_flags(self, k: int, edited: Sequence[int]) -> tuple[bool, ...]:
+        """Put the edited parameters' weights into slice k's weight staging; their flags for Apply."""
+        staged = self.layout.slices[k]
+        # A parameter split over several slices is adopted in each of them this step.
+        wanted = set(edited) | self._adopting
+        if not wanted:
+            return ()
+        flags = tuple(seg.param in wanted for seg in staged.segments)
+        if any(flags):
+            arena = self.arenas[self.current].bytes
+            with torch.no_grad():
+                for seg, flag in zip(staged.segments, flags):
+                    if flag:
+                        p = self.params[seg.param]
+                        flat = p.detach().reshape(-1)
+                        self.layout.weight_view(arena, seg, staged).copy_(flat[seg.start : seg.start + seg.length])
+                        # The master takes these values with this apply: they are the store's now.
+                        self._weights_seen[seg.param] = (p.data_ptr(), p._version)
+                        self._adopting.add(seg.param)
+                        if self.phase is Phase.STAGING:
+                            self._adopted_early.add(seg.param)
+            self.counters["weights_adopted"] += sum(flags)
+        return flags
+
+    def adopts_late(self, edited: Sequence[int]) -> bool:
+        """Whether a speculative apply of this step ran on weights the user has written since."""
+        return any(staged.index in self._early for i in edited for staged, _seg in self.segments[i])
+
     # -- launching and landing ----------------------------------------------------------
 
     def launch(self, step: int, updated: Sequence[int], hypers: tuple[kernels.Hyper, ...], param_steps: Sequence[int],
-               scale: float, guards: kernels.Guards, commit: Commit) -> InFlight:
-        """Queue the updates of every slice in forward order and the commit; returns at once."""
+               scale: float, guards: kernels.Guards, commit: Commit, edited: Sequence[int] = ()) -> InFlight:
+        """Queue the updates of every slice in forward order and the commit; returns at once.
+
+        ``edited``: parameters whose weights the user wrote since they last landed; their
+        masters take the new weights (the slices are applied even without gradients).
+        """
         if self.cuda:
             assert self._side is not None
             self._side.synchronize()  # the device reads the gradients from host memory
@@ -335,35 +595,67 @@ class Pipeline:
                 event.synchronize()  # the device overwrites the staging weights
             self._landed_events.clear()
         has = frozenset(updated)
+        touched = has | frozenset(edited) | frozenset(self._adopting)
+        wanted = [k for k in self.forward_order if self.slice_params[k] & touched]
         if self._prefetched:
             order = list(self._prefetch_order)
+            extra = [k for k in wanted if k not in order]
+            if extra:
+                # Parameters without a hook that got a gradient (unfrozen since), or edited weights:
+                # loaded after the announced ones, in the order they are applied.
+                self.device.submit(Prefetch(tuple(extra)))
+                order += extra
         else:
-            order = [k for k in self.forward_order if self.slice_params[k] & has]
+            order = wanted
             self.device.submit(Prefetch(tuple(order)))
         arena_id = self.arenas[self.current].id
         applies = {}
+        if self._early:
+            self.counters["speculated_steps"] += 1
+            self._miss_streak = 0
         for k in order:
             if k in self._early:
                 applies[k] = self._early[k]
                 continue
             steps = tuple(param_steps[s.param] if s.param in has else 0 for s in self.layout.slices[k].segments)
-            applies[k] = self.device.submit(Apply(k, hypers, steps, scale, guards, arena_id))
-        inflight = InFlight(step, self.current, applies, self.device.submit(commit), has)
+            adopt = self._adopt_flags(k, [i for i in edited if i in self.slice_params[k]])
+            applies[k] = self.device.submit(Apply(k, hypers, steps, scale, guards, arena_id, adopt))
+        touched |= frozenset(self._adopting)
+        inflight = InFlight(step, self.current, applies, self.device.submit(commit), touched)
         self.inflight = inflight
         self.phase = Phase.LAUNCHED
+        for k in applies:
+            for seg in self.layout.slices[k].segments:
+                if seg.param in touched:
+                    pid = id(self.params[seg.param])
+                    self._pending[pid] = self._pending.get(pid, 0) + 1
         self._reset_staging()
+        self._launches += 1
         self.current = (self.current + 1) % len(self.arenas)
         return inflight
+
+    def missed(self) -> None:
+        """The step's speculation failed validation (clipping, a non-finite or edited gradient)."""
+        self.counters["speculation_misses"] += 1
+        self._miss_streak += 1
+        if self._miss_streak >= _MISS_STREAK:
+            self._paused_until = self._launches + _PAUSE_STEPS
+            self._miss_streak = 0
 
     def _reset_staging(self) -> None:
         self.staged = [False] * len(self.params)
         self.norms = [None] * len(self.params)
-        self._remaining = [len(m) for m in self.slice_params]
+        self._grad_seen = [None] * len(self.params)
+        self._remaining = self._trainable_counts()
         self._prefetched = False
         self._early = {}
+        self._adopted_early = set()
+        self._adopting = set()
 
     def abort(self) -> None:
         """The step is skipped: forget its staged gradients, release prefetched slots."""
+        for i in self._adopted_early:
+            self._weights_seen[i] = (0, -1)  # dropped with the step: adopt at the next one
         if self._prefetched:
             self.device.submit(Abort())
         for i in range(len(self.params)):
@@ -387,17 +679,44 @@ class Pipeline:
             self.trace.add("compute", f"wait s{k}", start, waited)
         arena = self.arenas[inflight.arena].bytes
         staged = self.layout.slices[k]
-        with torch.no_grad():
-            for seg in staged.segments:
-                if seg.param in inflight.updated:
-                    flat = self.params[seg.param].view(-1)
-                    flat[seg.start : seg.start + seg.length].copy_(self.layout.weight_view(arena, seg, staged), non_blocking=self.cuda)
+        overwritten = []
+        self.landing = True
+        try:
+            with torch.no_grad():
+                for seg in staged.segments:
+                    if seg.param in inflight.updated:
+                        p = self.params[seg.param]
+                        if self.track_weights and self._weights_seen[seg.param] != (p.data_ptr(), p._version):
+                            overwritten.append(seg.param)
+                        flat = p.view(-1)
+                        flat[seg.start : seg.start + seg.length].copy_(self.layout.weight_view(arena, seg, staged), non_blocking=self.cuda)
+                        self._weights_seen[seg.param] = (p.data_ptr(), p._version)
+                        pid = id(p)
+                        left = self._pending.get(pid, 1) - 1
+                        if left > 0:
+                            self._pending[pid] = left
+                        else:
+                            self._pending.pop(pid, None)
+        finally:
+            self.landing = False
         if self.cuda:
             event = torch.cuda.Event()
             event.record()
             self._landed_events[k] = event
         inflight.landed.add(k)
         self.trace.add("link", f"weights s{k}", waited, time.monotonic_ns())
+        if overwritten:
+            names = ", ".join(repr(self.names[i]) for i in sorted(set(overwritten))[:3])
+            raise StaleWeightError(
+                f"{names} {'was' if len(set(overwritten)) == 1 else 'were'} written while the update of step "
+                f"{inflight.step} was still on its way to the model (overlap mode); the update has now overwritten "
+                f"the write. Call opt.synchronize() before writing weights between step() and the next forward "
+                f"(model.load_state_dict does so by itself)."
+            )
+
+    def pending(self, p: torch.Tensor) -> bool:
+        """Whether parameter ``p`` waits for new weights of the launched step (not landed yet)."""
+        return id(p) in self._pending
 
     def finish(self) -> InFlight | None:
         """Land every slice of the launched step and wait for its commit.
@@ -418,9 +737,13 @@ class Pipeline:
             except BaseException:
                 self._fail()
                 raise
+        error: StaleWeightError | None = None
         for k in inflight.applies:
             if k not in inflight.landed:
-                self.land(k)
+                try:
+                    self.land(k)
+                except StaleWeightError as exc:
+                    error = error or exc  # every slice lands first
         try:
             inflight.commit.wait()
         except BaseException:
@@ -429,13 +752,17 @@ class Pipeline:
         if time.monotonic_ns() - start > 20_000:
             self.trace.add("compute", "wait commit", start, time.monotonic_ns())
         self.inflight = None
+        self._pending.clear()
         if self.phase is Phase.LAUNCHED:
             self.phase = Phase.IDLE
+        if error is not None:
+            raise error
         return inflight
 
     def _fail(self) -> None:
         """A launched step failed: drain it, and put the committed weights back into the model."""
         inflight, self.inflight = self.inflight, None
+        self._pending.clear()
         if inflight is None:
             return
         for done in (*inflight.applies.values(), inflight.commit):
@@ -448,3 +775,48 @@ class Pipeline:
         # only if some new ones already reached the model.
         self._rollback(bool(inflight.landed))
 
+
+# Tensor attributes that do not read a parameter's values: reading them is never stale.
+_METADATA = frozenset({
+    "grad", "requires_grad", "shape", "dtype", "device", "is_leaf", "grad_fn", "ndim", "layout", "is_cuda",
+    "is_sparse", "is_quantized", "is_meta", "names", "_version", "_base", "is_nested", "itemsize", "nbytes",
+    "size", "dim", "numel", "nelement", "stride", "data_ptr", "element_size", "is_floating_point", "is_complex",
+    "is_contiguous", "storage_offset", "requires_grad_", "register_hook", "register_post_accumulate_grad_hook",
+    "retain_grad", "untyped_storage", "__hash__", "__len__", "__repr__", "__format__", "is_pinned", "get_device",
+})
+
+
+class ReadCheck(TorchFunctionMode):
+    """Debugging aid: raise on any torch operation that reads a parameter still waiting for its new weights.
+
+    Active for an overlap-mode optimizer made with ``check_reads=True`` (or with
+    ``NEARSTEP_CHECK_READS=1`` in the environment), from its construction to its
+    ``close()``. Costs a Python call per torch operation: for test runs, not for
+    training. See [Note: landing before any read].
+    """
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        super().__init__()
+        self._pipeline = weakref.ref(pipeline)
+
+    def watch(self, pipeline: Pipeline) -> None:
+        """Check this pipeline from now on (the optimizer made a new one)."""
+        self._pipeline = weakref.ref(pipeline)
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        pipeline = self._pipeline()
+        if pipeline is not None and pipeline._pending and not pipeline.landing and not torch.compiler.is_compiling():
+            name = getattr(getattr(func, "__self__", None), "__name__", None) if getattr(func, "__name__", "") in ("__get__", "__set__") else getattr(func, "__name__", "")
+            if name not in _METADATA:
+                for value in itertools.chain(args, kwargs.values()):
+                    for item in value if isinstance(value, (list, tuple)) else (value,):
+                        if isinstance(item, torch.Tensor) and pipeline.pending(item):
+                            raise StaleWeightError(
+                                f"parameter {pipeline.names[pipeline._ids[id(item)]]!r} was read ({name}) before its "
+                                f"new weights from step {pipeline.inflight.step if pipeline.inflight else '?'} landed "
+                                f"(overlap mode): this read would see the previous step's weights. Call "
+                                f"opt.synchronize() before reading weights outside a forward, or read it inside a "
+                                f"module's forward."
+                            )
+        return func(*args, **kwargs)

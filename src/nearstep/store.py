@@ -17,6 +17,7 @@ never at a torn mix. See ``docs/guarantees.md`` in the repository.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno as _errno
 import fcntl
@@ -48,16 +49,19 @@ from .errors import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "DORMANT_FORMAT_VERSION",
     "ParamSpec",
     "Segment",
     "SliceSpec",
     "SliceState",
     "Manifest",
+    "PendingGroups",
     "Store",
     "plan_slices",
     "param_specs",
     "read_manifest",
     "fsync_path",
+    "write_synced",
     "is_positional_name",
     "slice_views",
     "decode_slice",
@@ -67,6 +71,10 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# Manifests with dormant parameters (no state on disk) say version 2, so that a
+# release from before them refuses the store by its version instead of calling
+# the uncovered parameters corruption. Without dormant ones a store stays version 1.
+DORMANT_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 LOCK = "LOCK"
 SLICES = "slices"
@@ -172,6 +180,10 @@ class Manifest:
         state_format: how the state is encoded (:class:`~nearstep.formats.StateFormat` name).
         param_stats: per name in :data:`PARAM_STATS`, one value per parameter (empty
             until a guard or telemetry produced one).
+        dormant: the indices (increasing) of the parameters that have no state on disk
+            and no segment in any slice: frozen (``requires_grad=False``) when the store
+            was made or the group added, and not trained since. :meth:`Store.grow` gives
+            them state. Empty (every parameter has state) in manifests from before it.
     """
 
     store_id: str
@@ -187,9 +199,20 @@ class Manifest:
     counters: dict[str, int] = field(default_factory=dict)
     created_at: float = 0.0
     committed_at: float = 0.0
-    format_version: int = FORMAT_VERSION
     state_format: str = "fp32"
     param_stats: dict[str, list[float]] = field(default_factory=dict)
+    dormant: tuple[int, ...] = ()
+
+    @property
+    def format_version(self) -> int:
+        """The version :meth:`to_json` writes: :data:`DORMANT_FORMAT_VERSION` while a
+        parameter is dormant, else :data:`FORMAT_VERSION`."""
+        return DORMANT_FORMAT_VERSION if self.dormant else FORMAT_VERSION
+
+    def is_dormant(self, index: int) -> bool:
+        """Whether parameter ``index`` has no state in the store (see ``dormant``)."""
+        at = bisect.bisect_left(self.dormant, index)
+        return at < len(self.dormant) and self.dormant[at] == index
 
     @property
     def format(self) -> formats.StateFormat:
@@ -227,6 +250,7 @@ class Manifest:
 
     def to_json(self) -> str:
         doc = asdict(self)
+        doc["format_version"] = self.format_version
         return json.dumps(doc, indent=1, sort_keys=True)
 
     @classmethod
@@ -246,10 +270,10 @@ class Manifest:
         if not isinstance(doc, dict):
             raise bad("top level is not an object")
         version = doc.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, DORMANT_FORMAT_VERSION):
             raise StoreCorruptError(
-                f"{where} has format version {version!r}; this nearstep reads version "
-                f"{FORMAT_VERSION}. Use the nearstep release that wrote it."
+                f"{where} has format version {version!r}; this nearstep reads versions "
+                f"{FORMAT_VERSION} and {DORMANT_FORMAT_VERSION}. Use the nearstep release that wrote it."
             )
         try:
             params = tuple(
@@ -280,13 +304,16 @@ class Manifest:
                 committed_at=float(doc.get("committed_at", 0.0)),
                 state_format=str(doc.get("state_format", "fp32")),  # stores from before formats
                 param_stats={str(k): [float(x) for x in v] for k, v in dict(doc.get("param_stats", {})).items()},
+                dormant=tuple(int(i) for i in doc.get("dormant", ())),  # stores from before dormant parameters
             )
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise bad(f"{type(exc).__name__}: {exc}") from None
         manifest._check(bad)
+        if version != manifest.format_version:
+            raise bad(f"format version {version} with {len(manifest.dormant)} dormant parameters")
         return manifest
 
-    def _check(self, bad: Callable[[str], StoreCorruptError]) -> None:
+    def _check(self, bad: Callable[[str], Exception]) -> None:
         if not self.state_names or self.state_names[0] != MASTER:
             raise bad("state_names must start with 'master'")
         if self.step < 0 or self.checksum_block <= 0 or self.checksum_block % aio.PAGE:
@@ -296,6 +323,8 @@ class Manifest:
         for p in self.params:
             if p.dtype not in _DTYPES or any(d < 0 for d in p.shape) or not 0 <= p.group < len(self.hyperparameters):
                 raise bad(f"parameter {p.name!r} has an invalid dtype, shape or group")
+        if list(self.dormant) != sorted(set(self.dormant)) or not all(0 <= i < len(self.params) for i in self.dormant):
+            raise bad("dormant must list parameter indices in increasing order, each once")
         covered = [0] * len(self.params)
         for i, s in enumerate(self.slices):
             if s.index != i:
@@ -304,8 +333,12 @@ class Manifest:
                 if not 0 <= g.param < len(self.params) or g.start != covered[g.param] or g.length <= 0:
                     raise bad(f"slice {i} has a segment that does not continue its parameter")
                 covered[g.param] += g.length
+        dormant = set(self.dormant)
         for i, p in enumerate(self.params):
-            if covered[i] != p.numel:
+            if i in dormant:
+                if covered[i]:
+                    raise bad(f"{p.name!r} is dormant (no state) but the slices cover {covered[i]} of its elements")
+            elif covered[i] != p.numel:
                 raise bad(f"the slices cover {covered[i]} of the {p.numel} elements of {p.name!r}")
         for c in self.committed:
             if c.generation not in (0, 1) or not 0 <= c.checksum < 2**32:
@@ -350,14 +383,25 @@ def param_specs(groups: Sequence[Sequence[tuple[str, torch.Tensor]]]) -> tuple[P
     )
 
 
-def plan_slices(params: Sequence[ParamSpec], slice_bytes: int) -> tuple[SliceSpec, ...]:
+def plan_slices(
+    params: Sequence[ParamSpec], slice_bytes: int, *, include: Sequence[bool] | None = None, first_index: int = 0
+) -> tuple[SliceSpec, ...]:
     """Cut the parameters into slices of about ``slice_bytes`` of fp32 master weights.
 
     Slices are formed in backward order (the reverse of registration), which is the
     order in which backward finishes their gradients. A parameter that does not fit
     in what is left of the current slice starts a new one; a parameter larger than a
     whole slice is split into slice-sized chunks.
+
+    Args:
+        params: the whole parameter table; segments name parameters by their index in it.
+        slice_bytes: target bytes of fp32 master weights per slice.
+        include: one flag per parameter; only the flagged ones are planned (the others
+            stay dormant, with no segment). None plans every parameter.
+        first_index: the index of the first slice (:meth:`Store.grow` appends slices).
     """
+    if include is not None and len(include) != len(params):
+        raise ValueError(f"include has {len(include)} flags for {len(params)} parameters; give one per parameter")
     capacity = max(slice_bytes // 4, 1)
     slices: list[SliceSpec] = []
     current: list[Segment] = []
@@ -366,10 +410,12 @@ def plan_slices(params: Sequence[ParamSpec], slice_bytes: int) -> tuple[SliceSpe
     def close() -> None:
         nonlocal current, room
         if current:
-            slices.append(SliceSpec(len(slices), tuple(current)))
+            slices.append(SliceSpec(first_index + len(slices), tuple(current)))
         current, room = [], capacity
 
     for index in reversed(range(len(params))):
+        if include is not None and not include[index]:
+            continue  # dormant: no state, no segment
         numel = params[index].numel
         if numel == 0:
             continue  # nothing to update; the manifest check expects no segment for it
@@ -423,6 +469,18 @@ def _acquire_lock(path: Path) -> int:
 # The store
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` as the whole of file ``path`` and fsync it (before a rename makes it count)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (a directory's fsync makes renames in it durable)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -430,6 +488,25 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class PendingGroups:
+    """What a store holds beyond the parameters a caller supplied (:meth:`Store.check_model`).
+
+    An earlier run on the store may have called ``add_param_group``; a resumed run
+    passes the optimizer's first groups and adds the rest later, checking each with
+    :meth:`Store.check_added`. Both ranges are empty when everything was supplied.
+
+    Attributes:
+        params: indices into the store's parameter table of the parameters not supplied
+            yet (always a tail of it).
+        groups: indices of the param groups not supplied yet (always the last ones);
+            their committed hyperparameters are ``manifest.hyperparameters[g]``.
+    """
+
+    params: range
+    groups: range
 
 
 class Store:
@@ -462,6 +539,7 @@ class Store:
         pool: aio.IOQueue | None = None,
         state_format: str | formats.StateFormat = "fp32",
         moments: Callable[[str, int], torch.Tensor] | None = None,
+        trainable: Sequence[bool] | None = None,
     ) -> Store:
         """Make a new store and write step 0.
 
@@ -479,8 +557,14 @@ class Store:
                 or its name, e.g. ``"bf16-sr+8bit"``).
             moments: ``moments(name, i)`` returns parameter ``i``'s initial state ``name``;
                 omitted, every moment starts at zero.
+            trainable: one flag per parameter (``p.requires_grad``). Only flagged parameters
+                get slices and state; the others are dormant (``Manifest.dormant``): no bytes
+                on disk, and ``masters``/``moments`` are never called for them, until
+                :meth:`grow` gives them state. None: every parameter gets state.
         """
         fmt_name = formats.StateFormat.parse(state_format).name  # a bad name fails before anything is made
+        if trainable is not None and len(trainable) != len(params):
+            raise ValueError(f"trainable has {len(trainable)} flags for {len(params)} parameters; give one per parameter")
         path = Path(path)
         if (path / MANIFEST).exists():
             raise StoreError(f"{path} already holds a store; use Store.open() to continue it, or pick another directory.")
@@ -492,16 +576,54 @@ class Store:
                 exc.errno, f"cannot create the store directory {path}: permission denied. "
                 "Check the ownership and mode of its parent, or choose another location.", str(path)
             ) from None
-        leftovers = [p.name for p in path.iterdir() if p.name not in (LOCK, SLICES)]
-        leftovers += [p.name for p in (path / SLICES).iterdir()]
-        if leftovers:
-            raise StoreError(
-                f"{path} is not empty ({', '.join(sorted(leftovers)[:3])} ...) and holds no committed "
-                f"store; it may be a store whose creation was interrupted. Delete it or pick another directory."
+        # [Note: an interrupted creation never blocks the next run]
+        # A creation stopped (Ctrl-C, kill, crash) before its first commit leaves only
+        # nearstep's own files: LOCK, slices/sNNNNNN.g0|g1 and manifest.json.tmp. They
+        # hold nothing committed (step 0 is the model's own weights), so they are
+        # removed and the creation starts over. Any other file may be the user's and
+        # is never touched. The decision is made again under the lock: a live process
+        # holding it may be creating this store right now (StoreLockedError names it).
+        def listing() -> tuple[list[Path], list[str]]:
+            """(nearstep's own creation files, the names of every other entry)."""
+            own: list[Path] = []
+            foreign: list[str] = []
+            entries = [p for p in path.iterdir() if p.name not in (LOCK, SLICES)]
+            for p in entries + list((path / SLICES).iterdir()):
+                pattern = re.escape(MANIFEST + ".tmp") if p.parent == path else r"s\d{6,}\.g[01]"
+                if re.fullmatch(pattern, p.name) and p.is_file() and not p.is_symlink():
+                    own.append(p)
+                else:
+                    foreign.append(p.name if p.parent == path else f"{SLICES}/{p.name}")
+            return own, foreign
+
+        def refuse(foreign: list[str]) -> StoreError:
+            return StoreError(
+                f"{path} is not empty ({', '.join(sorted(foreign)[:3])} ...) and holds no committed store; "
+                f"those files are not nearstep's. Move them away, delete the directory, or pick another directory."
             )
+
+        leftovers, foreign = listing()
+        if foreign:
+            raise refuse(foreign)
+        if leftovers:
+            lock_fd = _acquire_lock(path)  # raises StoreLockedError while a live process creates or uses it
+            try:
+                if (path / MANIFEST).exists():
+                    raise StoreError(f"{path} already holds a store (another process just created it); "
+                                     f"use Store.open() to continue it, or pick another directory.")
+                leftovers, foreign = listing()
+                if foreign:
+                    raise refuse(foreign)
+                for p in leftovers:
+                    p.unlink()
+                fsync_path(path / SLICES)
+            finally:
+                # Released and retaken below: a creator that wins the lock in between is
+                # refused there as StoreLockedError, never mixed with this one.
+                os.close(lock_fd)
         lock_fd = _acquire_lock(path)
         try:
-            slices = plan_slices(params, slice_bytes)
+            slices = plan_slices(params, slice_bytes, include=trainable)
             names = (MASTER, *state_names)
             manifest = Manifest(
                 store_id=uuid.uuid4().hex,
@@ -516,6 +638,7 @@ class Store:
                 checksum_block=checksum_block,
                 created_at=time.time(),
                 state_format=fmt_name,
+                dormant=() if trainable is None else tuple(i for i, t in enumerate(trainable) if not t),
             )
             need = 2 * manifest.state_bytes
             free = shutil.disk_usage(path).free
@@ -574,11 +697,28 @@ class Store:
     # -- checks ------------------------------------------------------------
 
     def check_model(
-        self, params: Sequence[ParamSpec], optimizer: str | None = None, state_format: formats.StateFormat | None = None
-    ) -> None:
+        self, params: Sequence[ParamSpec], optimizer: str | None = None, state_format: formats.StateFormat | None = None,
+        *, groups: int | None = None,
+    ) -> PendingGroups:
         """Raise StoreMismatchError naming the first difference from ``params`` (and the
-        optimizer and state format, when given)."""
+        optimizer and state format, when given).
+
+        Which parameters are trainable is not part of the check: a parameter frozen
+        now may have state in the store, and a dormant one may be trainable now
+        (:meth:`grow` gives it state). The store may hold more parameters than
+        ``params`` when the extra ones form whole param groups after the supplied ones
+        (added by ``add_param_group`` in an earlier run); the result names them.
+
+        Args:
+            groups: how many param groups the caller has (``len(optimizer.param_groups)``);
+                default one past the largest group in ``params``, which miscounts trailing
+                empty groups.
+
+        Returns:
+            the parameters and groups of the store not supplied yet (empty ranges when none).
+        """
         m = self.manifest
+        given_groups = groups if groups is not None else max((p.group for p in params), default=-1) + 1
         if optimizer is not None and optimizer != m.optimizer:
             raise StoreMismatchError(
                 f"store {self.path} holds {m.optimizer} state, not {optimizer}. Use nearstep."
@@ -599,11 +739,15 @@ class Store:
                     f"{list(want.shape)} {want.dtype} in the model. Pass the model it was made for, "
                     f"or a new store path."
                 )
-        if len(m.params) != len(params):
+        # Extra parameters are fine when they are whole groups the caller has not added yet.
+        later_groups = all(p.group >= given_groups for p in m.params[len(params) :])
+        if len(m.params) < len(params) or not later_groups:
             raise StoreMismatchError(
                 f"store {self.path} has {len(m.params)} parameters but the optimizer was given "
                 f"{len(params)}; the first {min(len(m.params), len(params))} agree. Pass the same "
                 f"parameters (and param groups) it was made for, or a new store path."
+                + (" Param groups added later with add_param_group may be left out, but only whole "
+                   "and at the end." if len(m.params) > len(params) else "")
             )
         for i, (have, want) in enumerate(zip(m.params, params)):
             if have.group != want.group:
@@ -611,6 +755,62 @@ class Store:
                     f"store {self.path}: parameter {i} {have.name!r} was in param group {have.group}, "
                     f"now in group {want.group}. Keep the param groups as they were."
                 )
+        return PendingGroups(range(len(params), len(m.params)), range(given_groups, len(m.hyperparameters)))
+
+    def check_added(self, params: Sequence[ParamSpec], first_index: int, group: int | None = None) -> bool:
+        """Check a param group added now (``add_param_group``) against the store.
+
+        Args:
+            params: the new group's parameter table entries (their ``group`` is its index).
+            first_index: the index its first parameter has in the whole parameter table
+                (how many parameters the optimizer had before it).
+            group: the group's index; needed only when ``params`` is empty.
+
+        Returns:
+            True when the store holds exactly this group already (an earlier run added it;
+            its state is there, and only its dormant parameters that are trainable now
+            need :meth:`grow`). False when the store ends right before it: the group is
+            new, and ``grow(..., new_params=params, new_hyperparameters=[...])`` adds it.
+
+        Raises:
+            StoreMismatchError: the store holds other parameters there, or the group
+                does not follow the ones the store has.
+        """
+        m = self.manifest
+        if group is None:
+            if not params:
+                raise ValueError("an empty param group has no parameter to tell its index: pass group=")
+            group = params[0].group
+        if any(p.group != group for p in params):
+            raise ValueError(f"the added parameters name different groups; all must be in group {group}")
+        if group == len(m.hyperparameters) and first_index == len(m.params):
+            return False
+        stored = [i for i, p in enumerate(m.params) if p.group == group]
+        if group >= len(m.hyperparameters) or first_index > len(m.params) or stored[:1] not in ([], [first_index]):
+            raise StoreMismatchError(
+                f"store {self.path} has {len(m.hyperparameters)} param groups and {len(m.params)} parameters; "
+                f"a param group added as group {group} at parameter {first_index} does not line up with them. "
+                f"Add the param groups in the order the run that wrote the store did, or use a new store path."
+            )
+        for j, want in enumerate(params):
+            i = first_index + j
+            have = m.params[i] if i < len(m.params) else None
+            if have is None or have.group != group or (have.shape, have.dtype) != (want.shape, want.dtype) \
+                    or not _same_name(have.name, want.name):
+                held = f"{have.name!r} {list(have.shape)} {have.dtype} in group {have.group}" if have else "nothing"
+                raise StoreMismatchError(
+                    f"store {self.path}: the param group added as group {group} does not match the one the "
+                    f"store holds: its parameter {j} (parameter {i} of the table) is {want.name!r} "
+                    f"{list(want.shape)} {want.dtype} but the store has {held}. Add the same param groups "
+                    f"as the run that wrote the store, or use a new store path."
+                )
+        if len(stored) != len(params):
+            raise StoreMismatchError(
+                f"store {self.path}: param group {group} has {len(stored)} parameters in the store but "
+                f"{len(params)} were added. Add the same param groups as the run that wrote the store, "
+                f"or use a new store path."
+            )
+        return True
 
     # -- files -------------------------------------------------------------
 
@@ -624,14 +824,17 @@ class Store:
 
     def _write_initial(
         self, masters: Callable[[int], torch.Tensor], moments: Callable[[str, int], torch.Tensor] | None,
-        pool: aio.IOQueue | None,
+        pool: aio.IOQueue | None, *, manifest: Manifest | None = None, indices: Sequence[int] | None = None,
     ) -> tuple[SliceState, ...]:
-        m = self.manifest
+        """Write slices ``indices`` of ``manifest`` (default: all of this store's) afresh:
+        generation 0 holds the state, generation 1 is allocated; both fdatasync()ed, and
+        the slices directory fsync()ed. Returns their committed states, in order."""
+        m = manifest or self.manifest
         own_pool = pool is None
         pool = pool or aio.IOPool(block_bytes=m.checksum_block)
         states = []
         try:
-            for spec in m.slices:
+            for spec in (m.slices if indices is None else [m.slices[k] for k in indices]):
                 nbytes = m.slice_file_bytes(spec.index)
                 with aio.AlignedBuffer(nbytes) as buf:
                     values = {name: torch.zeros(spec.numel) for name in m.state_names}
@@ -643,9 +846,13 @@ class Store:
                                 flat = source.detach().reshape(-1)
                                 value[offset : offset + seg.length].copy_(flat[seg.start : seg.start + seg.length])
                         offset += seg.length
-                    encode_slice(m, spec.index, values, buf, rounding_seed(m, 0, spec.index))
+                    # The committed step's seed: 0 at creation; a grow rounds as of the step it follows.
+                    encode_slice(m, spec.index, values, buf, rounding_seed(m, m.step, spec.index))
                     for g in (0, 1):
                         with aio.AlignedFile.open(self.slice_path(spec.index, g), create=True) as f:
+                            # open(create=True) keeps what a file holds: one an interrupted grow
+                            # left may be longer than this slice's, and fallocate never shrinks.
+                            _truncate(f)
                             f.allocate(nbytes)
                             if g == 0:
                                 result = pool.write(f, buf, 0, checksum=True).result()
@@ -677,24 +884,28 @@ class Store:
             self.check_checksum(index, path, result.crcs or ())
             return decode_slice(m, index, buf)
 
-    def read_params(self, names: Sequence[str] = (MASTER,)) -> dict[str, list[torch.Tensor]]:
+    def read_params(self, names: Sequence[str] = (MASTER,)) -> dict[str, list[torch.Tensor | None]]:
         """The committed state by parameter: for each of ``names``, one flat fp32 tensor per
         parameter, reassembled from the slices (split parameters included).
+
+        A dormant parameter (``manifest.is_dormant(i)``) has no state: its entry is None,
+        never zeros, so that a caller restoring weights from the store leaves it as it is.
 
         Every slice is read and its checksum verified before this returns, so a caller
         that applies the result changes nothing when any slice is damaged.
         """
         m = self.manifest
-        out = {name: [torch.zeros(p.numel, dtype=torch.float32) for p in m.params] for name in names}
+        live = {name: {i: torch.zeros(p.numel, dtype=torch.float32) for i, p in enumerate(m.params) if not m.is_dormant(i)}
+                for name in names}
         with aio.IOPool(threads=2, block_bytes=m.checksum_block) as pool:
             for spec in m.slices:  # into fresh tensors: nothing the caller holds changes on an error
                 state = self.read_slice(spec.index, pool)
                 offset = 0
                 for seg in spec.segments:
                     for name in names:
-                        out[name][seg.param][seg.start : seg.start + seg.length] = state[name][offset : offset + seg.length]
+                        live[name][seg.param][seg.start : seg.start + seg.length] = state[name][offset : offset + seg.length]
                     offset += seg.length
-        return out
+        return {name: [by_param.get(i) for i in range(len(m.params))] for name, by_param in live.items()}
 
     def check_checksum(self, index: int, path: Path, crcs: Sequence[int]) -> int:
         got = aio.combine_crcs(crcs)
@@ -718,6 +929,117 @@ class Store:
                 problems.append(text if text.startswith(f"slice {spec.index} ") else f"slice {spec.index}: {text}")
         return problems
 
+    # -- growing -------------------------------------------------------------
+
+    def grow(
+        self,
+        add: Sequence[int],
+        masters: Callable[[int], torch.Tensor],
+        *,
+        new_params: Sequence[ParamSpec] = (),
+        new_hyperparameters: Sequence[dict[str, Any]] = (),
+        slice_bytes: int,
+        pool: aio.IOQueue | None = None,
+    ) -> Manifest:
+        """Give dormant parameters state, and add param groups; one atomic commit.
+
+        New slices for the parameters ``add`` are planned like :func:`plan_slices` (backward
+        order among themselves) and numbered after the existing ones. Their files are
+        written (generation 0: masters from ``masters(i)``, moments zero, in the store's
+        state format and rounding seeds; generation 1 allocated), fdatasync()ed with the
+        slices directory, and only then is the manifest replaced (:meth:`commit`'s path)
+        by one with the new parameters, groups and slices. Killed at any instant, the
+        store reopens as before or as after the grow, never torn; the slice files an
+        interrupted grow left (numbered past the manifest's slices) are ignored by
+        :meth:`open` and :meth:`verify`, and the next grow removes or overwrites them.
+        The state of existing slices and the committed step are not touched.
+
+        The caller holds the store's lock (:meth:`open`) and no device process is
+        using the store meanwhile.
+
+        Args:
+            add: indices into the parameter table after the grow (``new_params`` are
+                appended to it) of the dormant parameters to give state.
+            masters: ``masters(i)`` returns parameter ``i``'s values (any dtype), for each ``i`` in ``add``.
+            new_params: parameters to append (``add_param_group``), in the new groups, in
+                order; those not in ``add`` stay dormant.
+            new_hyperparameters: one JSON-able dict per new param group (groups
+                ``len(manifest.hyperparameters)`` and on).
+            slice_bytes: target bytes of fp32 master weights per new slice.
+            pool: the I/O pool to write with (one is made if omitted).
+
+        Returns:
+            the committed manifest (also ``self.manifest``).
+
+        Raises:
+            ValueError: an index that is not a dormant parameter, or new parameters
+                outside the new groups (nothing is written).
+            DiskFullError: the new slices' two generations do not fit (nothing is committed).
+        """
+        if self.lock_fd < 0:
+            raise StoreError(f"growing store {self.path} changes it: open it with Store.open(), which takes its lock.")
+        # From the disk: a device process may have committed steps this object never saw,
+        # and a grow on a stale manifest would name generations those steps overwrote.
+        m = self.refresh()
+        new_params = tuple(new_params)
+        hyper = m.hyperparameters + tuple(dict(h) for h in new_hyperparameters)
+        last = len(m.hyperparameters)
+        for p in new_params:
+            if not last <= p.group < len(hyper):
+                raise ValueError(
+                    f"new parameter {p.name!r} is in param group {p.group}; new parameters belong to the new "
+                    f"groups {len(m.hyperparameters)} to {len(hyper) - 1}, in order (give their hyperparameters)"
+                )
+            last = p.group
+        params = m.params + new_params
+        dormant = set(m.dormant) | set(range(len(m.params), len(params)))
+        grown_now: set[int] = set()
+        for i in add:
+            if not 0 <= i < len(params) or i not in dormant:
+                what = f"parameter {i} ({params[i].name!r}) already has state" if 0 <= i < len(params) else \
+                    f"there is no parameter {i} (the table has {len(params)})"
+                raise ValueError(f"cannot grow store {self.path}: {what}. Pass only dormant parameters.")
+            grown_now.add(i)
+        new_slices = plan_slices(params, slice_bytes, include=[i in grown_now for i in range(len(params))],
+                                 first_index=len(m.slices))
+        extra = len(new_params)
+        grown = replace(
+            m,
+            params=params,
+            hyperparameters=hyper,
+            dormant=tuple(sorted(dormant - grown_now)),
+            slices=m.slices + new_slices,
+            param_steps=m.param_steps + (0,) * extra,
+            committed=m.committed + (SliceState(0, 0),) * len(new_slices),
+            param_stats={name: [*values, *[0.0] * extra] for name, values in m.param_stats.items()},
+        )
+        grown._check(lambda why: ValueError(f"cannot grow store {self.path}: {why}"))
+        self._remove_stray_slices()
+        need = 2 * sum(grown.slice_file_bytes(s.index) for s in new_slices)
+        free = shutil.disk_usage(self.path).free
+        if need > free:
+            raise DiskFullError(
+                _errno.ENOSPC,
+                f"growing the store needs {need / 2**30:.2f} GiB (two generations of the new slices) but "
+                f"{self.path} has only {free / 2**30:.2f} GiB free. Free space there or move the store to a "
+                f"bigger disk; the store is as it was.",
+                str(self.path),
+            )
+        states = self._write_initial(masters, None, pool, manifest=grown, indices=[s.index for s in new_slices])
+        self.commit(replace(grown, committed=m.committed + states))
+        return self.manifest
+
+    def _remove_stray_slices(self) -> None:
+        """Delete slice files numbered past the manifest's slices (an interrupted grow's)."""
+        count = len(self.manifest.slices)
+        for file in (self.path / SLICES).iterdir():
+            found = _SLICE_FILE.fullmatch(file.name)
+            if found and int(found[1]) >= count and file.is_file() and not file.is_symlink():
+                try:
+                    file.unlink()
+                except OSError as exc:
+                    raise aio.wrap_os_error(exc, "remove a slice file an interrupted grow left", file) from None
+
     # -- committing --------------------------------------------------------
 
     def commit(self, manifest: Manifest) -> None:
@@ -729,16 +1051,8 @@ class Store:
 
     def _replace_manifest(self, manifest: Manifest) -> None:
         tmp = self.path / (MANIFEST + ".tmp")
-        data = manifest.to_json().encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            write_synced(tmp, manifest.to_json().encode())
             # The rename is the commit point: before it the old manifest (and the old
             # generation it names) is what a reopen sees, after it the new one.
             os.replace(tmp, self.path / MANIFEST)
@@ -804,11 +1118,19 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.from_json(text, where)
 
 
+def _truncate(f: aio.AlignedFile) -> None:
+    try:
+        os.ftruncate(f.fd, 0)
+    except OSError as exc:
+        raise aio.wrap_os_error(exc, "truncate", f.path) from None
+
+
 def _same_name(a: str, b: str) -> bool:
     """Names count only when both are real: ``parameters()`` gives only positional ones."""
     return a == b or is_positional_name(a) or is_positional_name(b)
 
 
+_SLICE_FILE = re.compile(r"s(\d{6,})\.g[01]")  # slice_path()'s names
 _POSITIONAL = re.compile(r"group\d+\.param\d+")  # the names of parameters given without names
 
 

@@ -390,6 +390,12 @@ def reshard(src: str | os.PathLike, dst: str | os.PathLike, world_size: int, *, 
             table = local_pieces(specs, info.layout, info.world_size, r)
             if [pc.spec.name for pc in table] != [p.name for p in m.params]:
                 raise StoreError(f"{path} does not hold what {SHARD_FILE} says rank {r} owns; it cannot be re-sharded.")
+            if m.dormant:
+                # Their pieces have no state to carry, and the new cut may put a frozen piece
+                # and a trained one of the same parameter on one rank.
+                raise StoreError(f"{path} holds {len(m.dormant)} frozen parameters without state (first "
+                                 f"{m.params[m.dormant[0]].name!r}); re-sharding such stores is not supported yet. "
+                                 f"Continue with {info.world_size} ranks.")
             if not full:
                 full = {n: [torch.zeros(p.numel, dtype=torch.float32) for p in specs] for n in m.state_names}
             state = store.read_params(m.state_names)

@@ -122,6 +122,9 @@ class StoreInfo:
                  "steps": m.param_steps[i]}
                 for i, p in enumerate(m.params)
             ],
+            # Frozen when the store was made (or their group added) and not trained since:
+            # no state on disk, no slice (Manifest.dormant).
+            "dormant": list(m.dormant),
             "slices": [
                 {"index": s.index, "numel": s.numel, "file_bytes": m.slice_file_bytes(s.index),
                  "generation": m.committed[s.index].generation,
@@ -130,6 +133,8 @@ class StoreInfo:
             ],
             "sizes": {
                 "numel": sum(p.numel for p in m.params),
+                "dormant_params": len(m.dormant),
+                "dormant_numel": sum(m.params[i].numel for i in m.dormant),
                 "state_bytes_per_generation": m.state_bytes,
                 "store_bytes_two_generations": 2 * m.state_bytes,
                 "disk_bytes": self.disk_bytes,
@@ -243,6 +248,10 @@ def format_store_info(info: StoreInfo) -> str:
         f"slices       {len(m.slices)}, {size_range} per file",
         "guards       " + ", ".join(f"{k} {counters[k]}" for k in _GUARD_COUNTERS),
     ]
+    if m.dormant:
+        frozen = sum(m.params[i].numel for i in m.dormant)
+        lines.append(f"frozen       {len(m.dormant)} of {len(m.params)} parameters ({frozen:,} elements) have no state "
+                     f"in the store; they get it when first trained")
     if info.missing_files:
         lines.append(f"WARNING      {info.missing_files} slice files are missing; run `nearstep verify {info.path}`")
     lines += ["", f"hyperparameters (per param group, as committed at step {m.step})"]
@@ -253,6 +262,9 @@ def format_store_info(info: StoreInfo) -> str:
     rows = [("#", "name", "shape", "dtype", "numel", "group", "steps")]
     rows += [(str(i), p.name, str(list(p.shape)), p.dtype, f"{p.numel:,}", str(p.group), str(m.param_steps[i]))
              for i, p in enumerate(m.params)]
+    if m.dormant:  # the column only where it says something
+        rows = [(*rows[0], "state")] + [(*row, "frozen, no state" if m.is_dormant(i) else "")
+                                        for i, row in enumerate(rows[1:])]
     lines += _table(rows, right={0, 4, 5, 6})
     lines += ["", f"slices ({len(m.slices)}; one file per generation)"]
     rows = [("#", "numel", "file bytes", "gen", "parameters")]
@@ -278,6 +290,7 @@ class VerifyReport:
         slices: how many slices the store has.
         bad_slices: the indices of slices with at least one problem.
         problems: one line per problem, each naming the file.
+        dormant: how many parameters have no state to check (frozen, ``Manifest.dormant``).
     """
 
     path: Path
@@ -285,15 +298,17 @@ class VerifyReport:
     slices: int
     bad_slices: tuple[int, ...]
     problems: tuple[str, ...]
+    dormant: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> str:
+        frozen = f"; {self.dormant} frozen parameters have no state to check" if self.dormant else ""
         if self.ok:
-            return f"{self.slices} slices, all checksums match (step {self.step})"
-        return f"{len(self.bad_slices)} of {self.slices} slices bad (step {self.step})"
+            return f"{self.slices} slices, all checksums match (step {self.step}){frozen}"
+        return f"{len(self.bad_slices)} of {self.slices} slices bad (step {self.step}){frozen}"
 
 
 def verify_store(path: str | os.PathLike) -> VerifyReport:
@@ -338,7 +353,7 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
                 except (NearstepError, OSError) as exc:
                     problems.setdefault(k, []).append(str(exc))
     return VerifyReport(Path(path), m.step, len(m.slices), tuple(sorted(problems)),
-                        tuple(line for k in sorted(problems) for line in problems[k]))
+                        tuple(line for k in sorted(problems) for line in problems[k]), len(m.dormant))
 
 
 # ---------------------------------------------------------------------------
@@ -347,7 +362,12 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
 
 @dataclass(frozen=True, slots=True)
 class ExportResult:
-    """What :func:`export_safetensors` wrote."""
+    """What :func:`export_safetensors` wrote.
+
+    Attributes:
+        left_out: the names of the dormant parameters, which the store holds no master
+            weights for and the file leaves out.
+    """
 
     path: Path
     step: int
@@ -355,6 +375,7 @@ class ExportResult:
     tensors: int
     nbytes: int
     positional_names: bool
+    left_out: tuple[str, ...] = ()
 
 
 # [Note: reading a store in use]
@@ -370,8 +391,10 @@ def _same_commit(a: Manifest, b: Manifest) -> bool:
     return (a.step, a.committed_at, a.committed) == (b.step, b.committed_at, b.committed)
 
 
-def read_masters(path: str | os.PathLike, attempts: int = 5) -> tuple[Manifest, list[torch.Tensor]]:
+def read_masters(path: str | os.PathLike, attempts: int = 5) -> tuple[Manifest, list[torch.Tensor | None]]:
     """The committed fp32 master weights, one tensor per parameter (shaped), without the lock.
+
+    A dormant parameter (no state in the store, ``manifest.is_dormant(i)``) gets None.
 
     Raises:
         StoreCorruptError: a slice file does not match its checksum.
@@ -389,7 +412,7 @@ def read_masters(path: str | os.PathLike, attempts: int = 5) -> tuple[Manifest, 
                 raise
             continue
         if _same_commit(read_manifest(path), manifest):
-            return manifest, [flat.view(p.shape) for flat, p in zip(flats, manifest.params)]
+            return manifest, [None if flat is None else flat.view(p.shape) for flat, p in zip(flats, manifest.params)]
     raise StoreError(
         f"store {path} committed a new step during each of {attempts} reads; export it when "
         f"training pauses or after it stops."
@@ -404,6 +427,10 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     (``strict=False`` if the model has buffers). Stores made from ``model.parameters()``
     have positional names (``group0.param3``); map those by position. Its metadata
     holds ``nearstep.step``, ``nearstep.store_id`` and ``nearstep.optimizer``.
+
+    Dormant parameters (frozen, never trained: the store holds no master weights for
+    them) are left out of the file, and ``left_out`` names them; load it with
+    ``strict=False`` so that the model keeps its own weights for those.
 
     The store is read without its lock (a running training keeps running) and is
     not modified. ``out`` appears complete or not at all: the tensors go to a
@@ -420,7 +447,7 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist; create it first or write {out.name} elsewhere")
     manifest, masters = read_masters(store)
-    tensors = {p.name: t for p, t in zip(manifest.params, masters)}
+    tensors = {p.name: t for p, t in zip(manifest.params, masters) if t is not None}
     metadata = {"format": "pt", "nearstep.step": str(manifest.step), "nearstep.store_id": manifest.store_id,
                 "nearstep.optimizer": manifest.optimizer}
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -442,7 +469,8 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     finally:
         tmp.unlink(missing_ok=True)
     positional = any(is_positional_name(p.name) for p in manifest.params)
-    return ExportResult(out, manifest.step, manifest.store_id, len(tensors), sum(t.numel() * 4 for t in masters), positional)
+    return ExportResult(out, manifest.step, manifest.store_id, len(tensors), sum(t.numel() * 4 for t in tensors.values()),
+                        positional, tuple(manifest.params[i].name for i in manifest.dormant))
 
 
 # ---------------------------------------------------------------------------
@@ -464,6 +492,9 @@ def resume(params: Any, store: str | os.PathLike | Store, **kwargs: Any) -> Near
         kwargs: the optimizer's arguments (``lr``, ``mode``, ``device``, ...). The
             store records the last hyperparameters (``nearstep inspect`` shows them)
             but does not impose them: pass the ones you want.
+
+    Dormant parameters (frozen so far, no state in the store) have no master weights
+    to restore; they keep the values ``params`` have.
 
     Raises:
         StoreError: ``store`` holds no store; StoreMismatchError: it was made for
@@ -508,8 +539,8 @@ def convert_store(source: str | os.PathLike, out: str | os.PathLike, state_forma
     """Write a new store at ``out`` holding ``source``'s committed state in ``state_format``.
 
     The source is opened with its lock (it must not be in use) and left as it was;
-    the new store has the same parameters, optimizer, step, per-parameter steps,
-    hyperparameters and guard counters. Converting to a lossy format rounds the
+    the new store has the same parameters (dormant ones stay dormant), optimizer, step,
+    per-parameter steps, hyperparameters and guard counters. Converting to a lossy format rounds the
     state once, exactly as training in that format would.
 
     Raises:
@@ -527,6 +558,7 @@ def convert_store(source: str | os.PathLike, out: str | os.PathLike, state_forma
             out, params=m.params, masters=lambda i: state["master"][i], optimizer=m.optimizer,
             state_names=m.state_names[1:], hyperparameters=m.hyperparameters, slice_bytes=largest * 4,
             checksum_block=m.checksum_block, state_format=fmt, moments=lambda name, i: state[name][i],
+            trainable=[not m.is_dormant(i) for i in range(len(m.params))],
         ) as dst:
             dst.commit(replace(dst.manifest, step=m.step, param_steps=m.param_steps, counters=dict(m.counters),
                                param_stats=dict(m.param_stats)))
@@ -623,6 +655,10 @@ def _export_command(args: argparse.Namespace) -> int:
     if result.positional_names:
         print("note: the store was made from model.parameters(), so tensors are named group{g}.param{i}; "
               "map them to the model's parameters by position")
+    if result.left_out:
+        names = ", ".join(result.left_out[:5]) + (", ..." if len(result.left_out) > 5 else "")
+        print(f"note: {len(result.left_out)} frozen parameters have no state in the store and were left out ({names}); "
+              f"load the file with strict=False and keep the model's own weights for them")
     return 0
 
 

@@ -201,7 +201,7 @@ def _run(task: _MiniLM | _SmolLM2, spec: RunSpec, work: Path) -> dict[str, Any]:
             opt.zero_grad()
             losses.append(float(loss.detach()))
         opt.synchronize()
-        counters = {k: opt.stats()[k] for k in ("spike_clipped", "update_clipped", "skipped_steps")}
+        counters = {k: opt.stats()[k] for k in ("spike_clipped", "update_clipped", "skipped_steps", "clipped_steps")}
     metrics = task.evaluate(model)
     return {**asdict(spec), **metrics, **counters, "train_loss": losses, "seconds": time.perf_counter() - t0}
 

@@ -8,6 +8,12 @@ The same model, data and number of steps under five variants:
 - ``overlap``: ``nearstep.AdamW(mode="overlap", model=model)``: exact, the update overlaps the next forward;
 - ``delayed``: ``nearstep.AdamW(mode="delayed")``: weights one step stale, after its sync warm-up.
 
+Two more on request (``--variants``): ``overlap-clip``, overlap with ``max_grad_norm=1.0``, and
+``overlap-userclip``, overlap with ``torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)`` in the
+loop between ``backward()`` and ``step()``, as HF Trainer does by default. Both speculate (apply each
+slice as backward finishes it) and redo the step when the clipping fires; the table shows how often
+it fired and what clipping costs next to ``overlap``.
+
 Each variant runs in a fresh process, so none inherits another's warm caches or threads, and the
 variants alternate (A B C D E A B C D E ...) so that the drift of a shared machine hits all of them
 alike. The training loop gets one core and one torch thread, the device the other core. The
@@ -44,8 +50,10 @@ from nearstep.device import parse_bytes
 
 __all__ = ["main"]
 
-VARIANTS = ("none", "torch", "sync", "overlap", "delayed")
-NEARSTEP_VARIANTS = ("sync", "overlap", "delayed")
+VARIANTS = ("none", "torch", "sync", "overlap", "delayed", "overlap-clip", "overlap-userclip")
+DEFAULT_VARIANTS = VARIANTS[:5]
+NEARSTEP_VARIANTS = ("sync", "overlap", "delayed", "overlap-clip", "overlap-userclip")
+CLIP_NORM = 1.0  # HF Trainer's default max_grad_norm
 MODELS = ("mlp", "minilm", "smollm2")
 DEFAULT_BATCH = {"mlp": 32, "minilm": 16, "smollm2": 4}
 DEFAULT_SEQ_LEN = {"mlp": 0, "minilm": 96, "smollm2": 128}
@@ -149,8 +157,8 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per worker (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; delayed: 2 more)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of all variants, alternating (default 3)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
-                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated subset of {','.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--memory-budget", default="2GiB", help="device memory budget (default 2GiB)")
     parser.add_argument("--slice-mb", type=float, default=None,
                         help="MiB of fp32 parameters per slice (default: the optimizer's automatic choice)")
@@ -300,14 +308,19 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
     if spec.variant == "torch":
         opt = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
     elif spec.variant in NEARSTEP_VARIANTS:
-        extra = {"overlap": {"model": model}, "delayed": {"warmup_steps": DELAYED_WARMUP_STEPS}}.get(spec.variant, {})
-        opt = nearstep.AdamW(model.named_parameters(), lr=LR, store=spec.store, mode=spec.variant, device=device,
+        extra = {"overlap": {"model": model}, "delayed": {"warmup_steps": DELAYED_WARMUP_STEPS},
+                 "overlap-clip": {"model": model, "max_grad_norm": CLIP_NORM},
+                 "overlap-userclip": {"model": model}}.get(spec.variant, {})
+        mode = spec.variant.split("-", 1)[0]
+        opt = nearstep.AdamW(model.named_parameters(), lr=LR, store=spec.store, mode=mode, device=device,
                              slice_mb=spec.slice_mb, state_format=spec.state_format, **extra)
     ours = isinstance(opt, nearstep.NearstepOptimizer)
 
     def one_step(batch: Any) -> torch.Tensor:
         loss = work.loss(model, batch)
         loss.backward()
+        if spec.variant == "overlap-userclip":
+            torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         if opt is None:
             model.zero_grad(set_to_none=True)
         else:
@@ -377,6 +390,8 @@ def _nearstep_numbers(opt: Any, before: dict[str, Any], spec: WorkerSpec) -> dic
         "stats_overlap_fraction": after["overlap_fraction"],
         "stats_step_ms": after["step_ms"],
         "slices": len(opt.device.manifest().slices),
+        "speculation": {k: after[k] - before.get(k, 0) for k in
+                        ("clipped_steps", "speculated_steps", "speculation_misses", "gradients_changed_after_staging")},
         "device": {"pid": info.pid, "cores": list(info.cores), "slots": info.slots, "slot_bytes": info.slot_bytes,
                    "direct_io": info.direct_io, "memory_budget": info.memory_budget},
         "trace_file": spec.trace,
@@ -449,6 +464,12 @@ def _summarize(opts: Options, runs: dict[str, list[dict[str, Any]]]) -> tuple[di
     if "overlap" in ms:
         derived["overlap_fraction"] = variants["overlap"]["overlap_fraction"]
         derived["overlap_fraction_pass"] = derived["overlap_fraction"] >= FRACTION_TARGET
+    for name in ("overlap-clip", "overlap-userclip"):
+        if name in ms:
+            spec = [r["speculation"] for r in runs[name]]
+            derived[name] = {"vs_overlap": ms[name] / ms["overlap"] if "overlap" in ms else None,
+                             "timed_steps": opts.steps * len(spec),
+                             **{k: sum(x[k] for x in spec) for k in spec[0]}}
     if "sync" in runs and "overlap" in runs:
         # Overlap is exact: the same losses as sync, step for step, in every round.
         derived["overlap_losses_equal_sync"] = all(a["losses"] == b["losses"] for a, b in zip(runs["sync"], runs["overlap"]))
@@ -535,6 +556,14 @@ def _render(res: dict[str, Any]) -> str:
     if "overlap_fraction" in d:
         out.append(table_line("overlap fraction (overlap)", f"{d['overlap_fraction']:.3f}", verdict(
             d["overlap_fraction_pass"], f"target >= {FRACTION_TARGET}; device busy while the loop computes")))
+    for name in ("overlap-clip", "overlap-userclip"):
+        if name in d:
+            c = d[name]
+            fired = c["clipped_steps"] if name == "overlap-clip" else c["gradients_changed_after_staging"]
+            ratio = f"{c['vs_overlap']:.3f}" if c["vs_overlap"] is not None else "n/a"
+            out.append(table_line(f"{name} / overlap", ratio,
+                                  f"clipping fired in {fired} of {c['timed_steps']} timed steps; speculated "
+                                  f"{c['speculated_steps']}, redone {c['speculation_misses']}"))
     if "overlap_losses_equal_sync" in d:
         out.append(table_line("overlap losses == sync", "yes" if d["overlap_losses_equal_sync"] else "NO",
                          "overlap is exact: bitwise the same losses"))
