@@ -113,6 +113,13 @@ def test_max_grad_norm_speculates_and_redoes_only_when_it_clips(tmp_path) -> Non
     assert stats["speculated_steps"] < 8  # two misses in a row pause the speculation
 
 
+def test_speculation_backs_off_while_clipping_keeps_firing(tmp_path) -> None:
+    # Misses at steps 1 and 2 pause it for 10 steps; the retry at step 13 misses: 20 steps; at 33: 40 steps.
+    _w, stats = _nearstep("overlap", tmp_path, 40, max_grad_norm=1e-4)
+    assert stats["clipped_steps"] == 40
+    assert stats["speculation_misses"] == 4 and stats["speculated_steps"] == 0
+
+
 # -- the model's weights are the truth between steps ------------------------------------------
 
 

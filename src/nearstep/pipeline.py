@@ -33,8 +33,9 @@ weight it read was written by the user. A staged gradient counts as changed when
 ``p.grad`` is another tensor or its version counter moved *and* its values differ
 from the staged copy: ``clip_grad_norm_`` multiplies by exactly 1.0 when it does
 not clip, which moves the counter but changes no bit, and the speculation stands.
-After two misses in a row the pipeline stops speculating for a while (the redo
-reads the state a second time), then tries again.
+After two misses in a row the pipeline stops speculating for ten steps (the redo
+reads the state a second time), then tries again; when that first try misses
+too, the pause doubles (up to 160 steps), and a speculation that stands resets it.
 
 [Note: the model's weights are the truth]
 Between steps the parameters hold what the user sees and what torch would update:
@@ -92,9 +93,11 @@ from .trace import Trace
 
 __all__ = ["Phase", "InFlight", "Pipeline", "ReadCheck"]
 
-# A miss streak this long pauses speculation for _PAUSE_STEPS launches (see [Note: speculation then validation]).
+# A miss streak this long pauses speculation for _PAUSE_STEPS launches, doubled (up to _MAX_PAUSE_STEPS)
+# each time the first speculation after a pause misses again (see [Note: speculation then validation]).
 _MISS_STREAK = 2
 _PAUSE_STEPS = 10
+_MAX_PAUSE_STEPS = 160
 
 
 class Phase(enum.Enum):
@@ -188,6 +191,7 @@ class Pipeline:
         self._launches = 0
         self._miss_streak = 0
         self._paused_until = 0
+        self._pause = _PAUSE_STEPS
         self.counters = {"speculated_steps": 0, "speculation_misses": 0, "gradients_changed_after_staging": 0,
                          "weights_adopted": 0}
         # What each staged gradient and each parameter's weights were when last seen (tensor, version).
@@ -613,6 +617,7 @@ class Pipeline:
         if self._early:
             self.counters["speculated_steps"] += 1
             self._miss_streak = 0
+            self._pause = _PAUSE_STEPS  # it pays again: back to short pauses
         for k in order:
             if k in self._early:
                 applies[k] = self._early[k]
@@ -637,9 +642,15 @@ class Pipeline:
     def missed(self) -> None:
         """The step's speculation failed validation (clipping, a non-finite or edited gradient)."""
         self.counters["speculation_misses"] += 1
+        resumed = self._paused_until > 0 and self._launches == self._paused_until
         self._miss_streak += 1
-        if self._miss_streak >= _MISS_STREAK:
-            self._paused_until = self._launches + _PAUSE_STEPS
+        if resumed:
+            # The first try after a pause missed: clipping still fires, wait twice as long.
+            self._pause = min(2 * self._pause, _MAX_PAUSE_STEPS)
+            self._paused_until = self._launches + self._pause
+            self._miss_streak = 0
+        elif self._miss_streak >= _MISS_STREAK:
+            self._paused_until = self._launches + self._pause
             self._miss_streak = 0
 
     def _reset_staging(self) -> None:
