@@ -267,9 +267,11 @@ COMPILE_LR = 1e-2
 COMPILE_CLIP = 0.5
 
 
-def train_loop(model: nn.Module, opt: torch.optim.Optimizer, *, clip: float | None) -> tuple[dict[str, torch.Tensor], list[float]]:
+def loop_run(model: nn.Module, opt: torch.optim.Optimizer, *, steps: int = 8, clip: float | None = None,
+             after_step: Any = None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """The README's loop; ``after_step(t, model, opt)`` runs after step t (1-based)."""
     losses = []
-    for batch in batches(COMPILE_STEPS):
+    for t, batch in enumerate(batches(steps), start=1):
         loss = loss_of(model, batch)
         loss.backward()
         losses.append(loss.item())
@@ -277,8 +279,14 @@ def train_loop(model: nn.Module, opt: torch.optim.Optimizer, *, clip: float | No
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
+        if after_step is not None:
+            after_step(t, model, opt)
     finish(opt)
     return weights(model), losses
+
+
+def train_loop(model: nn.Module, opt: torch.optim.Optimizer, *, clip: float | None) -> tuple[dict[str, torch.Tensor], list[float]]:
+    return loop_run(model, opt, steps=COMPILE_STEPS, clip=clip)
 
 
 def compile_run(mode: str, backend: str, store: Path, *, compiled: bool) -> dict[str, Any]:

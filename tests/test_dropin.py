@@ -23,9 +23,8 @@ SLICE_MB = 0.004  # several slices even for the tiny model: speculation, drops a
 MODES = ["sync", "overlap", "delayed"]
 
 
-def _torch_reference(steps: int, *, edit=None, clip: float | None = None, lr: float = 1e-2):
-    model = make_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, edit=None, clip: float | None = None) -> None:
+    """The loop users write; ``edit(model, t)`` runs between backward() and step()."""
     for t, batch in enumerate(batches(steps)):
         loss_of(model, batch).backward()
         if clip is not None:
@@ -34,6 +33,11 @@ def _torch_reference(steps: int, *, edit=None, clip: float | None = None, lr: fl
             edit(model, t)
         opt.step()
         opt.zero_grad()
+
+
+def _torch_reference(steps: int, *, edit=None, clip: float | None = None, lr: float = 1e-2):
+    model = make_model()
+    _train(model, torch.optim.AdamW(model.parameters(), lr=lr), steps, edit, clip)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -44,14 +48,7 @@ def _nearstep(mode: str, tmp_path, steps: int, *, edit=None, clip: float | None 
                          slice_mb=SLICE_MB, mode=mode, model=model, max_grad_norm=max_grad_norm,
                          warmup_steps=warmup_steps, **options)
     with opt:
-        for t, batch in enumerate(batches(steps)):
-            loss_of(model, batch).backward()
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            if edit is not None:
-                edit(model, t)
-            opt.step()
-            opt.zero_grad()
+        _train(model, opt, steps, edit, clip)
         opt.synchronize()
         stats = opt.stats()
     return [p.detach().clone() for p in model.parameters()], stats

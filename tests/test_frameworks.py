@@ -28,7 +28,7 @@ import nearstep
 from conftest import batches, loss_of, make_model
 from framework_models import (
     ATOL, RTOL, GrowNet, PlistNet, TokenData, assert_weights_close,
-    assert_weights_differ, assert_weights_equal, compile_run, finish, make_grownet, nearstep_optimizer,
+    assert_weights_differ, assert_weights_equal, compile_run, finish, loop_run, make_grownet, nearstep_optimizer,
     reference_optimizer, store_bytes, tiny_llama, trainer_args, weights,
 )
 
@@ -107,24 +107,6 @@ def test_hf_trainer_with_its_default_clipping(mode, backend, accumulate, tmp_pat
 # b. A hand-written loop with clip_grad_norm_ between backward and step
 
 LOOP_LR = 1e-2
-
-
-def loop_run(model: nn.Module, opt: torch.optim.Optimizer, *, steps: int = 8, clip: float | None = None,
-             after_step: Any = None) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The README's loop; ``after_step(t, model, opt)`` runs after step t (1-based)."""
-    losses = []
-    for t, batch in enumerate(batches(steps), start=1):
-        loss = loss_of(model, batch)
-        loss.backward()
-        losses.append(loss.item())
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step()
-        opt.zero_grad()
-        if after_step is not None:
-            after_step(t, model, opt)
-    finish(opt)
-    return weights(model), losses
 
 
 def both_loops(mode: str, backend: str, tmp_path: Path, make: Any = make_model, **kw: Any) -> tuple:
