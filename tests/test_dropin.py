@@ -139,6 +139,20 @@ def test_load_state_dict_and_in_place_edits_after_construction_are_trained_on(mo
     assert stats["weights_adopted"] >= 4
 
 
+def test_a_lossy_master_format_says_it_rounds_adopted_weights(tmp_path) -> None:
+    model = make_model()
+    with nearstep.AdamW(model.parameters(), lr=1e-2, store=tmp_path / "s", device="inline", slice_mb=SLICE_MB,
+                        mode="sync", state_format="bf16-sr") as opt:
+        with torch.no_grad():
+            model.head.weight.fill_(0.1 + 2**-12)  # not a bf16 value
+        loss_of(model, batches(1)[0]).backward()
+        with pytest.warns(UserWarning, match="rounds them"):
+            opt.step()
+        opt.synchronize()
+        # The model got the store's (rounded, updated) master: bf16 values.
+        assert torch.equal(model.head.weight, model.head.weight.bfloat16().float())
+
+
 def test_weights_loaded_before_the_first_step_are_trained_on(tmp_path) -> None:
     state = {k: v * 0.5 for k, v in make_model(seed=3).state_dict().items()}
     ref = make_model()

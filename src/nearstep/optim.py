@@ -249,6 +249,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
         self._clipped_steps = 0
         self._restarts = 0
+        self._warned_rounding = False
 
     def _start(self) -> None:
         """Open the device on the store and build the pipeline and its hooks (at construction, and
@@ -551,6 +552,15 @@ class NearstepOptimizer(torch.optim.Optimizer):
         hypers = tuple(self._hyper(g) for g in self.param_groups)
         commit = Commit(self._step + 1, tuple(new_steps), self._groups_json(),
                         {"skipped_steps": self._counters["skipped_steps"]})
+        if edited and not self._warned_rounding and self._store.manifest.format.master != "fp32":
+            self._warned_rounding = True
+            warnings.warn(
+                f"weights written into {len(edited)} parameter(s) since they last landed (e.g. {self._names[edited[0]]!r}) "
+                f"become the store's master in its {self._store.manifest.format.name!r} format, which rounds them "
+                f"(the master keeps {self._store.manifest.format.master}); the model gets the rounded values. "
+                f"Use state_format='fp32' to keep them exactly.",
+                UserWarning, stacklevel=3,
+            )
         pipeline.launch(self._step + 1, present, hypers, new_steps, scale, self.guards, commit, edited)
         if self._ranks is not None:
             self._ranks.launched()
