@@ -96,6 +96,31 @@ def test_a_gradient_replaced_or_removed_after_staging_is_followed(tmp_path) -> N
         _assert_close(got, want)
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["keep-grads", "offload-grads"])
+def test_gradients_discarded_by_zero_grad_without_a_step_are_not_applied(offload, tmp_path) -> None:
+    # GradScaler skips step() on inf/NaN and the loop calls zero_grad(): torch drops those gradients.
+    def run(make_opt):
+        model = make_model()
+        opt = make_opt(model)
+        for t, batch in enumerate(batches(6)):
+            loss_of(model, batch).backward()
+            if t % 3 == 1:
+                opt.zero_grad()  # skipped
+                continue
+            opt.step()
+            opt.zero_grad()
+        if isinstance(opt, nearstep.NearstepOptimizer):
+            opt.synchronize()
+            opt.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    want = run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
+    got = run(lambda m: nearstep.AdamW(m.parameters(), lr=1e-2, store=tmp_path / "s", device="inline",
+                                       slice_mb=SLICE_MB, mode="overlap", model=m, offload_gradients=offload,
+                                       max_grad_norm=1e3))
+    _assert_close(got, want)
+
+
 def test_max_grad_norm_speculates_and_redoes_only_when_it_clips(tmp_path) -> None:
     sync, _ = _nearstep("sync", tmp_path, 8, max_grad_norm=1e3, name="big")
     over, stats = _nearstep("overlap", tmp_path, 8, max_grad_norm=1e3, name="big")

@@ -32,7 +32,7 @@ from .device import Completion, Device, DeviceConfig, build_device
 from .distributed import Sharding, ShardingConfig, build_sharding
 from .engine import Apply, Commit, LoadState, Query
 from .staging import StagingLayout
-from .pipeline import InFlight, Pipeline, ReadCheck
+from .pipeline import InFlight, Phase, Pipeline, ReadCheck
 from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
 from .errors import NearstepError, StoreMismatchError, UnsupportedUsageError
@@ -209,8 +209,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
             warnings.warn(
                 "offload_gradients=True frees each p.grad during backward, so code that reads or clips "
                 "gradients between backward() and step() (torch.nn.utils.clip_grad_norm_, HF Trainer's "
-                "max_grad_norm, Lightning's gradient_clip_val) sees none and does nothing. Clip with "
-                "nearstep's max_grad_norm= instead, or leave offload_gradients off.",
+                "max_grad_norm, Lightning's gradient_clip_val, GradScaler's unscale_ for fp16) sees none and "
+                "does nothing. Clip with nearstep's max_grad_norm= (and train in bf16, not fp16 with a "
+                "GradScaler), or leave offload_gradients off.",
                 UserWarning, stacklevel=3,
             )
         if check_reads is None:
@@ -635,6 +636,15 @@ class NearstepOptimizer(torch.optim.Optimizer):
     def _check_open(self) -> None:
         if self._closed:
             raise NearstepError("this optimizer is closed; create a new one on the same store to continue")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; gradients staged since the last ``step()`` are
+        discarded too (a step skipped without calling ``step()``, as GradScaler does on inf/NaN),
+        with any slice the device had applied from them speculatively."""
+        pipeline = self.__dict__.get("_pipeline")
+        if pipeline is not None and not self._closed and pipeline.phase is Phase.STAGING:
+            pipeline.abort()
+        super().zero_grad(set_to_none=set_to_none)
 
     def synchronize(self) -> None:
         """Wait until every queued update has reached the model and the store.

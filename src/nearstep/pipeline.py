@@ -202,7 +202,7 @@ class Pipeline:
         self.note_weights()
         self._handles: list[Any] = []
         self._hooked: set[int] = set()
-        self._owners: list[tuple[torch.nn.Module, frozenset[int]]] = []
+        self._owned: dict[int, frozenset[int]] = {}  # id(module) -> the parameters it holds itself
         self._called: set[int] = set()
         self._landing_sets: dict[int, tuple[int, ...]] = {}
         self._pending: dict[int, int] = {}  # id(param) -> slices of it not landed (for ReadCheck)
@@ -238,8 +238,7 @@ class Pipeline:
         See [Note: landing before any read].
         """
         for module in model.modules():
-            own = frozenset(self._ids[id(p)] for p in module.parameters(recurse=False) if id(p) in self._ids)
-            self._owners.append((module, own))
+            self._owned[id(module)] = frozenset(self._ids[id(p)] for p in module.parameters(recurse=False) if id(p) in self._ids)
         for module in model.modules():
             if any(id(p) in self._ids for p in module.parameters()):
                 self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(module)))
@@ -259,11 +258,10 @@ class Pipeline:
         cached = self._landing_sets.get(key)
         if cached is not None:
             return cached
-        own = {id(m): o for m, o in self._owners}
         params: set[int] = set()
 
         def collect(m: torch.nn.Module) -> None:
-            params.update(own.get(id(m), ()))
+            params.update(self._owned.get(id(m), ()))
             for child in m.children():
                 if id(child) not in self._called:
                     collect(child)
@@ -388,8 +386,8 @@ class Pipeline:
         if k not in self._prefetch_order:
             self._prefetch_order += (k,)
             self.device.submit(Prefetch((k,)))
-        apply = self.early_apply(k) if self.early_apply is not None else None
-        assert apply is not None
+        assert self.early_apply is not None
+        apply = self.early_apply(k)
         adopt = self._adopt_flags(k, self.edited_weights(self.slice_params[k]))
         self._early[k] = self.device.submit(dataclasses.replace(apply, adopt=adopt) if any(adopt) else apply)
 
@@ -476,8 +474,6 @@ class Pipeline:
         self.counters["gradients_changed_after_staging"] += 1
         if any(staged.index in self._early for i in changed + removed for staged, _seg in self.segments[i]):
             self.drop_early()
-        if self._side is not None:
-            self._side.synchronize()
         for i in removed:
             self.staged[i] = False
             self.norms[i] = None
@@ -623,7 +619,7 @@ class Pipeline:
                 applies[k] = self._early[k]
                 continue
             steps = tuple(param_steps[s.param] if s.param in has else 0 for s in self.layout.slices[k].segments)
-            adopt = self._adopt_flags(k, [i for i in edited if i in self.slice_params[k]])
+            adopt = self._adopt_flags(k, edited)
             applies[k] = self.device.submit(Apply(k, hypers, steps, scale, guards, arena_id, adopt))
         touched |= frozenset(self._adopting)
         inflight = InFlight(step, self.current, applies, self.device.submit(commit), touched)
