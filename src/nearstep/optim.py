@@ -995,6 +995,9 @@ class AdamW(NearstepOptimizer):
             weights have not landed yet raise :class:`~nearstep.StaleWeightError` (a Python
             call per torch operation: for test runs). None: on when the environment has
             ``NEARSTEP_CHECK_READS=1``. See the README's "What the training loop may do".
+        keep_snapshots: how many store snapshots ``state_dict()`` keeps (a checkpoint refers
+            to one; older ones are deleted). At least the number of checkpoints your
+            framework keeps. See ``nearstep/checkpoint.py``.
 
     Example::
 
