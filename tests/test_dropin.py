@@ -35,6 +35,14 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, edit=None, 
         opt.zero_grad()
 
 
+def _final_weights(model: nn.Module, opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The trained weights, after a nearstep optimizer landed its last step and closed."""
+    if isinstance(opt, nearstep.NearstepOptimizer):
+        opt.synchronize()
+        opt.close()
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def _torch_reference(steps: int, *, edit=None, clip: float | None = None, lr: float = 1e-2):
     model = make_model()
     _train(model, torch.optim.AdamW(model.parameters(), lr=lr), steps, edit, clip)
@@ -109,10 +117,7 @@ def test_gradients_discarded_by_zero_grad_without_a_step_are_not_applied(offload
                 continue
             opt.step()
             opt.zero_grad()
-        if isinstance(opt, nearstep.NearstepOptimizer):
-            opt.synchronize()
-            opt.close()
-        return [p.detach().clone() for p in model.parameters()]
+        return _final_weights(model, opt)
 
     want = run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
     got = run(lambda m: nearstep.AdamW(m.parameters(), lr=1e-2, store=tmp_path / "s", device="inline",
@@ -286,10 +291,7 @@ def test_parameters_frozen_at_construction_are_trained_once_unfrozen(mode, tmp_p
             loss_of(model, batch).backward()
             opt.step()
             opt.zero_grad()
-        if isinstance(opt, nearstep.NearstepOptimizer):
-            opt.synchronize()
-            opt.close()
-        return [p.detach().clone() for p in model.parameters()]
+        return _final_weights(model, opt)
 
     want = run(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
     got = run(lambda m: nearstep.AdamW(m.named_parameters(), lr=1e-2, store=tmp_path / mode, device="inline",
