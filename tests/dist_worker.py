@@ -72,8 +72,8 @@ def reference_weights(steps: int, clip: float | None, store: Path, mode: str = "
             opt.step()
             opt.zero_grad()
         opt.synchronize()
-        state_elements = sum(p.numel for p in opt._store.manifest.params)
-        state_bytes = opt._store.manifest.state_bytes
+        state_elements = sum(p.numel for p in opt.store.manifest.params)
+        state_bytes = opt.store.manifest.state_bytes
     out = {n: p.detach().clone() for n, p in model.named_parameters()}
     out["__state_elements__"] = torch.tensor(state_elements)
     out["__state_bytes__"] = torch.tensor(state_bytes)
@@ -123,10 +123,10 @@ def train(sc: dict, rank: int, world: int, *, start: int = 0, steps: int | None 
             x, y = shard_of(batch, rank, world)
             out = model(x)
             if i:
-                unpublished.append(len(getattr(opt._ranks, "pending", ())))
+                unpublished.append(len(getattr(opt.sharding, "pending", ())))
             nn.functional.cross_entropy(out, y).backward()
             opt.step()
-            unpublished.append(len(getattr(opt._ranks, "pending", ())))
+            unpublished.append(len(getattr(opt.sharding, "pending", ())))
             opt.zero_grad()
         read_early = None
         if sc.get("probe_state_dict") and rank == 0:
@@ -138,7 +138,7 @@ def train(sc: dict, rank: int, world: int, *, start: int = 0, steps: int | None 
         if rank == 0:
             model.state_dict()  # one rank alone, after synchronize(): fine
         stats = opt.stats()
-        manifest = opt._store.manifest
+        manifest = opt.store.manifest
         info = {"step": stats["step"], "state_elements": sum(p.numel for p in manifest.params),
                 "state_bytes": manifest.state_bytes, "store": str(opt.store_path), "stats": stats,
                 "unpublished": unpublished, "read_early": read_early}
@@ -167,7 +167,7 @@ def run_scenario(sc: dict, rank: int, world: int) -> dict:
         solo = dist.new_group([0])
         if rank != 0:
             return {"skipped": True}
-        from nearstep.storeset import reshard
+        from nearstep.reshard import reshard
 
         result = reshard(sc["store"], sc["store"] + "-1", 1)
         weights, info = train({**sc, "store": sc["store"] + "-1"}, 0, 1, start=half, steps=sc["steps"] - half, group=solo)

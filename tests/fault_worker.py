@@ -131,7 +131,7 @@ def _install(pause: _Pause) -> None:
             pause.stop()
         return write_from(self, buf, offset)
 
-    ring_start_blocks = uring.IORing._start_blocks
+    ring_start_blocks = uring.IORing.start_blocks
 
     def paused_ring_start_blocks(self, file, view, offset, checksum, writing):
         # The io_uring backend never calls read_into/write_from: the same pauses, at its door.
@@ -168,7 +168,7 @@ def _install(pause: _Pause) -> None:
     aio.AlignedFile.read_into = paused_read_into
     aio.AlignedFile.write_from = paused_write_from
     aio.AlignedFile.sync = paused_sync
-    uring.IORing._start_blocks = paused_ring_start_blocks
+    uring.IORing.start_blocks = paused_ring_start_blocks
     os.write = paused_write
     os.replace = paused_replace
 

@@ -78,7 +78,7 @@ def test_deepspeed_config_matches_the_nearstep_rows():
     spec = peers.WorkerSpec(model="mlp", variant="ds-nvme", round=1, batch=8, seq_len=0, width=64, steps=1, warmup=0,
                             memory_budget="1GiB", store="/data/state", cores=[0], device_core=0, threads=1,
                             master_port=1)
-    nvme = peers._deepspeed_config(spec)
+    nvme = peers.deepspeed_config(spec)
     assert nvme["zero_optimization"]["stage"] == 3
     assert nvme["zero_optimization"]["offload_optimizer"]["device"] == "nvme"
     assert nvme["zero_optimization"]["offload_optimizer"]["nvme_path"] == "/data/state"
@@ -86,7 +86,7 @@ def test_deepspeed_config_matches_the_nearstep_rows():
                                                               "eps": peers.EPS, "weight_decay": peers.WEIGHT_DECAY}}
     assert nvme["gradient_clipping"] == 0.0 and nvme["train_micro_batch_size_per_gpu"] == 8
     assert "bf16" not in nvme and "fp16" not in nvme  # fp32, as the nearstep rows
-    cpu = peers._deepspeed_config(dataclasses.replace(spec, variant="ds-cpu"))
+    cpu = peers.deepspeed_config(dataclasses.replace(spec, variant="ds-cpu"))
     assert cpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 

@@ -253,12 +253,12 @@ def test_an_interrupted_snapshot_leaves_nothing_behind(tmp_path: Path, monkeypat
             copied.append(src)
             real_copy(src, dst, nbytes)
 
-        real_copy = checkpoint._copy_file
-        monkeypatch.setattr(checkpoint, "_copy_file", copy_then_fail)
+        real_copy = checkpoint.copy_file
+        monkeypatch.setattr(checkpoint, "copy_file", copy_then_fail)
         with pytest.raises(nearstep.DiskFullError, match="keep_snapshots"):
             opt.state_dict()
         assert list((tmp_path / "s" / checkpoint.SNAPSHOTS).iterdir()) == []  # no partial snapshot
-        monkeypatch.setattr(checkpoint, "_copy_file", real_copy)
+        monkeypatch.setattr(checkpoint, "copy_file", real_copy)
         # A crash mid-copy leaves a temporary directory: the next snapshot removes it.
         leftover = tmp_path / "s" / checkpoint.SNAPSHOTS / ".tmp-step-000002-dead-1"
         leftover.mkdir()
@@ -291,7 +291,7 @@ def test_a_snapshot_restores_into_a_different_store(backend: str, tmp_path: Path
     # A store sliced differently: the snapshot is re-sliced, slice by slice, exactly.
     resliced = make_model(seed=10)
     with nearstep.AdamW(resliced.named_parameters(), lr=1e-2, store=tmp_path / "c", device=backend, slice_mb=0.0015) as opt:
-        assert len(opt._layout.slices) > len(read_manifest(tmp_path / "a").slices)
+        assert len(opt.store.manifest.slices) > len(read_manifest(tmp_path / "a").slices)
         opt.load_state_dict(torch.load(tmp_path / "optimizer.pt", weights_only=True))
         assert_bitwise(weights(resliced), at_save)
         state = opt.full_state_dict()["state"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import nearstep
-from nearstep import kernels
-from nearstep.engine import Apply, Commit, Prefetch
+from nearstep import kernels, rules
+from nearstep.protocol import Apply, Commit, Prefetch
 from nearstep.staging import StagingLayout
 from test_store import ADAM_STATE, make_store, specs
 
@@ -33,8 +33,8 @@ def test_info_memory_queue_and_stats(backend, tmp_path) -> None:
                 grads[(staged.index, seg.param)] = g
         order = tuple(reversed(range(len(layout.slices))))
         dev.submit(Prefetch(order))
-        hyper = kernels.AdamWHyper(lr=0.01)
-        applies = [dev.submit(Apply(k, (hyper,), (1,) * len(layout.slices[k].segments), 1.0, kernels.Guards(), mem.id))
+        hyper = rules.AdamWHyper(lr=0.01)
+        applies = [dev.submit(Apply(k, (hyper,), (1,) * len(layout.slices[k].segments), 1.0, rules.Guards(), mem.id))
                    for k in order]
         reports = [a.wait(30) for a in applies]
         assert all(len(r) == len(layout.slices[k].segments) for r, k in zip(reports, order))
@@ -45,7 +45,7 @@ def test_info_memory_queue_and_stats(backend, tmp_path) -> None:
             m = masters[staged.index]
             g = torch.cat([grads[(staged.index, seg.param)] for seg in staged.segments])
             ea, es = torch.zeros_like(m), torch.zeros_like(m)
-            kernels.update_(hyper, [m], {"exp_avg": [ea], "exp_avg_sq": [es]}, [g], [1], kernels.Guards())
+            kernels.update_(hyper, [m], {"exp_avg": [ea], "exp_avg_sq": [es]}, [g], [1], rules.Guards())
             posted = torch.cat([layout.weight_view(mem.bytes, seg, staged) for seg in staged.segments])
             assert torch.equal(posted, m)
         stats = dev.stats()
@@ -59,7 +59,7 @@ def test_info_memory_queue_and_stats(backend, tmp_path) -> None:
 def test_a_device_error_carries_the_device_traceback(backend, tmp_path) -> None:
     store = make_store(tmp_path / "s", specs((100,)))
     with nearstep.open_device(store, backend=backend) as dev:
-        done = dev.submit(Apply(7, (kernels.AdamWHyper(lr=0.1),), (1,), 1.0, kernels.Guards(), 1))
+        done = dev.submit(Apply(7, (rules.AdamWHyper(lr=0.1),), (1,), 1.0, rules.Guards(), 1))
         with pytest.raises(nearstep.DeviceError, match="slice 7 does not exist") as info:
             done.wait(30)
         assert "Traceback" in str(info.value)

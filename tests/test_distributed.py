@@ -36,9 +36,9 @@ from nearstep.storeset import (
     plan_digest,
     plan_pieces,
     read_shard_file,
-    reshard,
     store_path_for,
 )
+from nearstep.reshard import reshard
 
 import dist_worker
 
@@ -366,7 +366,7 @@ def test_without_a_process_group_nothing_is_sharded(tmp_path) -> None:
     assert not dist.is_initialized()
     model = dist_worker.make_net()
     with nearstep.AdamW(model.parameters(), store=tmp_path / "s", device="inline") as opt:
-        assert opt._ranks is None and not (tmp_path / "s" / "shard.json").exists()
+        assert opt.sharding.alone and not (tmp_path / "s" / "shard.json").exists()
         assert "world_size" not in opt.stats()
 
 

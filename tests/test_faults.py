@@ -695,7 +695,7 @@ def test_after_a_failed_commit_the_same_optimizer_retries_the_step(reference: Re
     model = make_model()
     with open_optimizer(model, path) as opt:
         train_steps(model, opt, range(3))
-        real_replace = store_module.Store._replace_manifest
+        real_replace = store_module.Store.write_manifest
         calls = {"n": 0}
 
         def full_once(self: Any, manifest: Any) -> None:
@@ -704,7 +704,7 @@ def test_after_a_failed_commit_the_same_optimizer_retries_the_step(reference: Re
                 raise errors.DiskFullError(errno.ENOSPC, "disk full (injected); free space", "manifest.json.tmp")
             real_replace(self, manifest)
 
-        monkeypatch.setattr(store_module.Store, "_replace_manifest", full_once)
+        monkeypatch.setattr(store_module.Store, "write_manifest", full_once)
         loss_of(model, data()[3]).backward()
         with pytest.raises(nearstep.DiskFullError):
             opt.step()

@@ -329,7 +329,7 @@ def test_8bit_matches_reference(qmap, name, block):
 
 @pytest.mark.parametrize("name", ["momentum_buffer", "exp_avg_sq"])
 def test_8bit_dynamic_across_chunks_matches_reference(name):
-    numel = formats._CHUNK + 2 * 2048 + 5
+    numel = formats.CHUNK + 2 * 2048 + 5
     x = wide_signed(numel, salt=7)
     if name.endswith("_sq"):
         x = x.square()
@@ -443,7 +443,7 @@ def master_inputs(numel: int, salt: int) -> torch.Tensor:
 @pytest.mark.parametrize("master", ["bf16-sr", "bf16-kahan"])
 def test_master_matches_reference(master):
     fmt = StateFormat(master)
-    numel = formats._CHUNK + 1001  # two chunks, two noise periods
+    numel = formats.CHUNK + 1001  # two chunks, two noise periods
     x = master_inputs(numel, salt=21)
     _, regions = make_state(fmt, ["master"], numel)
     values = {"master": x.clone()}
@@ -632,8 +632,8 @@ def test_chunk_size_changes_no_bit(monkeypatch):
     numel = 3 * 4096 + 100
     x = {n: wide_signed(numel, salt=41 + i).abs() for i, n in enumerate(ADAMW)}
     results = []
-    for chunk in (formats._CHUNK, 4096):
-        monkeypatch.setattr(formats, "_CHUNK", chunk)
+    for chunk in (formats.CHUNK, 4096):
+        monkeypatch.setattr(formats.chunks, "CHUNK", chunk)  # where the codecs look it up
         buf, regions = make_state(fmt, ADAMW, numel)
         encode_(fmt, {n: t.clone() for n, t in x.items()}, ADAMW, regions, seed=9, workspace=Workspace())
         results.append(buf)

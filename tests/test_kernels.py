@@ -13,19 +13,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from nearstep import kernels
-from nearstep.kernels import (
-    KERNELS,
-    AdamHyper,
-    AdamWHyper,
-    Guards,
-    LionHyper,
-    SegmentReport,
-    SGDHyper,
-    flat_views,
-    state_names,
-    update_,
-)
+from nearstep import kernels, rules
+from nearstep.kernels import flat_views, update_
+from nearstep.rules import KERNELS, AdamHyper, AdamWHyper, Guards, LionHyper, SegmentReport, SGDHyper, state_names
 
 SIZES = (1, 0, 7, 64, 300)
 FIRST_STEPS = (1, 5, 1, 2, 40)  # segments at different steps in one call
@@ -491,10 +481,10 @@ def test_flat_views_are_consecutive_views():
 
 
 @pytest.mark.parametrize("hyper", [
-    kernels.AdamWHyper(lr=0.1, weight_decay=0.1, maximize=True),
-    kernels.AdamHyper(lr=0.1, weight_decay=0.1, maximize=True),
-    kernels.SGDHyper(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True),
-    kernels.SGDHyper(lr=0.1, momentum=0.5, dampening=0.2, weight_decay=0.1),
+    rules.AdamWHyper(lr=0.1, weight_decay=0.1, maximize=True),
+    rules.AdamHyper(lr=0.1, weight_decay=0.1, maximize=True),
+    rules.SGDHyper(lr=0.1, momentum=0.9, weight_decay=0.1, nesterov=True, maximize=True),
+    rules.SGDHyper(lr=0.1, momentum=0.5, dampening=0.2, weight_decay=0.1),
 ], ids=["adamw", "adam", "sgd-nesterov", "sgd-dampening"])
 def test_unguarded_fused_kernels_leave_the_gradients_untouched(hyper) -> None:
     # The engine hands staged fp32 gradients to these kernels in place (no copy); see
@@ -505,6 +495,6 @@ def test_unguarded_fused_kernels_leave_the_gradients_untouched(hyper) -> None:
     before = [g.clone() for g in grads]
     states = {name: [torch.rand(1000), torch.rand(37)] for name in kernels.state_names(type(hyper))}
     for step in (1, 2, 3):
-        kernels.update_(hyper, masters, states, grads, [step, step], kernels.Guards())
+        kernels.update_(hyper, masters, states, grads, [step, step], rules.Guards())
     for g, b in zip(grads, before):
         assert torch.equal(g, b)

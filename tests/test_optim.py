@@ -61,7 +61,7 @@ def test_matches_torch_optim_with_groups_and_scheduler(case: str, backend: str, 
     ref = make_ref(groups_of(ref_model, named=False))
     ours = make_ours(groups_of(our_model, named=True), store=tmp_path / "s", device=backend, slice_mb=SLICE_MB)
     with ours:
-        assert len(ours._layout.slices) >= 3
+        assert len(ours.store.manifest.slices) >= 3
         data = batches(20)
         ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=5, gamma=0.5)
         our_sched = torch.optim.lr_scheduler.StepLR(ours, step_size=5, gamma=0.5)
@@ -270,7 +270,7 @@ def test_corrupted_state_file_is_reported_with_the_device_traceback(backend: str
     with nearstep.AdamW(model.parameters(), store=tmp_path / "s", device=backend, slice_mb=SLICE_MB) as opt:
         train(model, opt, batches(1))
         manifest = opt.device.manifest()
-        victim = opt._store.slice_path(0, manifest.committed[0].generation)
+        victim = opt.store.slice_path(0, manifest.committed[0].generation)
         with open(victim, "r+b") as f:
             f.seek(100)
             byte = f.read(1)

@@ -138,7 +138,7 @@ def test_a_corrupted_slice_is_refused_and_nothing_changes(tmp_path, small_blocks
     model, _ = train(path, 256, monkeypatch, steps=2)
     m = store_module.read_manifest(path)
     k = max(range(len(m.slices)), key=m.slice_file_bytes)
-    extent, _starts = m.slice_extent(k)
+    extent = m.image(k).extent
     victim = path / "slices" / f"s{k:06d}.g{m.committed[k].generation}"
     offset = 4 * (extent // 2) if where == "inside a region" else 4 * extent + 8
     assert offset < -(-extent * 4 // PAGE) * PAGE, "the padding exists in this layout"

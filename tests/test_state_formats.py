@@ -18,7 +18,7 @@ import torch
 
 import nearstep
 from nearstep import aio, formats
-from nearstep.store import Store, encode_slice, read_manifest, rounding_seed
+from nearstep.store import Store, read_manifest, rounding_seed
 from nearstep.tools import convert_store, main as tools_main
 from conftest import batches, loss_of, make_model
 
@@ -29,7 +29,7 @@ LOSSY = ["bf16-kahan", "bf16-sr", "8bit", "8bit-linear", "bf16-sr+8bit", "bf16-k
 def _round_like_the_store(manifest, step: int, params: list[torch.Tensor], state: dict[str, list[torch.Tensor]]) -> None:
     """Round ``params`` (fp32) and ``state`` through the store's codec, slice by slice, in place.
 
-    Uses the store's own ``encode_slice`` (layout, padding, seeds); the engine's path
+    Uses the slice image's own ``encode`` (layout, padding, seeds); the engine's path
     under test decodes into and encodes from its slot instead.
     """
     for spec in manifest.slices:
@@ -38,7 +38,7 @@ def _round_like_the_store(manifest, step: int, params: list[torch.Tensor], state
             source = params if name == "master" else state[name]
             values[name] = torch.cat([source[s.param].detach().reshape(-1)[s.start : s.start + s.length] for s in spec.segments])
         with aio.AlignedBuffer(manifest.slice_file_bytes(spec.index)) as buf:
-            encode_slice(manifest, spec.index, values, buf, rounding_seed(manifest, step, spec.index))
+            manifest.image(spec.index).encode(values, buf, rounding_seed(manifest, step, spec.index))
         offset = 0
         for s in spec.segments:
             for name in manifest.state_names:
@@ -163,7 +163,7 @@ def test_resume_is_bitwise_the_uninterrupted_run(tmp_path) -> None:
     resumed = make_model(seed=3)
     with nearstep.AdamW(resumed.parameters(), lr=1e-2, store=tmp_path / "b", device="inline",
                         state_format="bf16-sr+8bit") as opt:
-        assert opt._store.manifest.step == 4
+        assert opt.store.manifest.step == 4
         _train(resumed, opt, data[4:])
     for p_resumed, p_straight in zip(resumed.parameters(), straight.parameters()):
         torch.testing.assert_close(p_resumed, p_straight, rtol=0, atol=0)
@@ -233,7 +233,7 @@ def test_a_store_refuses_another_explicit_format_and_converts(tmp_path, capsys) 
         nearstep.AdamW(model.parameters(), store=tmp_path / "new", device="inline", state_format="int4")
     assert not (tmp_path / "new").exists()
     with nearstep.AdamW(model.parameters(), store=tmp_path / "s", device="inline", state_format=None) as opt:
-        assert opt._store.manifest.state_format == "fp32"
+        assert opt.store.manifest.state_format == "fp32"
 
     assert tools_main(["convert", str(tmp_path / "s"), str(tmp_path / "c"), "--state-format", "bf16-sr+8bit"]) == 0
     assert "as bf16-sr+8bit" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Tests of nearstep.uring (the io_uring backend) and of choosing a backend with aio.open_io.
+"""Tests of nearstep.uring (the io_uring backend) and of choosing a backend with uring.open_io.
 
 Every check of the ring is made against a slow reference: zlib.crc32 over each
 block in a plain loop, bytes written and read back with plain os.pread/os.pwrite,
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import nearstep
-from nearstep import aio, uring
+from nearstep import uring
 from nearstep.aio import PAGE, AlignedBuffer, AlignedFile, IOPool, IOResult
 from nearstep.device import DeviceConfig
 from nearstep.errors import MisalignedIOError, StoreCorruptError, StoreIOError
@@ -95,18 +95,18 @@ def test_ring_without_checksum_at_an_offset_and_empty_requests(tmp_path):
 @needs_ring
 def test_ring_keeps_its_depth_in_flight_and_never_more(tmp_path, monkeypatch):
     submitted, peak = [], [0]
-    real_submit, real_push = uring.IORing._submit, uring.IORing._push
+    real_submit, real_push = uring.IORing.submit_entries, uring.IORing.push_entry
 
     def counting_submit(self, count):
         submitted.append(count)
         return real_submit(self, count)
 
     def watching_push(self, *args):
-        peak[0] = max(peak[0], len(self._in_flight) + 1)
+        peak[0] = max(peak[0], self.in_flight + 1)
         return real_push(self, *args)
 
-    monkeypatch.setattr(uring.IORing, "_submit", counting_submit)
-    monkeypatch.setattr(uring.IORing, "_push", watching_push)
+    monkeypatch.setattr(uring.IORing, "submit_entries", counting_submit)
+    monkeypatch.setattr(uring.IORing, "push_entry", watching_push)
     rng = np.random.default_rng(2)
     with AlignedFile.open(tmp_path / "state.bin", create=True) as file, uring.IORing(6, PAGE) as ring, \
             random_buffer(40 * PAGE, rng) as source:
@@ -120,7 +120,7 @@ def test_ring_keeps_its_depth_in_flight_and_never_more(tmp_path, monkeypatch):
 def test_short_transfers_are_resumed(tmp_path, monkeypatch):
     # Ask the kernel for half of each block the first time: it moves exactly that, and the
     # ring must resume from there (as it must when a device returns short).
-    real_push, halved = uring.IORing._push, set()
+    real_push, halved = uring.IORing.push_entry, set()
 
     def short_push(self, op, fd, offset, address, length, user_data):
         if op != uring._OP_NOP and length == block and (op, offset) not in halved:  # a block's first try
@@ -128,7 +128,7 @@ def test_short_transfers_are_resumed(tmp_path, monkeypatch):
             length = length // 2 // PAGE * PAGE
         return real_push(self, op, fd, offset, address, length, user_data)
 
-    monkeypatch.setattr(uring.IORing, "_push", short_push)
+    monkeypatch.setattr(uring.IORing, "push_entry", short_push)
     rng = np.random.default_rng(3)
     nbytes, block = 24 * PAGE, 8 * PAGE
     source, target = random_buffer(nbytes, rng), AlignedBuffer(nbytes)
@@ -235,18 +235,18 @@ def test_many_threads_share_one_ring(tmp_path):
 
 
 def test_open_io_picks_the_backend(monkeypatch):
-    with aio.open_io("threads", threads=2) as pool:
+    with uring.open_io("threads", threads=2) as pool:
         assert isinstance(pool, IOPool)
-    with aio.open_io("auto") as auto:
+    with uring.open_io("auto") as auto:
         assert isinstance(auto, uring.IORing if RING else IOPool)
     with pytest.raises(ValueError, match="'auto', 'ring', 'threads'"):
-        aio.open_io("libaio")
+        uring.open_io("libaio")
     # Where the kernel or a sandbox refuses io_uring: "auto" falls back, "ring" says why.
     monkeypatch.setattr(uring, "ring_support", lambda: (False, "refused by a seccomp profile (test)"))
-    with aio.open_io("auto", threads=3) as fallback:
+    with uring.open_io("auto", threads=3) as fallback:
         assert isinstance(fallback, IOPool)
     with pytest.raises(OSError, match="seccomp profile.*io_backend='auto' or 'threads'"):
-        aio.open_io("ring")
+        uring.open_io("ring")
 
 
 def test_device_config_checks_the_io_settings():

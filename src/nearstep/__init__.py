@@ -1,21 +1,22 @@
 """nearstep: the optimizer step runs next to the optimizer state on the SSD."""
 
-from .device import Device, DeviceConfig, DeviceInfo, open_device
+from .device import DeviceConfig, open_device
+from .protocol import Device, DeviceInfo
 from .distributed import ShardingConfig
 from .errors import (CollectiveError, DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError,
                      ShardMismatchError, StaleWeightError, StoreCorruptError, StoreError, StoreIOError, StoreLockedError,
                      StoreMismatchError, StorePermissionError, UnsupportedUsageError)
 from .formats import StateFormat
-from .kernels import Guards
+from .rules import Guards
 from .sensitivity import SensitivityReport
-from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer, ParamTelemetry
+from .optim import SGD, Adam, AdamW, Lion, Mode, NearstepOptimizer, ParamTelemetry
 from .store import Store
 from .tools import convert_store, export_safetensors, inspect_store, resume, verify_store
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdamW", "Adam", "SGD", "Lion", "NearstepOptimizer", "Guards", "ParamTelemetry", "StateFormat",
+    "AdamW", "Adam", "SGD", "Lion", "Mode", "NearstepOptimizer", "Guards", "ParamTelemetry", "StateFormat",
     "SensitivityReport", "Store", "resume", "inspect_store", "verify_store", "export_safetensors", "convert_store",
     "open_device", "Device", "DeviceConfig", "DeviceInfo", "ShardingConfig",
     "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",

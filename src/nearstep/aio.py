@@ -7,7 +7,7 @@ size. :class:`AlignedBuffer` provides such memory, :class:`AlignedFile` checks
 every request before it reaches the kernel (an EINVAL from deep inside a step
 says nothing about which argument was wrong), and an :class:`IOQueue` splits
 large requests into blocks so that several are in flight on the SSD at once.
-:func:`open_io` makes one: the io_uring ring of :mod:`nearstep.uring` where the
+:func:`nearstep.uring.open_io` makes one: the io_uring ring of :mod:`nearstep.uring` where the
 kernel allows it, else :class:`IOPool`, a small thread pool.
 
 [Note: what the I/O path costs] Measured side by side with DeepSpeed's libaio
@@ -51,9 +51,9 @@ import torch
 from nearstep.errors import DiskFullError, MisalignedIOError, StoreCorruptError, StoreIOError, StorePermissionError
 
 __all__ = [
-    "PAGE", "DEFAULT_BLOCK_BYTES", "CRC32_IMPLEMENTATION", "IO_BACKENDS", "align_up", "address_of", "crc32",
+    "PAGE", "DEFAULT_BLOCK_BYTES", "CRC32_IMPLEMENTATION", "align_up", "address_of", "crc32",
     "combine_crcs", "wrap_os_error", "short_read_error", "lower_priority", "AlignedBuffer", "AlignedFile", "IOResult",
-    "IOStats", "IOQueue", "IOPool", "open_io",
+    "IOStats", "IOQueue", "IOPool",
 ]
 
 PAGE: int = 4096
@@ -381,11 +381,6 @@ def lower_priority(nice: int) -> None:
             pass  # best effort: priorities are a scheduling hint, not a requirement
 
 
-#: What :func:`open_io` accepts: ``"ring"`` (io_uring, :class:`nearstep.uring.IORing`),
-#: ``"threads"`` (:class:`IOPool`) or ``"auto"`` (the ring where it works, else threads).
-IO_BACKENDS: tuple[str, ...] = ("auto", "ring", "threads")
-
-
 class IOQueue(_ContextManager):
     """Keeps several block-sized reads and writes of store files in flight.
 
@@ -395,7 +390,7 @@ class IOQueue(_ContextManager):
     buffer alive and untouched until then. Argument errors (misalignment, a
     read-only buffer, a closed queue) are raised by :meth:`read`/:meth:`write`
     themselves; I/O errors come through the future, as nearstep errors naming
-    file and range. The backends, made by :func:`open_io`, differ only in how
+    file and range. The backends, made by :func:`nearstep.uring.open_io`, differ only in how
     the blocks are kept in flight.
     """
 
@@ -446,10 +441,10 @@ class IOQueue(_ContextManager):
         if not view.nbytes:
             request.set_result(IOResult(0, () if checksum else None))
             return request
-        _gather(request, self._start_blocks(file, view, offset, checksum, writing), checksum)
+        _gather(request, self.start_blocks(file, view, offset, checksum, writing), checksum)
         return request
 
-    def _start_blocks(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
+    def start_blocks(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
                       writing: bool) -> list[concurrent.futures.Future[tuple[int, int | None]]]:
         """Queue the request's blocks; one future per block resolving to (bytes moved, CRC or None).
 
@@ -470,7 +465,7 @@ class IOPool(IOQueue):
     """An :class:`IOQueue` on a small thread pool: each thread runs one block at a time.
 
     Works everywhere O_DIRECT does; it is what ``io_backend="auto"`` falls back to
-    where io_uring is unavailable (see :func:`open_io`).
+    where io_uring is unavailable (see :func:`nearstep.uring.open_io`).
     """
 
     def __init__(self, threads: int = 4, block_bytes: int = DEFAULT_BLOCK_BYTES, nice: int = 0):
@@ -484,7 +479,7 @@ class IOPool(IOQueue):
             threads, thread_name_prefix="nearstep-io", initializer=lower_priority, initargs=(nice,)
         )
 
-    def _start_blocks(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
+    def start_blocks(self, file: AlignedFile, view: memoryview, offset: int, checksum: bool,
                       writing: bool) -> list[concurrent.futures.Future[tuple[int, int | None]]]:
         return [self._executor.submit(self._run_block, file, view[s:s + self.block_bytes], offset + s,
                                       checksum, writing) for s in range(0, view.nbytes, self.block_bytes)]
@@ -506,28 +501,6 @@ class IOPool(IOQueue):
     def close(self) -> None:
         self._closed = True
         self._executor.shutdown(wait=True)
-
-
-def open_io(backend: str = "auto", *, threads: int = 4, queue_depth: int = 32,
-            block_bytes: int = DEFAULT_BLOCK_BYTES, nice: int = 0) -> IOQueue:
-    """The I/O backend ``backend`` names (one of :data:`IO_BACKENDS`).
-
-    ``"auto"`` is the io_uring ring where this kernel, architecture and sandbox
-    allow one (see :func:`nearstep.uring.ring_support`), else the thread pool;
-    ``"ring"`` insists on the ring and raises ``OSError`` saying why where there
-    is none. ``threads`` sizes the pool, ``queue_depth`` the ring.
-    """
-    if backend not in IO_BACKENDS:
-        raise ValueError(f"io_backend must be one of {', '.join(map(repr, IO_BACKENDS))}, got {backend!r}")
-    if backend != "threads":
-        from nearstep import uring  # imported here: uring builds on this module
-
-        ok, why = uring.ring_support()
-        if ok:
-            return uring.IORing(queue_depth=queue_depth, block_bytes=block_bytes, nice=nice)
-        if backend == "ring":
-            raise OSError(f"io_backend='ring' is not available here: {why}; use io_backend='auto' or 'threads'")
-    return IOPool(threads=threads, block_bytes=block_bytes, nice=nice)
 
 
 def _gather(request: concurrent.futures.Future[IOResult],

@@ -51,8 +51,7 @@ from typing import Any
 import torch
 
 from . import aio
-from .device import Completion, Device
-from .engine import Abort, Commit, LoadState
+from .protocol import Abort, Commit, Completion, Device, LoadState
 from .errors import DiskFullError, NearstepError, StoreCorruptError, StoreError, StoreMismatchError
 from .store import (MANIFEST, MASTER, SLICES, Manifest, Segment, SliceSpec, Store, fsync_path, is_positional_name,
                     read_manifest, write_synced)
@@ -64,6 +63,7 @@ __all__ = [
     "Reference",
     "state_digest",
     "take_snapshot",
+    "copy_file",
     "list_snapshots",
     "prune_snapshots",
     "open_snapshot",
@@ -266,7 +266,7 @@ def _write_snapshot(store: Store, manifest: Manifest, root: Path, name: str, dig
             k = spec.index
             gen = manifest.committed[k].generation
             nbytes = manifest.slice_file_bytes(k)
-            _copy_file(source.slice_path(k, gen), target.slice_path(k, gen), nbytes)
+            copy_file(source.slice_path(k, gen), target.slice_path(k, gen), nbytes)
             # The spare generation: at full size, as a store has it (nearstep verify checks
             # that), but sparse, so a snapshot costs one generation of disk, not two.
             fd = os.open(target.slice_path(k, gen ^ 1), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -287,7 +287,7 @@ def _write_snapshot(store: Store, manifest: Manifest, root: Path, name: str, dig
     return snapshot
 
 
-def _copy_file(src: Path, dst: Path, nbytes: int) -> None:
+def copy_file(src: Path, dst: Path, nbytes: int) -> None:
     """Copy the first ``nbytes`` of ``src`` into a new file ``dst`` and fsync it, in the kernel if it can."""
     fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -595,7 +595,7 @@ def restore_snapshot(snapshot: Store, store: Store, device: Device, params: Sequ
             store.refresh()  # the commit may have happened before a later part failed
         raise
     store.manifest = manifest
-    if mine.format.master != "fp32":
+    if mine.format.lossy_master:
         copy_masters_into(store, params)  # a lossy master format rounded what was loaded
     return manifest
 

@@ -1,4 +1,4 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io|step|peers|accuracy``,
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io|step|peers|accuracy|codecs``,
 ``nearstep inspect|verify|export|convert STORE``, ``nearstep reshard SRC DST --world-size N``."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ _BENCHES = {
     "step": (".bench.step", "steps/s of no step, torch AdamW, sync, overlap, delayed (--nproc N: 1 rank vs N ranks)"),
     "accuracy": (".bench.accuracy", "held-out accuracy/loss per state format, and with injected gradient spikes per guard"),
     "peers": (".bench.peers", "side by side with DeepSpeed ZeRO-3 (optimizer on NVMe, on CPU) where installed"),
+    "codecs": (".bench.codecs", "decode/encode ns per element of each state-format codec on one thread"),
 }
 
 # The store tools; each is a function in nearstep.tools, which also parses their arguments.
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     if argv[0] == "reshard":
-        from .storeset import main as reshard_main
+        from .reshard import main as reshard_main
 
         return reshard_main(argv[1:])
     if argv[0] in _TOOLS:

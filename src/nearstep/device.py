@@ -1,16 +1,13 @@
-"""Computational storage devices: discover/open, device memory, a request queue, completions.
+"""The device backends: open a device on a store, the emulated one and the inline one.
 
-The shape follows the SNIA Computational Storage API: a host opens a device
-(:func:`open_device`), asks what it offers (:meth:`Device.info`), allocates
-memory both sides can see (:meth:`Device.alloc`), queues compute requests
-(:meth:`Device.submit`, the ``queue compute request`` verb) and waits on their
-completions, and reads statistics (:meth:`Device.stats`).
+What a device is (its requests, completions, capabilities and interface) is
+:mod:`nearstep.protocol`; this module implements that interface. A host opens
+one with :func:`open_device` (or :func:`build_device` from a
+:class:`DeviceConfig`). Two backends run the same engine (``engine.py``):
 
-Two backends run the same engine (``engine.py``):
-
-- ``emulated`` (the default): a separate process, started with ``spawn``, that
-  owns the store, pinned to its own core(s), talking over a pipe (requests and
-  completions) and shared memory (gradients in, weights out). It stands in for
+- ``emulated`` (the default): a separate process (a fresh interpreter) that
+  owns the store, pinned to its own core(s), talking over a socket pair
+  (requests and completions) and shared memory (gradients in, weights out). It stands in for
   the DSP of a computational SSD.
 - ``inline``: the engine runs in the caller's process, synchronously, for
   debugging (breakpoints and tracebacks in one place); nothing overlaps.
@@ -28,15 +25,15 @@ import subprocess
 import sys
 import threading
 import traceback
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from . import aio, kernels
-from .engine import Engine, EngineConfig, MapMemory, Query, Request
+from . import aio, rules, uring
+from .engine import Engine, EngineConfig
+from .protocol import Completion, Device, DeviceInfo, DeviceMemory, MapMemory, Request, describe
 from .staging import SharedMemory
 from .errors import DeviceDiedError, DeviceError, NearstepError
 from .store import Store
@@ -44,10 +41,6 @@ from .uring import DEFAULT_QUEUE_DEPTH
 
 __all__ = [
     "DeviceConfig",
-    "DeviceInfo",
-    "DeviceMemory",
-    "Completion",
-    "Device",
     "InlineDevice",
     "EmulatedDevice",
     "open_device",
@@ -105,8 +98,8 @@ class DeviceConfig:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.queue_depth < 1:
             raise ValueError(f"queue_depth must be >= 1, got {self.queue_depth}")
-        if self.io_backend not in aio.IO_BACKENDS:
-            raise ValueError(f"io_backend must be one of {', '.join(map(repr, aio.IO_BACKENDS))}, "
+        if self.io_backend not in uring.IO_BACKENDS:
+            raise ValueError(f"io_backend must be one of {', '.join(map(repr, uring.IO_BACKENDS))}, "
                              f"got {self.io_backend!r}")
         if self.cores is not None:
             count = os.cpu_count() or 1
@@ -125,57 +118,6 @@ class DeviceConfig:
         return (available[-1],) if len(available) > 1 else tuple(available)
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    """What a device is and offers."""
-
-    backend: str
-    pid: int
-    cores: tuple[int, ...]
-    memory_budget: int
-    slot_bytes: int
-    slots: int
-    kernels: tuple[str, ...]
-    store: str
-    direct_io: bool
-    io_backend: str = ""  # what keeps store I/O in flight, e.g. "io_uring, queue depth 32"
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceMemory:
-    """Staging memory the host writes gradients into and reads new weights from."""
-
-    id: int
-    nbytes: int
-    bytes: torch.Tensor  # uint8 view of the whole allocation
-
-
-class Completion:
-    """The completion of one queued request; :meth:`wait` returns its result or raises."""
-
-    __slots__ = ("_event", "_result", "_error", "what")
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self._event = threading.Event()
-        self._result: Any = None
-        self._error: BaseException | None = None
-
-    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        self._result, self._error = result, error
-        self._event.set()
-
-    def done(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> Any:
-        if not self._event.wait(timeout):
-            raise TimeoutError(f"the device did not complete {self.what} within {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._result
-
-
 def _remote_error(what: str, exc: BaseException | None, text: str, tb: str) -> BaseException:
     """Rebuild a device-side error for the host: nearstep errors keep their type."""
     cause = DeviceError(f"the device failed to {what}. Device-side traceback:\n{tb}")
@@ -184,48 +126,6 @@ def _remote_error(what: str, exc: BaseException | None, text: str, tb: str) -> B
         return exc
     cause.args = (f"the device failed to {what}: {text}\nDevice-side traceback:\n{tb}",)
     return cause
-
-
-class Device(ABC):
-    """A computational storage device bound to one store."""
-
-    info: DeviceInfo
-
-    @abstractmethod
-    def submit(self, request: Request) -> Completion:
-        """Queue a request; returns at once with its completion."""
-
-    @abstractmethod
-    def alloc(self, nbytes: int) -> DeviceMemory:
-        """Allocate staging memory both the host and the device can address."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Drop uncommitted work, stop the device and release the store. Idempotent."""
-
-    @property
-    @abstractmethod
-    def alive(self) -> bool: ...
-
-    def stats(self) -> dict[str, float]:
-        """Bytes read/written on the store, bytes over the host link, busy time per lane."""
-        return self.submit(Query("stats")).wait()
-
-    def manifest(self) -> Any:
-        """The manifest as last committed by the device."""
-        return self.submit(Query("manifest")).wait()
-
-    def __enter__(self) -> Device:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _describe(request: Request) -> str:
-    name = type(request).__name__.lower()
-    k = getattr(request, "slice", None)
-    return f"{name} slice {k}" if k is not None else name
 
 
 class InlineDevice(Device):
@@ -238,7 +138,7 @@ class InlineDevice(Device):
         self._closed = False
         self.info = DeviceInfo(
             "inline", os.getpid(), tuple(sorted(os.sched_getaffinity(0))), budget, self._engine.slot_bytes,
-            self._engine.max_slots, tuple(kernels.KERNELS), str(store.path), _direct_io(store),
+            self._engine.max_slots, tuple(rules.KERNELS), str(store.path), _direct_io(store),
             self._engine.io_backend,
         )
 
@@ -254,14 +154,14 @@ class InlineDevice(Device):
         return DeviceMemory(mem_id, buf.nbytes, view)
 
     def submit(self, request: Request) -> Completion:
-        done = Completion(_describe(request))
+        done = Completion(describe(request))
         if self._closed:
-            done._finish(error=DeviceError("the device is closed; open a new optimizer or device"))
+            done.finish(error=DeviceError("the device is closed; open a new optimizer or device"))
             return done
         try:
-            done._finish(self._engine.handle(request))
+            done.finish(self._engine.handle(request))
         except Exception as exc:  # the engine has dropped the step
-            done._finish(error=_remote_error(done.what, exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            done.finish(error=_remote_error(done.what, exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return done
 
     def close(self) -> None:
@@ -339,7 +239,7 @@ def _pack_error(exc: BaseException) -> tuple[BaseException | None, str, str]:
 
 
 class EmulatedDevice(Device):
-    """The engine in a spawned process of its own, pinned to its own core(s)."""
+    """The engine in a process of its own, pinned to its own core(s)."""
 
     def __init__(self, store: Store, config: DeviceConfig, start_timeout: float = 120.0) -> None:
         # A fresh interpreter rather than multiprocessing's spawn: spawn re-runs the
@@ -408,7 +308,7 @@ class EmulatedDevice(Device):
         slot_bytes, slots, direct, io_backend = payload
         self.info = DeviceInfo(
             "emulated", self._proc.pid, cores, parse_bytes(config.memory_budget), slot_bytes, slots,
-            tuple(kernels.KERNELS), str(store.path), direct, io_backend,
+            tuple(rules.KERNELS), str(store.path), direct, io_backend,
         )
         # One thread receives every completion, so waiting on any of them also notices
         # a dead device at once (its end of the socket closes), never after a timeout.
@@ -430,7 +330,7 @@ class EmulatedDevice(Device):
             with self._pending_lock:
                 done = self._pending.pop(rid, None)
             if done is not None:
-                done._finish(result, None if error is None else _remote_error(done.what, *error))
+                done.finish(result, None if error is None else _remote_error(done.what, *error))
         if not self._closed:
             try:
                 code = self._proc.wait(1)
@@ -447,12 +347,12 @@ class EmulatedDevice(Device):
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for done in pending.values():
-            done._finish(error=error)
+            done.finish(error=error)
 
     def submit(self, request: Request) -> Completion:
-        done = Completion(_describe(request))
+        done = Completion(describe(request))
         if self._dead is not None or self._closed:
-            done._finish(error=self._dead or DeviceError("the device is closed; open a new optimizer or device"))
+            done.finish(error=self._dead or DeviceError("the device is closed; open a new optimizer or device"))
             return done
         rid = next(self._ids)
         with self._pending_lock:

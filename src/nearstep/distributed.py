@@ -84,7 +84,7 @@ import torch
 import torch.distributed as dist
 
 from .device import DeviceConfig
-from .errors import CollectiveError, NearstepError, ShardMismatchError, StoreError
+from .errors import CollectiveError, NearstepError, ShardMismatchError, StoreError, UnsupportedUsageError
 from .pipeline import Pipeline
 from .store import MANIFEST, ParamSpec, Store, read_manifest
 from .storeset import (ShardInfo, check_store_set, local_pieces, plan_digest, plan_pieces, probe_store, store_path_for,
@@ -93,6 +93,8 @@ from .storeset import (ShardInfo, check_store_set, local_pieces, plan_digest, pl
 __all__ = [
     "ShardingConfig",
     "Sharding",
+    "Unsharded",
+    "RankSharding",
     "PieceSharding",
     "LocalShardSharding",
     "build_sharding",
@@ -138,13 +140,110 @@ def _alias(view: torch.Tensor, requires_grad: bool) -> torch.Tensor:
 
 
 class Sharding(ABC):
-    """This rank's share of an optimizer's state and the collectives that keep the shares in step.
+    """This process's share of an optimizer's state, and what keeps the shares in step.
 
-    The optimizer works on :attr:`local_params` (views of the user's parameters'
-    memory) and calls the methods below at the points [Note: collective ordering] names.
+    The optimizer works on :attr:`local_params` and calls the methods below at the
+    points [Note: collective ordering] names. One process (:class:`Unsharded`) goes
+    through the same calls, which then do nothing: there is one code path for one
+    rank and many.
     """
 
     layout: ClassVar[str]
+    #: Whether this process holds the whole optimizer. It may then decide alone what only it
+    #: can see: gradients or weights edited after staging (speculation is validated here),
+    #: parameters unfrozen since the store was made, param groups added. With many ranks these
+    #: would need every rank to agree through collectives nearstep does not issue, so they are
+    #: refused or left out there (see the optimizer's docs).
+    alone: ClassVar[bool] = False
+
+    local_params: list[torch.Tensor]
+    local_names: list[str]
+    local_specs: tuple[ParamSpec, ...]
+
+    @abstractmethod
+    def open_store(self, store: Any, default: Callable[[], Path],
+                   opener: Callable[[Any], tuple[Store, bool]]) -> tuple[Store, bool]:
+        """Open (or create) this process's store with ``opener``; returns it and whether it was resumed."""
+
+    def device_config(self, config: DeviceConfig) -> DeviceConfig:
+        """The device configuration for this process's store."""
+        return config
+
+    @property
+    @abstractmethod
+    def any_gradient(self) -> bool:
+        """Whether another rank has a gradient this step (the caller checks its own)."""
+
+    def take_gradients(self) -> None:
+        """Set each local parameter's ``.grad`` to its averaged gradient (or None)."""
+
+    def global_norm(self, local: torch.Tensor) -> torch.Tensor:
+        """The gradient norm over all ranks from this process's."""
+        return local
+
+    def launched(self) -> None:
+        """A step was launched on every rank (its weights are to be published)."""
+
+    def publish_pending(self) -> None:
+        """Every landed piece not yet sent goes to every rank."""
+
+    def publish_all(self) -> None:
+        """Every piece goes to every rank (after loading weights from the stores)."""
+
+    def abandon(self) -> None:
+        """Unwinding after an error: publish nothing more (the other ranks may be gone)."""
+
+    def before_state_dict(self, synchronize: Callable[[], None]) -> None:
+        """``model.state_dict()`` is about to read the weights (on this rank only, perhaps)."""
+        synchronize()
+
+    def release_gradients(self) -> None:
+        """The step is over: drop what :meth:`take_gradients` set."""
+
+    @abstractmethod
+    def attach_forward_hooks(self, model: torch.nn.Module, pipeline: Pipeline) -> None:
+        """Land new weights before the modules that read them (overlap mode)."""
+
+    def attach_grad_hooks(self, pipeline: Pipeline) -> None:
+        """Stage gradients during backward where they are final only here (FSDP2)."""
+
+    def stats(self, steps: int) -> dict[str, Any]:
+        """What the sharding did, for ``opt.stats()``."""
+        return {}
+
+
+class Unsharded(Sharding):
+    """One process holds the whole optimizer: every call is the identity or does nothing."""
+
+    layout = "none"
+    alone = True
+
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], specs: Sequence[ParamSpec]) -> None:
+        self.local_params, self.local_names, self.local_specs = list(params), list(names), tuple(specs)
+
+    def open_store(self, store: Any, default: Callable[[], Path],
+                   opener: Callable[[Any], tuple[Store, bool]]) -> tuple[Store, bool]:
+        return opener(store if store is not None else default())
+
+    @property
+    def any_gradient(self) -> bool:
+        return False  # there is no other rank
+
+    def attach_forward_hooks(self, model: torch.nn.Module, pipeline: Pipeline) -> None:
+        held = {id(p) for p in model.parameters()}
+        missing = [n for n, p in zip(self.local_names, self.local_params) if id(p) not in held]
+        if missing:
+            raise UnsupportedUsageError(
+                f"mode='overlap' lands each parameter's new weights just before the forward of the module in "
+                f"model= that holds it, but {len(missing)} of the optimizer's parameters ({', '.join(map(repr, missing[:3]))}"
+                f"{' ...' if len(missing) > 3 else ''}) are not in {type(model).__name__}.parameters(). Pass the "
+                f"module that holds all of them (the whole model), or use mode='sync'."
+            )
+        pipeline.attach_forward_hooks(model)
+
+
+class RankSharding(Sharding):
+    """Many ranks, each with its own store: the shares and the collectives between them."""
 
     def __init__(self, group: Any, config: ShardingConfig, params: Sequence[torch.Tensor], specs: Sequence[ParamSpec]) -> None:
         if config.timeout is not None:
@@ -261,11 +360,6 @@ class Sharding(ABC):
         """Whether some rank has a gradient for some parameter this step (the same on every rank)."""
         return any(self.present)
 
-    @abstractmethod
-    def take_gradients(self) -> None:
-        """Set each local parameter's ``.grad`` to its averaged gradient (or None). Collective in
-        the pieces layout with ``gradients="reduce"``."""
-
     def global_norm(self, local: torch.Tensor) -> torch.Tensor:
         """The gradient norm over all ranks from this rank's (each element is on one rank only)."""
         squared = local.detach().to(torch.float64).square().reshape(1)
@@ -274,31 +368,10 @@ class Sharding(ABC):
                          sent=8, received=8)
         return squared.sqrt().to(torch.float32).reshape(())
 
-    def launched(self) -> None:
-        """A step was launched on every rank (its weights are to be published)."""
-
-    def publish_pending(self) -> None:
-        """Every landed piece not yet sent goes to every rank. Collective (pieces layout)."""
-
-    def publish_all(self) -> None:
-        """Every piece goes to every rank (after loading weights from the stores). Collective (pieces layout)."""
-
-    def abandon(self) -> None:
-        """Unwinding after an error: publish nothing more (the other ranks may be gone)."""
-
-    def before_state_dict(self, synchronize: Callable[[], None]) -> None:
-        """``model.state_dict()`` is about to read the weights (on this rank only, perhaps)."""
-        synchronize()
-
     def release_gradients(self) -> None:
+        # The local parameters are this module's aliases: their .grad is ours to drop.
         for p in self.local_params:
             p.grad = None
-
-    @abstractmethod
-    def attach_forward_hooks(self, model: torch.nn.Module, pipeline: Pipeline) -> None: ...
-
-    def attach_grad_hooks(self, pipeline: Pipeline) -> None:
-        """Stage gradients during backward where they are final there (FSDP2 only)."""
 
     def stats(self, steps: int) -> dict[str, Any]:
         per = max(steps, 1)
@@ -327,7 +400,7 @@ def _landing_hook(pipeline: Pipeline, own: tuple[int, ...]) -> Callable[[], None
     return land
 
 
-class PieceSharding(Sharding):
+class PieceSharding(RankSharding):
     """The pieces layout: plain data parallel and DDP (see the module docstring)."""
 
     layout = "pieces"
@@ -493,7 +566,7 @@ class PieceSharding(Sharding):
         return hook
 
 
-class LocalShardSharding(Sharding):
+class LocalShardSharding(RankSharding):
     """The fsdp2 layout: the optimizer works on each DTensor parameter's local shard."""
 
     layout = "fsdp2"
@@ -593,8 +666,8 @@ def _local_tensor(p: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def build_sharding(params: Sequence[torch.Tensor], names: Sequence[str], specs: Sequence[ParamSpec], *,
-                   model: torch.nn.Module | None, process_group: Any, config: ShardingConfig | None) -> Sharding | None:
-    """The sharding for this run, or None for a single process (no group given, none initialised).
+                   model: torch.nn.Module | None, process_group: Any, config: ShardingConfig | None) -> Sharding:
+    """The sharding for this run: :class:`Unsharded` for a single process (no group given, none initialised).
 
     DTensor parameters mean FSDP2 (the local shards); otherwise pieces, with gradients
     averaged already when ``model`` is a ``DistributedDataParallel``.
@@ -603,7 +676,7 @@ def build_sharding(params: Sequence[torch.Tensor], names: Sequence[str], specs: 
     if not isinstance(config, ShardingConfig):
         raise TypeError(f"sharding must be a nearstep.ShardingConfig or None, got {type(config).__name__}")
     if process_group is None and not (dist.is_available() and dist.is_initialized()):
-        return None
+        return Unsharded(params, names, specs)
     from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in params):

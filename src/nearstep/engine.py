@@ -28,29 +28,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from typing import Any, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import aio, formats, kernels
+from . import aio, formats, kernels, rules, uring
 from .errors import StoreCorruptError
+from .protocol import (Abort, Apply, Commit, Lane, LoadState, MapMemory, Prefetch, Query, QueryKind, Request, Stage,
+                       StepState, TraceEvent)
 from .staging import SharedMemory, StagingLayout
-from .store import PARAM_STATS, Manifest, SliceState, Store, encode_slice, rounding_seed, slice_views
-from .uring import DEFAULT_QUEUE_DEPTH
+from .store import PARAM_STATS, Manifest, SliceState, Store, rounding_seed
 
 __all__ = [
-    "MapMemory",
-    "Prefetch",
-    "Apply",
-    "Commit",
-    "LoadState",
-    "Stage",
-    "Abort",
-    "Query",
-    "Request",
-    "TraceEvent",
     "EngineConfig",
     "Engine",
     "checked_pass",
@@ -62,116 +53,13 @@ _IO_NICE = 10
 _MAX_TRACE_EVENTS = 200_000  # a bound on memory when nobody collects the trace
 
 
-# ---------------------------------------------------------------------------
-# Requests (the device's queue vocabulary; shaped after the SNIA CS API verbs)
-
-
-@dataclass(frozen=True, slots=True)
-class MapMemory:
-    """Map a staging arena the host allocated (emulated backend)."""
-
-    memory: int
-    path: str
-    nbytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class Prefetch:
-    """Start reading these slices' state, in this order (the order applies will come in)."""
-
-    slices: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Apply:
-    """Update one slice with the gradients staged in ``memory`` and post its new weights there.
-
-    Attributes:
-        slice: the slice index.
-        hypers: per param group, the hyperparameters of this step.
-        steps: per segment of the slice, the parameter's step after this update;
-            0 means the parameter has no gradient this step and is left alone.
-        grad_scale: multiplies every gradient first (global-norm clipping).
-        guards: the error-reduction guards.
-        memory: id of the staging arena.
-        adopt: per segment (empty: none), whether the host wrote new weights into the
-            parameter since they last landed (``load_state_dict``, an in-place edit): the
-            segment's master takes the weights the host put in the slice's weight region of
-            ``memory`` before the kernel runs, and its new weights are posted back even
-            without a gradient (a lossy master format rounds them; the model gets the
-            rounded values). See [Note: the model's weights are the truth] in pipeline.py.
-    """
-
-    slice: int
-    hypers: tuple[kernels.Hyper, ...]
-    steps: tuple[int, ...]
-    grad_scale: float
-    guards: kernels.Guards
-    memory: int
-    adopt: tuple[bool, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Commit:
-    """Make every slice applied since the last commit durable, as optimizer step ``step``."""
-
-    step: int
-    param_steps: tuple[int, ...]
-    hyperparameters: tuple[dict[str, Any], ...]
-    counters: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class LoadState:
-    """Replace a slice's state (``load_state_dict``); durable at the next Commit."""
-
-    slice: int
-    arrays: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True, slots=True)
-class Stage:
-    """The gradients of a slice are complete in staging memory (the ``stage`` verb).
-
-    With the emulated device the bytes are already in shared memory, so this only
-    tells the device that the slice's inputs are ready; a drive that copies them
-    into its own memory would start that copy here.
-    """
-
-    slice: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abort:
-    """Drop everything queued or applied since the last commit (a skipped or failed step)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """Ask for ``stats``, ``manifest`` or ``trace`` (the device's timeline events since the last ask)."""
-
-    what: str
-
-
-Request = MapMemory | Prefetch | Stage | Apply | Commit | Abort | LoadState | Query
-
-
-class TraceEvent(NamedTuple):
-    """One interval on a timeline lane; times are CLOCK_MONOTONIC nanoseconds, shared by all processes."""
-
-    lane: str
-    name: str
-    start_ns: int
-    end_ns: int
-
-
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EngineConfig:
     """How the engine uses its memory and the disk.
 
     Attributes:
         memory_budget: bytes of device memory for slots (state + gradient scratch).
-        io_backend: ``"auto"``, ``"ring"`` or ``"threads"``: see :func:`nearstep.aio.open_io`.
+        io_backend: ``"auto"``, ``"ring"`` or ``"threads"``: see :func:`nearstep.uring.open_io`.
         io_threads: threads of the thread-pool backend.
         queue_depth: blocks the io_uring backend keeps in flight.
     """
@@ -179,17 +67,17 @@ class EngineConfig:
     memory_budget: int
     io_backend: str = "auto"
     io_threads: int = 4
-    queue_depth: int = DEFAULT_QUEUE_DEPTH
+    queue_depth: int = uring.DEFAULT_QUEUE_DEPTH
 
 
 # ---------------------------------------------------------------------------
 # The engine
 
 
-def _reads_grads_only(hyper: kernels.Hyper, guards: kernels.Guards) -> bool:
+def _reads_grads_only(hyper: rules.Hyper, guards: rules.Guards) -> bool:
     """Whether the kernel leaves the gradients as it found them (no guard uses them as scratch)."""
     unguarded = guards.spike_clip is None and guards.update_clip is None and not guards.telemetry
-    return unguarded and isinstance(hyper, (kernels.AdamWHyper, kernels.AdamHyper, kernels.SGDHyper))
+    return unguarded and isinstance(hyper, (rules.AdamWHyper, rules.AdamHyper, rules.SGDHyper))
 
 
 class _Slot:
@@ -327,16 +215,9 @@ class Engine:
         self.manifest: Manifest = store.manifest
         self.layout = StagingLayout.from_manifest(self.manifest)
         m = self.manifest
-        # [Note: slot layout] A slot holds the slice's file image as read from the store,
-        # then (for a compressed state format) the decoded fp32 state the kernel works
-        # on, then an fp32 gradient scratch area. For fp32 state the kernel works on the
-        # file image itself.
-        self.work_regions = 0 if m.format.is_identity else len(m.state_names)
-        self.slot_bytes = max(
-            (m.slice_file_bytes(s.index) + (self.work_regions + 1) * aio.align_up(m.slice_extent(s.index)[0] * 4)
-             for s in m.slices),
-            default=aio.PAGE,
-        )
+        # Every slot can hold any slice (see [Note: slot layout] in image.py).
+        self.images = [m.image(spec.index) for spec in m.slices]
+        self.slot_bytes = max((image.slot_bytes for image in self.images), default=aio.PAGE)
         # Slots get the budget less a margin for what else the engine allocates while it
         # works (the guards' block scratch, I/O bookkeeping, thread stacks).
         usable = config.memory_budget - max(_MARGIN_BYTES, config.memory_budget // 32)
@@ -352,7 +233,7 @@ class Engine:
         # [Note: kernels before I/O] The next forward waits for the kernels (new weights),
         # never for the write-back, which only has to finish before the commit; on a
         # shared core the I/O threads' checksums and copies therefore run at a lower priority.
-        self.pool = aio.open_io(config.io_backend, threads=config.io_threads, queue_depth=config.queue_depth,
+        self.pool = uring.open_io(config.io_backend, threads=config.io_threads, queue_depth=config.queue_depth,
                                 block_bytes=m.checksum_block, nice=_IO_NICE)
         self.io_backend = self.pool.describe()
         self.memory: dict[int, torch.Tensor] = {}
@@ -365,7 +246,9 @@ class Engine:
         self._tickets: dict[int, _Ticket] = {}
         self._writes: dict[int, tuple[Future[aio.IOResult], int, list[int] | None]] = {}
         self._closing = False
-        self._failed: BaseException | None = None  # see _refuse_if_failed
+        # See [Note: a step on the device] in protocol.py; _failure is the request that failed it.
+        self.step_state = StepState.IDLE
+        self._failure: BaseException | None = None
         self._trace: list[TraceEvent] = []
         # Guard counts of the applies since the last commit; the commit adds them to the manifest's.
         self._kernel_counts = {"spike_clipped": 0, "spike_checked": 0, "update_clipped": 0}
@@ -395,9 +278,16 @@ class Engine:
             return self._dispatch(request)
         except Exception as exc:
             self.abort_step()
-            if not isinstance(request, (Commit, Abort, Query)) and self._failed is None:
-                self._failed = exc  # this step's remaining applies and its commit are refused
+            if isinstance(request, (Commit, Abort)):
+                self._end_step()
+            elif not isinstance(request, Query) and self.step_state is not StepState.FAILED:
+                # This step's remaining applies and its commit are refused.
+                self.step_state, self._failure = StepState.FAILED, exc
             raise
+
+    def _end_step(self) -> None:
+        """The host ended the step (committed or aborted it): what follows starts afresh."""
+        self.step_state, self._failure = StepState.IDLE, None
 
     def _dispatch(self, request: Request) -> Any:
         if isinstance(request, Apply):
@@ -412,7 +302,7 @@ class Engine:
             return self._commit(request)
         if isinstance(request, Abort):
             self.abort_step()
-            self._failed = None  # the host dropped the step: what follows starts afresh
+            self._end_step()
             return None
         if isinstance(request, LoadState):
             return self._load_state(request)
@@ -422,15 +312,17 @@ class Engine:
             self.memory[request.memory] = shared.bytes
             return None
         if isinstance(request, Query):
-            if request.what == "stats":
-                return self.stats()
-            if request.what == "manifest":
-                return self.manifest
-            if request.what == "trace":
-                with self._cv:
-                    events, self._trace = self._trace, []
-                return events
+            return self._query(request.kind)
         raise ValueError(f"the device does not know the request {request!r}")
+
+    def _query(self, kind: QueryKind) -> Any:
+        if kind is QueryKind.STATS:
+            return self.stats()
+        if kind is QueryKind.MANIFEST:
+            return self.manifest
+        with self._cv:  # QueryKind.TRACE
+            events, self._trace = self._trace, []
+        return events
 
     def stats(self) -> dict[str, float]:
         out: dict[str, float] = dict(self.counters)
@@ -445,12 +337,12 @@ class Engine:
         out["counters"] = dict(self.manifest.counters)
         return out
 
-    def _event(self, lane: str, name: str, start_ns: int, end_ns: int) -> None:
+    def _event(self, lane: Lane, name: str, start_ns: int, end_ns: int) -> None:
         with self._cv:
             if len(self._trace) < _MAX_TRACE_EVENTS:
                 self._trace.append(TraceEvent(lane, name, start_ns, end_ns))
 
-    def _timed(self, future: Future[aio.IOResult], lane: str, name: str) -> Future[aio.IOResult]:
+    def _timed(self, future: Future[aio.IOResult], lane: Lane, name: str) -> Future[aio.IOResult]:
         start = time.monotonic_ns()
         future.add_done_callback(lambda _f: self._event(lane, name, start, time.monotonic_ns()))
         return future
@@ -484,12 +376,12 @@ class Engine:
                 self._cv.notify_all()
             try:
                 gen = self.manifest.committed[k].generation
-                nbytes = self.manifest.slice_file_bytes(k)
+                nbytes = self.images[k].file_bytes
                 # An fp32 slice is verified in the kernel's pass (see [Note: checksums in the kernel's pass]).
                 checksum = not self.manifest.format.is_identity
                 ticket.future = self._timed(
                     self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=checksum),
-                    "device-io", f"read s{k}",
+                    Lane.DEVICE_IO, f"read s{k}",
                 )
             except BaseException as exc:  # surfaced by the apply that waits on this ticket
                 failed: Future[aio.IOResult] = Future()
@@ -550,7 +442,7 @@ class Engine:
 
     # -- applying ------------------------------------------------------------
 
-    def _apply(self, req: Apply) -> list[kernels.SegmentReport]:
+    def _apply(self, req: Apply) -> list[rules.SegmentReport]:
         self._refuse_if_failed()
         k = req.slice
         self._check_slice(k)
@@ -568,11 +460,11 @@ class Engine:
         if not any(req.steps) and not any(req.adopt):
             # Prefetched, but nothing of it had a gradient this step: the state is unchanged.
             self._release(slot)
-            return [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
+            return [rules.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         try:
             start = time.monotonic_ns()
             reports, crcs = self._run_kernel(req, slot, arena)
-            self._event("device-compute", f"apply s{k}", start, time.monotonic_ns())
+            self._event(Lane.DEVICE_COMPUTE, f"apply s{k}", start, time.monotonic_ns())
             self._write_back(k, slot, crcs)
         except BaseException:
             self._release(slot)
@@ -580,32 +472,25 @@ class Engine:
         return reports
 
     def _run_kernel(self, req: Apply, slot: _Slot,
-                    arena: torch.Tensor) -> tuple[list[kernels.SegmentReport], list[int] | None]:
+                    arena: torch.Tensor) -> tuple[list[rules.SegmentReport], list[int] | None]:
         """Update slice ``req.slice`` in its slot; returns the segments' reports and, for an fp32
         slice, the per-block CRC-32s of the new file image (else None: the write computes them)."""
         t0 = time.perf_counter()
         m = self.manifest
         staged = self.layout.slices[req.slice]
-        file_bytes = m.slice_file_bytes(req.slice)
-        extent, starts = m.slice_extent(req.slice)  # see [Note: quantisation blocks per parameter] in store.py
-        region = aio.align_up(extent * 4)
-        fmt = m.format
-        if fmt.is_identity:
-            regions = [slot.buffer.tensor(torch.float32, r * region, extent) for r in range(len(m.state_names))]
-        else:
-            coded = slice_views(m, req.slice, slot.buffer)
-            regions = [slot.buffer.tensor(torch.float32, file_bytes + r * region, extent)
-                       for r in range(len(m.state_names))]
-            formats.decode_(fmt, coded, m.state_names, dict(zip(m.state_names, regions)), workspace=self._workspace)
-        scratch = slot.buffer.tensor(torch.float32, file_bytes + self.work_regions * region, extent)
+        image = self.images[req.slice]  # see [Note: quantisation blocks per parameter] in image.py
+        identity = image.format.is_identity
+        regions = image.work(slot.buffer)
+        if not identity:
+            image.decode_work(slot.buffer, regions, self._workspace)
+        scratch = image.scratch(slot.buffer)
+        bounds = list(image.bounds)
         by_group: dict[int, list[int]] = {}
-        bounds = []
         for j, seg in enumerate(staged.segments):
-            bounds.append((starts[j], starts[j] + seg.length))
             if req.steps[j] > 0:
                 by_group.setdefault(seg.group, []).append(j)
         adopted = {j: self.layout.weight_view(arena, staged.segments[j], staged) for j, flag in enumerate(req.adopt) if flag}
-        reports = [kernels.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
+        reports = [rules.SegmentReport(0, float("nan"), float("nan"), False)] * len(staged.segments)
         link_in = 0
         work = []
         for group, members in by_group.items():
@@ -632,16 +517,15 @@ class Engine:
             work.append((hyper, members, grads))
         link_in += sum(w.numel() * w.element_size() for w in adopted.values())
         passed = sorted({j for _h, members, _g in work for j in members} | set(adopted))
-        if not fmt.is_identity:
+        if not identity:
             self._update(req, work, bounds, regions, [(j, *bounds[j]) for j in passed], reports, adopted)
         else:
             # Chunked only where every guard is elementwise: a chunk's report then adds up.
             elementwise = not (req.guards.telemetry or req.guards.update_clip is not None)
             before, written = checked_pass(
-                slot.buffer.memoryview(0, file_bytes), m.checksum_block,
-                [(r * region, r * region + 4 * extent) for r in range(len(m.state_names))], extent,
+                slot.buffer.memoryview(0, image.file_bytes), m.checksum_block, image.crc_spans(), image.extent,
                 passed, bounds,
-                PASS_CHUNK if elementwise else max(extent, 1),
+                PASS_CHUNK if elementwise else max(image.extent, 1),
                 lambda pieces: self._update(req, work, bounds, regions, pieces, reports, adopted),
             )
             self._verify(req.slice, before)
@@ -649,12 +533,11 @@ class Engine:
             for j in members:
                 checked = req.guards.spike_clip is not None and req.steps[j] > req.guards.spike_warmup
                 self._count(staged.segments[j].param, staged.segments[j].length, reports[j], checked)
-        if not fmt.is_identity:
+        if not identity:
             # Encoding rounds the fp32 state to what the store holds, in place: the weights
             # posted below are then exactly the master a resumed run reads back.
             # The moments' fp32 copies die with the slot, so they are not rewritten.
-            formats.encode_(fmt, dict(zip(m.state_names, regions)), m.state_names, coded,
-                            rounding_seed(m, m.step + 1, req.slice), workspace=self._workspace, decode_moments=False)
+            image.encode_work(slot.buffer, regions, rounding_seed(m, m.step + 1, req.slice), self._workspace)
         # Post the new weights, cast to the model dtype, where the host will pick them up.
         link_out = 0
         for j in passed:
@@ -666,11 +549,11 @@ class Engine:
         self.counters["link_out_bytes"] += link_out
         self.counters["compute_seconds"] += time.perf_counter() - t0
         self.counters["slices_applied"] += 1
-        return reports, written if fmt.is_identity else None
+        return reports, written if identity else None
 
-    def _update(self, req: Apply, work: list[tuple[kernels.Hyper, list[int], list[torch.Tensor]]],
+    def _update(self, req: Apply, work: list[tuple[rules.Hyper, list[int], list[torch.Tensor]]],
                 bounds: list[tuple[int, int]], regions: list[torch.Tensor], pieces: list[tuple[int, int, int]],
-                reports: list[kernels.SegmentReport], adopted: dict[int, torch.Tensor]) -> None:
+                reports: list[rules.SegmentReport], adopted: dict[int, torch.Tensor]) -> None:
         """Run the kernels on ``pieces`` (segment, first element, stop) of the slice, one fused call per
         group; a segment's reports over several pieces add up. Adopted segments' masters first take
         the host's weights (``adopted``: segment -> its weight view in staging)."""
@@ -697,7 +580,7 @@ class Engine:
                 first = lo == bounds[j][0]
                 reports[j] = rep if first else rep._replace(spike_clipped=reports[j].spike_clipped + rep.spike_clipped)
 
-    def _count(self, param: int, length: int, rep: kernels.SegmentReport, spike_checked: bool) -> None:
+    def _count(self, param: int, length: int, rep: rules.SegmentReport, spike_checked: bool) -> None:
         self._kernel_counts["spike_clipped"] += rep.spike_clipped
         self._kernel_counts["spike_checked"] += length if spike_checked else 0
         self._kernel_counts["update_clipped"] += int(rep.update_clipped)
@@ -726,14 +609,15 @@ class Engine:
     def _write_back(self, k: int, slot: _Slot, crcs: list[int] | None) -> None:
         """Write the slot to slice ``k``'s other generation; ``crcs``: its block CRCs, when known already."""
         gen = self.manifest.committed[k].generation ^ 1
-        nbytes = self.manifest.slice_file_bytes(k)
+        nbytes = self.images[k].file_bytes
         future = self._timed(
             self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=crcs is None),
-            "device-io", f"write s{k}",
+            Lane.DEVICE_IO, f"write s{k}",
         )
         # The slot is free only once the write has read its bytes.
         future.add_done_callback(lambda _f, slot=slot: self._release(slot))
         self._writes[k] = (future, gen, crcs)
+        self.step_state = StepState.OPEN
 
     def _load_state(self, req: LoadState) -> None:
         k = req.slice
@@ -742,7 +626,7 @@ class Engine:
         spec = m.slices[k]
         if set(req.arrays) != set(m.state_names):
             raise ValueError(f"slice {k} needs state {list(m.state_names)}, got {sorted(req.arrays)}")
-        nbytes = m.slice_file_bytes(k)
+        nbytes = self.images[k].file_bytes
         values = {}
         for name in m.state_names:
             arr = np.ascontiguousarray(req.arrays[name], dtype=np.float32).reshape(-1)
@@ -750,11 +634,12 @@ class Engine:
                 raise ValueError(f"state {name!r} of slice {k} has {arr.size} elements, expected {spec.numel}")
             values[name] = torch.from_numpy(arr.copy())
         buf = aio.AlignedBuffer(nbytes)
-        encode_slice(m, k, values, buf, rounding_seed(m, m.step + 1, k))
+        self.images[k].encode(values, buf, rounding_seed(m, m.step + 1, k))
         gen = m.committed[k].generation ^ 1
         future = self.pool.write(self._file(k, gen), buf.memoryview(0, nbytes), 0, checksum=True)
         future.add_done_callback(lambda _f, buf=buf: buf.close())
         self._writes[k] = (future, gen, None)
+        self.step_state = StepState.OPEN
 
     # -- committing ----------------------------------------------------------
 
@@ -762,7 +647,7 @@ class Engine:
         try:
             self._refuse_if_failed()
         finally:
-            self._failed = None  # the next step starts afresh
+            self._end_step()  # the next step starts afresh, whether this commit succeeds or not
         t0 = time.perf_counter()
         start_ns = time.monotonic_ns()
         m = self.manifest
@@ -793,7 +678,7 @@ class Engine:
             self.store.commit(manifest)
         finally:
             self.manifest = self.store.manifest  # the new one, if the rename happened
-        self._event("device-io", f"commit {req.step}", start_ns, time.monotonic_ns())
+        self._event(Lane.DEVICE_IO, f"commit {req.step}", start_ns, time.monotonic_ns())
         self.counters["steps_committed"] += 1
         self.counters["commit_seconds"] += time.perf_counter() - t0
         return self.manifest
@@ -811,9 +696,9 @@ class Engine:
     def _refuse_if_failed(self) -> None:
         """A step is committed whole or not at all: after one of its requests failed, its
         remaining applies and its commit are refused, naming the first failure."""
-        if self._failed is not None:
+        if self.step_state is StepState.FAILED:
             raise RuntimeError(
-                f"an earlier request of this step failed ({type(self._failed).__name__}: {self._failed}); "
+                f"an earlier request of this step failed ({type(self._failure).__name__}: {self._failure}); "
                 f"the step is dropped and the store stays at step {self.manifest.step}"
             )
 
@@ -824,6 +709,8 @@ class Engine:
         dropping the uncommitted writes loses nothing that was committed.
         """
         self._writes_abort()
+        if self.step_state is StepState.OPEN:
+            self.step_state = StepState.IDLE  # nothing applied is left; a failed step stays refused
         with self._cv:
             self._order.clear()
             tickets = list(self._tickets.values())

@@ -15,6 +15,7 @@ because the state is on the store (``state_dict()`` reads it from there).
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import os
 import time
@@ -23,24 +24,29 @@ import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
-from . import checkpoint, formats, kernels
-from .device import Completion, Device, DeviceConfig, build_device
+from . import checkpoint, formats, rules
+from .device import DeviceConfig, build_device
 from .distributed import Sharding, ShardingConfig, build_sharding
-from .engine import Apply, Commit, LoadState, Query
+from .protocol import Commit, Completion, Device, Lane, LoadState, Query, QueryKind
 from .staging import StagingLayout
-from .pipeline import InFlight, Phase, Pipeline, ReadCheck
+from .pipeline import InFlight, Phase, Pipeline, PipelineConfig, ReadCheck, StepInputs
 from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
 from .errors import NearstepError, StoreMismatchError, UnsupportedUsageError
-from .store import MANIFEST, ParamSpec, PendingGroups, Store, is_positional_name, param_specs
+from .store import MANIFEST, ParamSpec, PendingGroups, Store, auto_slice_mb, is_positional_name, param_specs
 
-__all__ = ["NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "auto_slice_mb", "default_store_path"]
+__all__ = ["Mode", "NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "default_store_path"]
 
-Mode = Literal["sync", "overlap", "delayed"]
+class Mode(enum.StrEnum):
+    """When an update reaches the model (see the README's "Modes"). A plain string names one too."""
+
+    SYNC = "sync"  # inside step(): the baseline, torch's numbers
+    OVERLAP = "overlap"  # just before each module's next forward: sync's numbers, the update overlapped
+    DELAYED = "delayed"  # at the next step(): weights one step stale, after warmup_steps sync steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,19 +66,6 @@ class ParamTelemetry:
     update_to_weight: float
     spike_clipped: int
     update_clipped: int
-
-
-def auto_slice_mb(specs: tuple[ParamSpec, ...]) -> float:
-    """About 16 slices, each between 1 and 64 MiB of fp32 parameters.
-
-    Fewer, larger slices cost less per request; more, smaller ones let the device
-    start on the first slices while backward still works on the rest, and let the
-    next forward start before the last ones are updated. Measured on MiniLM-L6
-    (91 MiB of fp32 parameters): 2 slices of 64 MiB left 0.80 of the ideal overlap,
-    12 of 8 MiB 0.94.
-    """
-    total_mib = sum(p.numel for p in specs) * 4 / 2**20
-    return min(64.0, max(1.0, total_mib / 16))
 
 
 def default_store_path(kind: str) -> Path:
@@ -120,9 +113,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any],
         *,
         store: str | os.PathLike | Store | None = None,
-        mode: Mode = "sync",
+        mode: Mode | str = Mode.SYNC,
         max_grad_norm: float | None = None,
-        guards: kernels.Guards | None = None,
+        guards: rules.Guards | None = None,
         device: DeviceConfig | str | None = None,
         slice_mb: float | None = None,
         model: torch.nn.Module | None = None,
@@ -134,9 +127,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
         check_reads: bool | None = None,
         keep_snapshots: int = checkpoint.DEFAULT_KEEP_SNAPSHOTS,
     ) -> None:
-        if mode not in ("sync", "overlap", "delayed"):
+        if mode not in tuple(Mode):
             raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
-        if mode == "overlap" and model is None:
+        mode = Mode(mode)
+        if mode is Mode.OVERLAP and model is None:
             raise ValueError(
                 "mode='overlap' needs the model, to wait for each module's new weights just before its "
                 "forward: pass model=model (or use mode='sync')"
@@ -151,10 +145,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
             raise ValueError(f"slice_mb must be positive or None (automatic), got {slice_mb!r}")
         if state_format is not None:
             state_format = formats.StateFormat.parse(state_format)  # a bad name fails here, before a store is made
-        guards = kernels.Guards() if guards is None else guards
-        if not isinstance(guards, kernels.Guards):
+        guards = rules.Guards() if guards is None else guards
+        if not isinstance(guards, rules.Guards):
             raise TypeError(f"guards must be a nearstep.Guards, got {type(guards).__name__}")
-        hyper_type = kernels.KERNELS[self.kind]
+        hyper_type = rules.KERNELS[self.kind]
         guards.check_for(hyper_type)
         if isinstance(device, str):
             device = DeviceConfig(backend=device)  # type: ignore[arg-type]
@@ -177,32 +171,32 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self._names = [n for group_names in names for n in group_names]
         specs = param_specs([list(zip(gn, g["params"])) for gn, g in zip(names, self.param_groups)])
         self._slice_bytes = int((slice_mb or auto_slice_mb(specs)) * 2**20)
-        # Many ranks: the optimizer works on this rank's share (see distributed.py); param_groups keep the model's.
-        self._ranks: Sharding | None = build_sharding(self._params, self._names, specs, model=model,
-                                                      process_group=process_group, config=sharding)
-        if self._ranks is None:
-            self._store, resumed, pending = self._open_store(store, specs, hyper_type, state_format,
-                                                             trainable=[p.requires_grad for p in self._params])
-        else:
-            self._params, self._names, specs = list(self._ranks.local_params), list(self._ranks.local_names), self._ranks.local_specs
-            device = self._ranks.device_config(device)
-            opened: list[Any] = []
+        # The optimizer works on this process's share (all of it on one rank; see distributed.py);
+        # param_groups keep the model's parameters.
+        self._ranks: Sharding = build_sharding(self._params, self._names, specs, model=model,
+                                               process_group=process_group, config=sharding)
+        self._params, self._names, specs = list(self._ranks.local_params), list(self._ranks.local_names), self._ranks.local_specs
+        device = self._ranks.device_config(device)
+        # Parameters frozen now stay dormant (no state) until their first gradient; many ranks
+        # give every local piece state up front (see Sharding.alone).
+        trainable = [p.requires_grad for p in self._params] if self._ranks.alone else None
+        opened: list[PendingGroups | None] = []
 
-            def open_one(path: Any) -> tuple[Store, bool]:
-                got, was_resumed, pend = self._open_store(path, specs, hyper_type, state_format, trainable=None)
-                opened.append(pend)
-                return got, was_resumed
+        def open_one(path: Any) -> tuple[Store, bool]:
+            got, was_resumed, pend = self._open_store(path, specs, hyper_type, state_format, trainable=trainable)
+            opened.append(pend)
+            return got, was_resumed
 
-            self._store, resumed = self._ranks.open_store(store, lambda: default_store_path(self.kind), open_one)
-            pending = opened[-1] if opened else None
-            if pending is not None and pending.params:
-                self._store.close()
-                raise UnsupportedUsageError("with many ranks, the store must hold exactly the parameters given; "
-                                            "add_param_group is not supported there")
+        self._store, resumed = self._ranks.open_store(store, lambda: default_store_path(self.kind), open_one)
+        pending = opened[-1] if opened else None
+        if pending is not None and pending.params and not self._ranks.alone:
+            self._store.close()
+            raise UnsupportedUsageError("with many ranks, the store must hold exactly the parameters given; "
+                                        "add_param_group is not supported there")
         self._closed = False
         self._device_config = device
         self._model = model
-        self._offload = offload_gradients and mode != "sync"
+        self._offload = offload_gradients and mode is not Mode.SYNC
         if self._offload and max_grad_norm is None:
             # Not an error: a loop that clips nothing is right as it is. But clip_grad_norm_
             # (HF Trainer's and Lightning's clipping) would see no gradient and clip nothing.
@@ -217,7 +211,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if check_reads is None:
             check_reads = os.environ.get("NEARSTEP_CHECK_READS", "") not in ("", "0")
         self._read_check: ReadCheck | None = None
-        self._want_read_check = bool(check_reads) and mode == "overlap" and model is not None
+        self._want_read_check = bool(check_reads) and mode is Mode.OVERLAP and model is not None
         try:
             manifest = self._store.manifest
             # Param groups an earlier run added with add_param_group and this one has not yet:
@@ -236,12 +230,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._spike_by_param = [0] * len(self._params)
             self._uclip_by_param = [0] * len(self._params)
             self._last = [(math.nan, math.nan)] * len(self._params)
-            if resumed or self._store.manifest.format.master != "fp32":
+            if resumed or self._store.manifest.format.lossy_master:
                 # A lossy master format rounded the initial weights: the model starts from
                 # what the store holds, as a resumed run would.
                 self._load_masters_into_params()
-            if self._ranks is not None:
-                self._ranks.publish_all()  # every rank starts from the owners' weights
+            self._ranks.publish_all()  # every rank starts from the owners' weights
         except BaseException:
             self._store.close()
             raise
@@ -264,29 +257,23 @@ class NearstepOptimizer(torch.optim.Optimizer):
             raise
         # Stop the device process even when the user forgets close().
         self._finalizer = weakref.finalize(self, _close_quietly, self._device, self._store)
-        self._pipeline = Pipeline(
-            self._params, self._names, self._layout, self._device, self.trace,
-            arenas=2 if mode == "delayed" else 1,
-            offload_gradients=self._offload,
-            rollback=self._rollback,
-            track_weights=self._ranks is None,
-        )
-        self._pipeline.need_norms = self.max_grad_norm is not None or self.guards.skip_nonfinite
         # Speculation then validation (see pipeline.py): with many ranks the clip scale is a
         # collective, so slices are applied early there only when nothing clips.
-        if mode != "sync" and (self._ranks is None or self.max_grad_norm is None):
-            self._pipeline.early_apply = self._early_apply
-        if mode != "sync":
+        config = PipelineConfig(
+            arenas=2 if mode is Mode.DELAYED else 1,
+            offload_gradients=self._offload,
+            need_norms=self.max_grad_norm is not None or self.guards.skip_nonfinite,
+            speculate=mode is not Mode.SYNC and (self._ranks.alone or self.max_grad_norm is None),
+            track_weights=self._ranks.alone,
+        )
+        self._pipeline = Pipeline(self._params, self._names, self._layout, self._device, self.trace, config,
+                                  step_inputs=self._step_inputs, on_failure=self._rollback)
+        if mode is not Mode.SYNC:
             self._pipeline.attach_grad_hooks()
-            if self._ranks is not None:
-                self._ranks.attach_grad_hooks(self._pipeline)
+            self._ranks.attach_grad_hooks(self._pipeline)
         if model is not None:
-            if mode == "overlap":
-                if self._ranks is None:
-                    self._check_model_holds(model)
-                    self._pipeline.attach_forward_hooks(model)
-                else:
-                    self._ranks.attach_forward_hooks(model, self._pipeline)
+            if mode is Mode.OVERLAP:
+                self._ranks.attach_forward_hooks(model, self._pipeline)
             # Whatever reads the weights through model.state_dict() sees the updated ones, and
             # whatever loads weights writes them after the last update landed.
             sync = _synchronizer(weakref.ref(self))
@@ -353,7 +340,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)  # torch's __init__ adds the first groups
             return
         self._check_open()
-        if self._ranks is not None:
+        if not self._ranks.alone:
             raise UnsupportedUsageError("add_param_group is not supported with many ranks: pass every param group "
                                         "when the optimizer is built")
         g = len(self.param_groups)
@@ -397,18 +384,6 @@ class NearstepOptimizer(torch.optim.Optimizer):
 
     # -- set-up helpers --------------------------------------------------------
 
-    def _check_model_holds(self, model: torch.nn.Module) -> None:
-        """Overlap mode lands weights in the forward of the modules that hold them: all must be in ``model``."""
-        held = {id(p) for p in model.parameters()}
-        missing = [n for n, p in zip(self._names, self._params) if id(p) not in held]
-        if missing:
-            raise UnsupportedUsageError(
-                f"mode='overlap' lands each parameter's new weights just before the forward of the module in "
-                f"model= that holds it, but {len(missing)} of the optimizer's parameters ({', '.join(map(repr, missing[:3]))}"
-                f"{' ...' if len(missing) > 3 else ''}) are not in {type(model).__name__}.parameters(). Pass the "
-                f"module that holds all of them (the whole model), or use mode='sync'."
-            )
-
     def _check_params(self) -> None:
         seen: set[int] = set()
         for g, group in enumerate(self.param_groups):
@@ -440,7 +415,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             params=specs,
             masters=lambda i: self._params[i],
             optimizer=self.kind,
-            state_names=kernels.state_names(hyper_type),
+            state_names=rules.state_names(hyper_type),
             hyperparameters=[self._group_json(g) for g in self.param_groups],
             slice_bytes=self._slice_bytes,
             state_format=state_format or formats.StateFormat(),
@@ -466,7 +441,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
     def _group_json(self, group: dict[str, Any]) -> dict[str, Any]:
         return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in asdict(self._hyper(group)).items()}
 
-    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+    def _hyper(self, group: dict[str, Any]) -> rules.Hyper:
         raise NotImplementedError
 
     # -- the step ----------------------------------------------------------------
@@ -487,17 +462,16 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self._check_open()
         t0 = time.monotonic_ns()
         if self.trace.loop_start_ns is not None:
-            self.trace.add("compute", "forward/backward", self.trace.loop_start_ns, t0)
+            self.trace.add(Lane.COMPUTE, "forward/backward", self.trace.loop_start_ns, t0)
         pipeline = self._pipeline
         # The barrier: the previous step must be in the model before this one starts.
         self._account(self._finish())
-        if self._dormant and self._ranks is None:
+        if self._dormant and self._ranks.alone:
             self._wake_dormant()
             pipeline = self._pipeline  # a new one if the store grew
-        if self._ranks is not None:
-            self._ranks.take_gradients()  # this rank's share, averaged over the ranks
+        self._ranks.take_gradients()  # this rank's share, averaged over the ranks
         present = [i for i in range(len(self._params)) if pipeline.has_gradient(i)]
-        if not present and (self._ranks is None or not self._ranks.any_gradient):
+        if not present and not self._ranks.any_gradient:
             pipeline.abort()
             return self._end_step(t0, loss)
         for i in present:
@@ -511,7 +485,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         pipeline.stage_rest(present)
         speculated = pipeline.speculated
         edited: list[int] = []
-        if self._ranks is None:
+        if self._ranks.alone:
             # [Note: speculation then validation] in pipeline.py: what backward staged is checked here.
             _changed, removed = pipeline.revalidate(present)
             if removed:
@@ -526,13 +500,12 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 pipeline.abort()
                 return self._end_step(t0, loss)
         scale = 1.0
-        if pipeline.need_norms:
+        if pipeline.config.need_norms:
             norms = [pipeline.grad_norm(i) for i in present]
             where = self._params[0].device  # norms come from p.grad (there) or from staging (host)
             total = (torch.linalg.vector_norm(torch.stack([n.to(where, torch.float32) for n in norms])) if norms
                      else torch.zeros((), device=where))
-            if self._ranks is not None:
-                total = self._ranks.global_norm(total)
+            total = self._ranks.global_norm(total)
             if self.guards.skip_nonfinite and not bool(torch.isfinite(total)):
                 self._counters["skipped_steps"] += 1
                 if speculated:
@@ -550,10 +523,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
         new_steps = list(self._param_steps)
         for i in present:
             new_steps[i] += 1
-        hypers = tuple(self._hyper(g) for g in self.param_groups)
         commit = Commit(self._step + 1, tuple(new_steps), self._groups_json(),
                         {"skipped_steps": self._counters["skipped_steps"]})
-        if edited and not self._warned_rounding and self._store.manifest.format.master != "fp32":
+        if edited and not self._warned_rounding and self._store.manifest.format.lossy_master:
             self._warned_rounding = True
             warnings.warn(
                 f"weights written into {len(edited)} parameter(s) since they last landed (e.g. {self._names[edited[0]]!r}) "
@@ -562,37 +534,31 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 f"Use state_format='fp32' to keep them exactly.",
                 UserWarning, stacklevel=3,
             )
-        pipeline.launch(self._step + 1, present, hypers, new_steps, scale, self.guards, commit, edited)
-        if self._ranks is not None:
-            self._ranks.launched()
+        pipeline.launch(self._step + 1, present, scale, commit, edited)
+        self._ranks.launched()
         self._param_steps = new_steps
         self._step += 1
-        if self.mode == "sync" or (self.mode == "delayed" and self._step <= self.warmup_steps):
+        if self.mode is Mode.SYNC or (self.mode is Mode.DELAYED and self._step <= self.warmup_steps):
             self._account(self._finish())
-        if self.mode != "sync" and self._ranks is None:
+        if self.mode is not Mode.SYNC and self._ranks.alone:
             pipeline.attach_grad_hooks()  # parameters unfrozen since get theirs
         return self._end_step(t0, loss)
 
-    def _early_apply(self, k: int) -> Apply:
-        """The update of slice k, built while backward runs (no clip scale: see [Note: early apply])."""
-        pipeline = self._pipeline
-        steps = tuple(self._param_steps[s.param] + 1 if pipeline.staged[s.param] else 0
-                      for s in self._layout.slices[k].segments)
-        hypers = tuple(self._hyper(g) for g in self.param_groups)
-        return Apply(k, hypers, steps, 1.0, self.guards, pipeline.arenas[pipeline.current].id)
+    def _step_inputs(self) -> StepInputs:
+        """The hyperparameters (as the param groups hold them now), committed step counts and guards
+        of the step being staged: what the pipeline builds its Apply requests from."""
+        return StepInputs(tuple(self._hyper(g) for g in self.param_groups), self._param_steps, self.guards)
 
     def _finish(self) -> InFlight | None:
         """Land the launched step; with many ranks, also send its new weights to every rank (collective)."""
         inflight = self._pipeline.finish()
-        if self._ranks is not None:
-            self._ranks.publish_pending()
+        self._ranks.publish_pending()
         return inflight
 
     def _end_step(self, t0: int, loss: Any) -> Any:
-        if self._ranks is not None:
-            self._ranks.release_gradients()
+        self._ranks.release_gradients()
         end = time.monotonic_ns()
-        self.trace.add("compute", "step", t0, end)
+        self.trace.add(Lane.COMPUTE, "step", t0, end)
         self._times["steps"] += 1
         self._times["step_seconds"] += (end - t0) / 1e9
         self.trace.loop_start_ns = end
@@ -601,7 +567,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
     def _device_events(self) -> list[Any]:
         if self._closed or not self._device.alive:
             return []
-        return self._device.submit(Query("trace")).wait()
+        return self._device.submit(Query(QueryKind.TRACE)).wait()
 
     @torch.no_grad()
     def _rollback(self, reload_weights: bool) -> None:
@@ -699,12 +665,24 @@ class NearstepOptimizer(torch.optim.Optimizer):
             "link_bytes_per_step": (device["link_in_bytes"] + device["link_out_bytes"]) / steps,
             "store_bytes_per_step": (device["store_read_bytes"] + device["store_write_bytes"]) / steps,
             **{f"device_{k}": v for k, v in device.items()},
-            **(self._ranks.stats(steps) if self._ranks is not None else {}),
+            **self._ranks.stats(steps),
         }
 
     @property
     def store_path(self) -> Path:
         return self._store.path
+
+    @property
+    def store(self) -> Store:
+        """The host's handle on the store: its path, slice files and the manifest as this process
+        last read it (``opt.device.manifest()`` asks the device for the committed one). The device
+        owns the state: read it through the store's tools, never write it while the optimizer runs."""
+        return self._store
+
+    @property
+    def sharding(self) -> Sharding:
+        """This process's share of the state (:class:`~nearstep.distributed.Unsharded` on one rank)."""
+        return self._ranks
 
     @property
     def device(self) -> Device:
@@ -823,8 +801,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         else:
             self._load_full_state_dict(state_dict, groups, meta)
         self._pipeline.note_weights()  # the model holds the store's masters: nothing to adopt
-        if self._ranks is not None:
-            self._ranks.publish_all()
+        self._ranks.publish_all()
 
     def _load_reference(self, reference: checkpoint.Reference, groups: list[dict[str, Any]]) -> None:
         """load_state_dict of a reference (see there); the param groups are checked already."""
@@ -915,7 +892,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if exc[0] is not None and self._ranks is not None:
+        if exc[0] is not None:
             self._ranks.abandon()  # unwinding: the other ranks may be gone; no collective now
         self.close()
 
@@ -929,10 +906,7 @@ def _synchronizer(ref: weakref.ref[NearstepOptimizer]) -> Any:
     def hook(*_args: Any, **_kwargs: Any) -> None:
         opt = ref()
         if opt is not None and not opt._closed:
-            if opt._ranks is not None:
-                opt._ranks.before_state_dict(opt.synchronize)
-            else:
-                opt.synchronize()
+            opt._ranks.before_state_dict(opt.synchronize)
 
     return hook
 
@@ -978,7 +952,7 @@ class AdamW(NearstepOptimizer):
         guards: a :class:`~nearstep.Guards`; default skips steps with non-finite gradients.
         device: a :class:`~nearstep.DeviceConfig`, ``"emulated"`` (default) or ``"inline"``.
         slice_mb: about how many MiB of fp32 parameters move and update as one slice;
-            None picks about 16 slices of 1 to 64 MiB (:func:`auto_slice_mb`).
+            None picks about 16 slices of 1 to 64 MiB (:func:`nearstep.store.auto_slice_mb`).
         state_format: how the state is kept on the store: ``"fp32"`` (default for a new
             store), ``"bf16-kahan"``, ``"bf16-sr"``, ``"8bit"``, or a combination such as
             ``"bf16-sr+8bit"`` (see ``docs/accuracy.md``). None: the store's own format
@@ -1015,9 +989,9 @@ class AdamW(NearstepOptimizer):
                  weight_decay: float = 1e-2, *, maximize: bool = False, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize), **options)
 
-    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+    def _hyper(self, group: dict[str, Any]) -> rules.Hyper:
         b1, b2 = group["betas"]
-        return kernels.AdamWHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2), eps=group["eps"],
+        return rules.AdamWHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2), eps=group["eps"],
                                   weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
@@ -1030,9 +1004,9 @@ class Adam(AdamW):
                  weight_decay: float = 0.0, **options: Any) -> None:
         super().__init__(params, lr, betas, eps, weight_decay, **options)
 
-    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+    def _hyper(self, group: dict[str, Any]) -> rules.Hyper:
         b1, b2 = group["betas"]
-        return kernels.AdamHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2), eps=group["eps"],
+        return rules.AdamHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2), eps=group["eps"],
                                  weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
@@ -1046,8 +1020,8 @@ class SGD(NearstepOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize), **options)
 
-    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
-        return kernels.SGDHyper(lr=_value(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
+    def _hyper(self, group: dict[str, Any]) -> rules.Hyper:
+        return rules.SGDHyper(lr=_value(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                                 nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
@@ -1060,8 +1034,8 @@ class Lion(NearstepOptimizer):
                  weight_decay: float = 0.0, *, maximize: bool = False, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize), **options)
 
-    def _hyper(self, group: dict[str, Any]) -> kernels.Hyper:
+    def _hyper(self, group: dict[str, Any]) -> rules.Hyper:
         b1, b2 = group["betas"]
-        return kernels.LionHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2),
+        return rules.LionHyper(lr=_value(group["lr"]), beta1=_value(b1), beta2=_value(b2),
                                  weight_decay=group["weight_decay"], maximize=group["maximize"])
 

@@ -1,6 +1,6 @@
 """The host side of a step: staging slices, backward and forward hooks, landing weights.
 
-One step moves through three phases (see ``../shared/DESIGN.md``, "One step, in
+One step moves through three phases (see ``docs/design.md``, "One step in
 overlap mode"):
 
 - ``IDLE``: every slice's current weights are in the model.
@@ -71,7 +71,6 @@ when the staging weights may be overwritten.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import itertools
 import time
@@ -79,25 +78,59 @@ import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-from . import kernels
-from .device import Completion, Device, DeviceMemory
-from .engine import Abort, Apply, Commit, Prefetch, Stage
+from . import rules
+from .protocol import Abort, Apply, Commit, Completion, Device, DeviceMemory, Lane, Prefetch, Stage
 from .errors import StaleWeightError
-from .staging import StagedSegment, StagedSlice, StagingLayout
+from .image import StagedSegment
+from .staging import StagedSlice, StagingLayout
 from .trace import Trace
 
-__all__ = ["Phase", "InFlight", "Pipeline", "ReadCheck"]
+__all__ = ["Phase", "InFlight", "PipelineConfig", "StepInputs", "Pipeline", "ReadCheck"]
 
 # A miss streak this long pauses speculation for _PAUSE_STEPS launches, doubled (up to _MAX_PAUSE_STEPS)
 # each time the first speculation after a pause misses again (see [Note: speculation then validation]).
 _MISS_STREAK = 2
 _PAUSE_STEPS = 10
 _MAX_PAUSE_STEPS = 160
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PipelineConfig:
+    """How a pipeline moves a step (fixed for its life; the optimizer builds a new one to change it).
+
+    Attributes:
+        arenas: staging arenas: 1, or 2 in delayed mode (a step stages while the last lands).
+        offload_gradients: free each ``p.grad`` once staged (accumulating micro-batches in staging).
+        need_norms: take each gradient's norm while staging it (clipping or ``skip_nonfinite``).
+        speculate: apply each slice as soon as backward finished it, before ``step()`` validates
+            the step (see [Note: speculation then validation]); overlap and delayed mode.
+        track_weights: notice weights written between steps (see [Note: the model's weights are the
+            truth]); off with many ranks, whose pieces are views the other ranks' weights land in.
+    """
+
+    arenas: int = 1
+    offload_gradients: bool = False
+    need_norms: bool = True
+    speculate: bool = False
+    track_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arenas not in (1, 2):
+            raise ValueError(f"arenas must be 1 or 2, got {self.arenas!r}")
+
+
+class StepInputs(NamedTuple):
+    """What an update needs from the optimizer, read when the update is queued (a scheduler may have
+    changed the learning rate since the last step)."""
+
+    hypers: tuple[rules.Hyper, ...]  # per param group
+    param_steps: Sequence[int]  # per parameter, its committed step count
+    guards: rules.Guards
 
 
 class Phase(enum.Enum):
@@ -116,7 +149,7 @@ class InFlight:
     commit: Completion
     updated: frozenset[int]  # parameters that had a gradient or were adopted (their segments land)
     landed: set[int] = field(default_factory=set)
-    reports: dict[int, list[kernels.SegmentReport]] = field(default_factory=dict)
+    reports: dict[int, list[rules.SegmentReport]] = field(default_factory=dict)
 
 
 def _norm(grad: torch.Tensor) -> torch.Tensor:
@@ -147,24 +180,24 @@ class Pipeline:
         layout: StagingLayout,
         device: Device,
         trace: Trace,
+        config: PipelineConfig,
         *,
-        arenas: int,
-        offload_gradients: bool,
-        rollback: Callable[[bool], None],
-        track_weights: bool = True,
+        step_inputs: Callable[[], StepInputs],
+        on_failure: Callable[[bool], None],
     ) -> None:
+        """``step_inputs`` gives the hyperparameters, step counts and guards of the step being staged;
+        ``on_failure(weights_reached_model)`` puts the optimizer back at the store's last commit after
+        a launched step failed (see :meth:`_fail`)."""
         self.params = list(params)
-        # Off with many ranks: their pieces are views that the other ranks' weights land in.
-        self.track_weights = track_weights
+        self.config = config
         self._ids = {id(p): i for i, p in enumerate(self.params)}
         self.names = list(names)
         self.layout = layout
         self.device = device
         self.trace = trace
-        self.offload_gradients = offload_gradients
-        self.need_norms = True  # the optimizer clears it when no guard needs the global norm
-        self._rollback = rollback
-        self.arenas = [device.alloc(layout.nbytes) for _ in range(arenas)]
+        self._step_inputs = step_inputs
+        self._on_failure = on_failure
+        self.arenas = [device.alloc(layout.nbytes) for _ in range(config.arenas)]
         self.current = 0
         self.phase = Phase.IDLE
         self.inflight: InFlight | None = None
@@ -184,9 +217,9 @@ class Pipeline:
         self._remaining = self._trainable_counts()
         self._prefetched = False
         self._prefetch_order: tuple[int, ...] = ()
-        # Set by the optimizer in overlap and delayed mode: each slice is applied as soon as
-        # backward finished its gradients (see [Note: speculation then validation]).
-        self.early_apply: Callable[[int], Apply] | None = None
+        # Each slice is applied as soon as backward finished its gradients (see [Note: speculation
+        # then validation]) until gradient accumulation shows up.
+        self._speculate = config.speculate
         self._early: dict[int, Completion] = {}
         self._launches = 0
         self._miss_streak = 0
@@ -312,7 +345,7 @@ class Pipeline:
     # -- staging -----------------------------------------------------------------
 
     def _speculating(self) -> bool:
-        return self.early_apply is not None and self._launches >= self._paused_until
+        return self._speculate and self._launches >= self._paused_until
 
     def _begin_staging(self) -> None:
         """First gradient of a step: the device may start reading state (in apply order)."""
@@ -340,7 +373,7 @@ class Pipeline:
         self._wait_staging_free(i)
         arena = self.arenas[self.current].bytes
         flat = grad.detach().reshape(-1)
-        accumulate = self.staged[i] and self.offload_gradients
+        accumulate = self.staged[i] and self.config.offload_gradients
         stream = torch.cuda.stream(self._side) if self.cuda else contextlib.nullcontext()
         if self.cuda:
             assert self._side is not None
@@ -356,13 +389,13 @@ class Pipeline:
                     view.copy_(piece, non_blocking=self.cuda)
         # The global norm is taken over each whole gradient, the way sync mode does,
         # so both modes compute the same clip scale to the last bit.
-        if accumulate or not self.need_norms:
+        if accumulate or not self.config.need_norms:
             self.norms[i] = None  # computed from staging at step(), if needed
         else:
             self.norms[i] = _norm(grad)
         first = not self.staged[i]
         self.staged[i] = True
-        if self.offload_gradients:
+        if self.config.offload_gradients:
             if self.cuda:
                 assert self._side is not None
                 grad.record_stream(self._side)
@@ -370,13 +403,13 @@ class Pipeline:
             self._grad_seen[i] = None
         else:
             self._grad_seen[i] = (grad, grad._version)
-        self.trace.add("link", f"grad {self.names[i]}", start, time.monotonic_ns())
+        self.trace.add(Lane.LINK, f"grad {self.names[i]}", start, time.monotonic_ns())
         if first:
             for staged, _seg in self.segments[i]:
                 self._remaining[staged.index] -= 1
                 if self._remaining[staged.index] == 0:
                     self.device.submit(Stage(staged.index))
-                    if self._speculating() and self.early_apply is not None:
+                    if self._speculating():
                         self._submit_early(staged.index)
 
     def _submit_early(self, k: int) -> None:
@@ -386,10 +419,10 @@ class Pipeline:
         if k not in self._prefetch_order:
             self._prefetch_order += (k,)
             self.device.submit(Prefetch((k,)))
-        assert self.early_apply is not None
-        apply = self.early_apply(k)
+        # No clip scale yet: step() validates the step and redoes the slice if it clips.
+        staged = {i for i in self.slice_params[k] if self.staged[i]}
         adopt = self._adopt_flags(k, self.edited_weights(self.slice_params[k]))
-        self._early[k] = self.device.submit(dataclasses.replace(apply, adopt=adopt) if any(adopt) else apply)
+        self._early[k] = self.device.submit(self._apply_request(k, self._step_inputs(), staged, 1.0, adopt))
 
     def _cancel_early(self, i: int) -> None:
         warnings.warn(
@@ -398,7 +431,7 @@ class Pipeline:
             RuntimeWarning,
             stacklevel=5,
         )
-        self.early_apply = None
+        self._speculate = False
         self.drop_early()
 
     def drop_early(self) -> None:
@@ -433,7 +466,7 @@ class Pipeline:
             if done is not None and not done.done():
                 start = time.monotonic_ns()
                 done.wait()
-                self.trace.add("compute", f"wait s{staged.index}", start, time.monotonic_ns())
+                self.trace.add(Lane.COMPUTE, f"wait s{staged.index}", start, time.monotonic_ns())
 
     def stage_rest(self, present: Sequence[int]) -> None:
         """Stage the gradients no hook staged (sync mode, or parameters without hooks).
@@ -501,7 +534,7 @@ class Pipeline:
             self._side.synchronize()
         arena = self.arenas[self.current].bytes
         for i, p in enumerate(self.params):
-            if self.staged[i] and self.offload_gradients:
+            if self.staged[i] and self.config.offload_gradients:
                 grad = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
                 for staged, seg in self.segments[i]:
                     grad[seg.start : seg.start + seg.length].copy_(self.layout.grad_view(arena, seg, staged))
@@ -512,7 +545,7 @@ class Pipeline:
         norm = self.norms[i]
         if norm is None:
             p = self.params[i]
-            if p.grad is not None and not self.offload_gradients:
+            if p.grad is not None and not self.config.offload_gradients:
                 norm = _norm(p.grad)
             else:
                 arena = self.arenas[self.current].bytes
@@ -581,10 +614,17 @@ class Pipeline:
 
     # -- launching and landing ----------------------------------------------------------
 
-    def launch(self, step: int, updated: Sequence[int], hypers: tuple[kernels.Hyper, ...], param_steps: Sequence[int],
-               scale: float, guards: kernels.Guards, commit: Commit, edited: Sequence[int] = ()) -> InFlight:
+    def _apply_request(self, k: int, inputs: StepInputs, has: set[int] | frozenset[int], scale: float,
+                       adopt: tuple[bool, ...]) -> Apply:
+        """The update of slice k: the parameters in ``has`` take their next step, the others none."""
+        steps = tuple(inputs.param_steps[s.param] + 1 if s.param in has else 0 for s in self.layout.slices[k].segments)
+        return Apply(k, inputs.hypers, steps, scale, inputs.guards, self.arenas[self.current].id, adopt)
+
+    def launch(self, step: int, updated: Sequence[int], scale: float, commit: Commit,
+               edited: Sequence[int] = ()) -> InFlight:
         """Queue the updates of every slice in forward order and the commit; returns at once.
 
+        ``updated``: the parameters with a gradient this step; ``scale``: the clip scale.
         ``edited``: parameters whose weights the user wrote since they last landed; their
         masters take the new weights (the slices are applied even without gradients).
         """
@@ -608,7 +648,7 @@ class Pipeline:
         else:
             order = wanted
             self.device.submit(Prefetch(tuple(order)))
-        arena_id = self.arenas[self.current].id
+        inputs = self._step_inputs()
         applies = {}
         if self._early:
             self.counters["speculated_steps"] += 1
@@ -618,9 +658,8 @@ class Pipeline:
             if k in self._early:
                 applies[k] = self._early[k]
                 continue
-            steps = tuple(param_steps[s.param] if s.param in has else 0 for s in self.layout.slices[k].segments)
             adopt = self._adopt_flags(k, edited)
-            applies[k] = self.device.submit(Apply(k, hypers, steps, scale, guards, arena_id, adopt))
+            applies[k] = self.device.submit(self._apply_request(k, inputs, has, scale, adopt))
         touched |= frozenset(self._adopting)
         inflight = InFlight(step, self.current, applies, self.device.submit(commit), touched)
         self.inflight = inflight
@@ -666,7 +705,7 @@ class Pipeline:
         if self._prefetched:
             self.device.submit(Abort())
         for i in range(len(self.params)):
-            if self.staged[i] and self.offload_gradients:
+            if self.staged[i] and self.config.offload_gradients:
                 self.params[i].grad = None
         self._reset_staging()
         self.phase = Phase.LAUNCHED if self.inflight is not None else Phase.IDLE
@@ -683,7 +722,7 @@ class Pipeline:
             raise
         waited = time.monotonic_ns()
         if waited - start > 20_000:
-            self.trace.add("compute", f"wait s{k}", start, waited)
+            self.trace.add(Lane.COMPUTE, f"wait s{k}", start, waited)
         arena = self.arenas[inflight.arena].bytes
         staged = self.layout.slices[k]
         overwritten = []
@@ -693,7 +732,7 @@ class Pipeline:
                 for seg in staged.segments:
                     if seg.param in inflight.updated:
                         p = self.params[seg.param]
-                        if self.track_weights and self._weights_seen[seg.param] != (p.data_ptr(), p._version):
+                        if self.config.track_weights and self._weights_seen[seg.param] != (p.data_ptr(), p._version):
                             overwritten.append(seg.param)
                         flat = p.view(-1)
                         flat[seg.start : seg.start + seg.length].copy_(self.layout.weight_view(arena, seg, staged), non_blocking=self.cuda)
@@ -711,7 +750,7 @@ class Pipeline:
             event.record()
             self._landed_events[k] = event
         inflight.landed.add(k)
-        self.trace.add("link", f"weights s{k}", waited, time.monotonic_ns())
+        self.trace.add(Lane.LINK, f"weights s{k}", waited, time.monotonic_ns())
         if overwritten:
             names = ", ".join(repr(self.names[i]) for i in sorted(set(overwritten))[:3])
             raise StaleWeightError(
@@ -757,7 +796,7 @@ class Pipeline:
             self._fail()
             raise
         if time.monotonic_ns() - start > 20_000:
-            self.trace.add("compute", "wait commit", start, time.monotonic_ns())
+            self.trace.add(Lane.COMPUTE, "wait commit", start, time.monotonic_ns())
         self.inflight = None
         self._pending.clear()
         if self.phase is Phase.LAUNCHED:
@@ -780,7 +819,7 @@ class Pipeline:
         self.phase = Phase.STAGING if self.phase is Phase.STAGING else Phase.IDLE
         # The step counters go back to the store's last commit in any case; the weights
         # only if some new ones already reached the model.
-        self._rollback(bool(inflight.landed))
+        self._on_failure(bool(inflight.landed))
 
 
 # Tensor attributes that do not read a parameter's values: reading them is never stale.

@@ -4,7 +4,8 @@ Gradients go in and new weights come out through one arena that both the host
 and the device address: every slice's gradients, then every slice's weights,
 in the model's dtype (about 4 bytes per parameter per step for bf16 models).
 Host and device compute the same :class:`StagingLayout` from the manifest, so
-only offsets travel with the requests.
+only offsets travel with the requests. Within a slice's run, each segment's
+place is the slice's image's business (:class:`nearstep.image.SliceImage`).
 """
 
 from __future__ import annotations
@@ -17,27 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from . import aio
+from .image import StagedSegment, staged_view
 from .store import Manifest
 
-__all__ = ["StagedSegment", "StagedSlice", "StagingLayout", "SharedMemory"]
-
-_STAGE_ALIGN = 64
-
-
-@dataclass(frozen=True, slots=True)
-class StagedSegment:
-    """Where one segment's gradient and new weights sit in staging memory (model dtype)."""
-
-    param: int
-    start: int
-    length: int
-    group: int
-    dtype: str
-    offset: int  # bytes from the start of the slice's gradient (or weight) region
+__all__ = ["StagedSlice", "StagingLayout", "SharedMemory"]
 
 
 @dataclass(frozen=True, slots=True)
 class StagedSlice:
+    """Where one slice's gradient run and weight run start in the arena (see :class:`SliceImage`)."""
+
     index: int
     grad_offset: int
     weight_offset: int
@@ -57,39 +47,20 @@ class StagingLayout:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> StagingLayout:
-        sizes = []
-        seg_tables = []
-        for spec in manifest.slices:
-            offset = 0
-            segs = []
-            for seg in spec.segments:
-                p = manifest.params[seg.param]
-                segs.append(StagedSegment(seg.param, seg.start, seg.length, p.group, p.dtype, offset))
-                offset = aio.align_up(offset + seg.length * p.torch_dtype.itemsize, _STAGE_ALIGN)
-            sizes.append(aio.align_up(max(offset, 1)))
-            seg_tables.append(tuple(segs))
-        grads_total = sum(sizes)
+        images = [manifest.image(spec.index) for spec in manifest.slices]
+        grads_total = sum(image.staging_bytes for image in images)
         slices = []
         offset = 0
-        for spec, size, segs in zip(manifest.slices, sizes, seg_tables):
-            slices.append(StagedSlice(spec.index, offset, grads_total + offset, size, segs))
-            offset += size
+        for image in images:
+            slices.append(StagedSlice(image.index, offset, grads_total + offset, image.staging_bytes, image.staged))
+            offset += image.staging_bytes
         return cls(tuple(slices), max(2 * grads_total, aio.PAGE))
 
     def grad_view(self, arena: torch.Tensor, seg: StagedSegment, slice_: StagedSlice) -> torch.Tensor:
-        return _typed_view(arena, slice_.grad_offset + seg.offset, seg)
+        return staged_view(arena, slice_.grad_offset, seg)
 
     def weight_view(self, arena: torch.Tensor, seg: StagedSegment, slice_: StagedSlice) -> torch.Tensor:
-        return _typed_view(arena, slice_.weight_offset + seg.offset, seg)
-
-
-def _typed_view(arena: torch.Tensor, offset: int, seg: StagedSegment) -> torch.Tensor:
-    dtype = _TORCH_DTYPES[seg.dtype]
-    nbytes = seg.length * dtype.itemsize
-    return arena[offset : offset + nbytes].view(dtype)
-
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        return staged_view(arena, slice_.weight_offset, seg)
 
 
 class SharedMemory:

@@ -20,12 +20,12 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine import TraceEvent
+from .protocol import Lane, TraceEvent
 
 __all__ = ["LANES", "Trace", "TraceEvent", "merge_intervals", "overlap_summary", "plot_timelines", "save_figure"]
 
-LANES = ("compute", "link", "device-io", "device-compute")
-_DEVICE_LANES = ("device-io", "device-compute")
+LANES = tuple(Lane)
+_DEVICE_LANES = (Lane.DEVICE_IO, Lane.DEVICE_COMPUTE)
 
 
 def merge_intervals(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -80,8 +80,8 @@ def overlap_summary(events: Sequence[TraceEvent]) -> dict[str, float]:
     (forward/backward, not waiting) / time the device was busy.
     """
     device = merge_intervals((e.start_ns, e.end_ns) for e in events if e.lane in _DEVICE_LANES)
-    compute = merge_intervals((e.start_ns, e.end_ns) for e in events if e.lane == "compute" and e.name == "forward/backward")
-    waits = merge_intervals((e.start_ns, e.end_ns) for e in events if e.lane == "compute" and e.name.startswith("wait"))
+    compute = merge_intervals((e.start_ns, e.end_ns) for e in events if e.lane == Lane.COMPUTE and e.name == "forward/backward")
+    waits = merge_intervals((e.start_ns, e.end_ns) for e in events if e.lane == Lane.COMPUTE and e.name.startswith("wait"))
     working = _subtract(compute, waits)
     busy = _measure(device)
     hidden = _measure(_intersect(device, working))
@@ -110,7 +110,7 @@ class Trace:
         # When the training loop's current forward/backward began (the end of the last step()).
         self.loop_start_ns: int | None = None
 
-    def add(self, lane: str, name: str, start_ns: int, end_ns: int) -> None:
+    def add(self, lane: Lane, name: str, start_ns: int, end_ns: int) -> None:
         if self.enabled and len(self._events) < self._capacity:
             with self._lock:
                 self._events.append(TraceEvent(lane, name, start_ns, end_ns))
@@ -172,7 +172,7 @@ def plot_timelines(rows: Sequence[tuple[str, Sequence[TraceEvent]]], path: str |
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("the timeline PNG needs matplotlib: pip install matplotlib") from exc
-    colors = {"compute": "#4c72b0", "link": "#dd8452", "device-io": "#55a868", "device-compute": "#c44e52"}
+    colors = {Lane.COMPUTE: "#4c72b0", Lane.LINK: "#dd8452", Lane.DEVICE_IO: "#55a868", Lane.DEVICE_COMPUTE: "#c44e52"}
     fig, axes = plt.subplots(len(rows), 1, figsize=(11, 1.6 + 1.4 * len(rows)), squeeze=False)
     for ax, (label, events) in zip(axes[:, 0], rows):
         origin = min((e.start_ns for e in events), default=0)
@@ -180,7 +180,7 @@ def plot_timelines(rows: Sequence[tuple[str, Sequence[TraceEvent]]], path: str |
             spans = [((e.start_ns - origin) / 1e6, max(e.end_ns - e.start_ns, 1) / 1e6) for e in events
                      if e.lane == lane and not e.name.startswith("wait")]
             ax.broken_barh(spans, (y - 0.4, 0.8), color=colors[lane])
-            if lane == "compute":
+            if lane == Lane.COMPUTE:
                 waits = [((e.start_ns - origin) / 1e6, (e.end_ns - e.start_ns) / 1e6) for e in events
                          if e.lane == lane and e.name.startswith("wait")]
                 ax.broken_barh(waits, (y - 0.4, 0.8), color="#bbbbbb", hatch="//")

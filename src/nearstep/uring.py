@@ -47,7 +47,7 @@ from collections import deque
 from nearstep import aio
 from nearstep.errors import StoreIOError
 
-__all__ = ["DEFAULT_QUEUE_DEPTH", "IORing", "ring_support"]
+__all__ = ["DEFAULT_QUEUE_DEPTH", "IO_BACKENDS", "IORing", "ring_support", "open_io"]
 
 #: Requests the ring keeps in flight by default: 32 blocks of 8 MiB = 256 MiB, as
 #: DeepSpeed's aio handle with 4 threads at queue depth 8 (see [Note: why a ring]).
@@ -178,7 +178,7 @@ class IORing(aio.IOQueue):
     arrive through the request's future exactly as the pool reports them.
 
     Raises ``OSError`` where :func:`ring_support` says no; use
-    :func:`nearstep.aio.open_io` to fall back to the thread pool.
+    :func:`open_io` to fall back to the thread pool.
     """
 
     def __init__(self, queue_depth: int = DEFAULT_QUEUE_DEPTH, block_bytes: int = aio.DEFAULT_BLOCK_BYTES,
@@ -227,9 +227,14 @@ class IORing(aio.IOQueue):
         self._cq_mask = ctypes.c_uint32.from_buffer(cq, p.cq_off.ring_mask).value
         self._cqes = (_CQE * p.cq_entries).from_buffer(cq, p.cq_off.cqes)
 
+    @property
+    def in_flight(self) -> int:
+        """Blocks submitted to the kernel and not completed yet (at most ``queue_depth``)."""
+        return len(self._in_flight)
+
     # -- the caller's side
 
-    def _start_blocks(self, file: aio.AlignedFile, view: memoryview, offset: int, checksum: bool,
+    def start_blocks(self, file: aio.AlignedFile, view: memoryview, offset: int, checksum: bool,
                       writing: bool) -> list[concurrent.futures.Future[tuple[int, int | None]]]:
         file._fd()  # a closed file fails here, in the caller, not in the reaper
         blocks = [_Block(file, view[s:s + self.block_bytes], offset + s, checksum, writing)
@@ -257,13 +262,13 @@ class IORing(aio.IOQueue):
                 if block.parts == 2:
                     started.append(block)
             op = _OP_WRITE if block.writing else _OP_READ
-            self._push(op, block.file.fd, block.offset + block.done, block.address + block.done,
+            self.push_entry(op, block.file.fd, block.offset + block.done, block.address + block.done,
                        block.view.nbytes - block.done, self._next_id)
             self._in_flight[self._next_id] = block
             self._next_id += 1
             count += 1
         if count:
-            self._submit(count)
+            self.submit_entries(count)
         return started
 
     def _checksum_writes(self, blocks: list[_Block]) -> None:
@@ -283,7 +288,7 @@ class IORing(aio.IOQueue):
             self.record(block.writing, block.view.nbytes, time.perf_counter() - block.started)
             block.future.set_result((block.view.nbytes, block.crc))
 
-    def _push(self, op: int, fd: int, offset: int, address: int, length: int, user_data: int) -> None:
+    def push_entry(self, op: int, fd: int, offset: int, address: int, length: int, user_data: int) -> None:
         tail = self._sq_tail.value
         sqe = self._sqes[tail & self._sq_mask]
         ctypes.memset(ctypes.addressof(sqe), 0, ctypes.sizeof(_SQE))
@@ -291,7 +296,7 @@ class IORing(aio.IOQueue):
         # Published by the io_uring_enter below, from this thread: see [Note: ring memory ordering].
         self._sq_tail.value = (tail + 1) & _U32
 
-    def _submit(self, count: int) -> None:
+    def submit_entries(self, count: int) -> None:
         while count:
             count -= _enter(self._fd, count, 0, 0)
 
@@ -374,8 +379,8 @@ class IORing(aio.IOQueue):
     def _wake(self) -> None:
         """Post a no-op so the reaper's wait returns and it sees that we are closing. Under ``_lock``."""
         self._woken = True
-        self._push(_OP_NOP, -1, 0, 0, 0, _WAKE)
-        self._submit(1)
+        self.push_entry(_OP_NOP, -1, 0, 0, 0, _WAKE)
+        self.submit_entries(1)
 
     def describe(self) -> str:
         return f"io_uring, queue depth {self.queue_depth}"
@@ -395,3 +400,32 @@ class IORing(aio.IOQueue):
         for m in self._maps:
             m.close()
         os.close(self._fd)
+
+
+# ---------------------------------------------------------------------------
+# Choosing a backend
+
+#: What :func:`open_io` accepts: ``"ring"`` (io_uring, :class:`IORing`),
+#: ``"threads"`` (:class:`nearstep.aio.IOPool`) or ``"auto"`` (the ring where it works, else threads).
+IO_BACKENDS: tuple[str, ...] = ("auto", "ring", "threads")
+
+
+
+def open_io(backend: str = "auto", *, threads: int = 4, queue_depth: int = 32,
+            block_bytes: int = aio.DEFAULT_BLOCK_BYTES, nice: int = 0) -> aio.IOQueue:
+    """The I/O backend ``backend`` names (one of :data:`IO_BACKENDS`).
+
+    ``"auto"`` is the io_uring ring where this kernel, architecture and sandbox
+    allow one (see :func:`ring_support`), else the thread pool;
+    ``"ring"`` insists on the ring and raises ``OSError`` saying why where there
+    is none. ``threads`` sizes the pool, ``queue_depth`` the ring.
+    """
+    if backend not in IO_BACKENDS:
+        raise ValueError(f"io_backend must be one of {', '.join(map(repr, IO_BACKENDS))}, got {backend!r}")
+    if backend != "threads":
+        ok, why = ring_support()
+        if ok:
+            return IORing(queue_depth=queue_depth, block_bytes=block_bytes, nice=nice)
+        if backend == "ring":
+            raise OSError(f"io_backend='ring' is not available here: {why}; use io_backend='auto' or 'threads'")
+    return aio.IOPool(threads=threads, block_bytes=block_bytes, nice=nice)

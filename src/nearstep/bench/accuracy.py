@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from .. import workloads
-from ..kernels import Guards
+from ..rules import Guards
 from ..optim import AdamW
 from ..trace import save_figure
 from .report import machine

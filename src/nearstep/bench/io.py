@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import nearstep
-from nearstep import aio, engine, formats, kernels
+from nearstep import aio, engine, formats, kernels, rules, uring
 from nearstep.device import DeviceConfig, parse_bytes
 from nearstep.store import ParamSpec, Store
 from nearstep.uring import IORing
@@ -108,7 +108,7 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--skip-peak", action="store_true", help="leave out the peak-memory test")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 16 MiB of state, 1M update params, 2M peak params, 1 repeat")
-    parser.add_argument("--io-backend", choices=aio.IO_BACKENDS, default=DeviceConfig().io_backend,
+    parser.add_argument("--io-backend", choices=uring.IO_BACKENDS, default=DeviceConfig().io_backend,
                         help="the store pass's I/O backend (default: the device's default, %(default)s)")
     parser.add_argument("--io-threads", type=int, default=DeviceConfig().io_threads,
                         help="threads of the thread-pool backend (default: the device's default, %(default)s)")
@@ -208,8 +208,8 @@ def _synthetic_store(path: pathlib.Path, state_bytes: int) -> Store:
     values = torch.randn(max(sizes), generator=torch.Generator().manual_seed(0))
     return Store.create(path, params=[ParamSpec(f"p{i}", (n,), "float32", 0) for i, n in enumerate(sizes)],
                         masters=lambda i: values[: sizes[i]], optimizer="adamw",
-                        state_names=kernels.state_names(kernels.AdamWHyper),
-                        hyperparameters=[asdict(kernels.AdamWHyper(lr=1e-3))])
+                        state_names=rules.state_names(rules.AdamWHyper),
+                        hyperparameters=[asdict(rules.AdamWHyper(lr=1e-3))])
 
 
 class _StorePass:
@@ -224,7 +224,7 @@ class _StorePass:
         m = self.manifest = store.manifest
         self.store = store
         self.checksum = not m.format.is_identity if checksum is None else checksum
-        self.pool = aio.open_io(backend, threads=opts.io_threads, queue_depth=opts.queue_depth,
+        self.pool = uring.open_io(backend, threads=opts.io_threads, queue_depth=opts.queue_depth,
                                 block_bytes=m.checksum_block)
         self.about = self.pool.describe()
         size = max(m.slice_file_bytes(s.index) for s in m.slices)
@@ -451,8 +451,8 @@ def _race_formats(n: int) -> dict[str, Any]:
     """Per state format: bytes per parameter per step, and the device's update rate on one core
     (decode the state file image, the fused AdamW kernel, encode it back; for fp32 the kernel on the
     image itself with the checksums of engine.checked_pass), alternating formats."""
-    names = ("master",) + kernels.state_names(kernels.AdamWHyper)
-    hyper, guards = kernels.AdamWHyper(lr=1e-3), kernels.Guards(skip_nonfinite=False)
+    names = ("master",) + rules.state_names(rules.AdamWHyper)
+    hyper, guards = rules.AdamWHyper(lr=1e-3), rules.Guards(skip_nonfinite=False)
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(n, generator=gen).mul_(1e-3)
     cases = {}
@@ -506,7 +506,7 @@ def _race_update(n: int) -> dict[str, Any]:
     master, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen).mul_(1e-3)
     masters, grads = kernels.flat_views(master, sizes), kernels.flat_views(grad, sizes)
     states = {name: kernels.flat_views(torch.zeros(n), sizes) for name in ("exp_avg", "exp_avg_sq")}
-    hyper, guards = kernels.AdamWHyper(lr=1e-3), kernels.Guards(skip_nonfinite=False)
+    hyper, guards = rules.AdamWHyper(lr=1e-3), rules.Guards(skip_nonfinite=False)
     params = [torch.nn.Parameter(m.clone()) for m in masters]
     for p, g in zip(params, grads):
         p.grad = g.clone()

@@ -43,8 +43,9 @@ import torch
 import nearstep
 from nearstep import aio
 from nearstep.bench.report import WorkerError, machine, read_text, run_worker, scratch, table_line, verdict
-from nearstep.bench.step import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
+from nearstep.bench.workload import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
                                   build_workload, missing_packages)
+from nearstep.protocol import Lane
 from nearstep.trace import merge_intervals
 from nearstep.device import parse_bytes
 
@@ -324,7 +325,8 @@ class _Loop:
             self.step_intervals.append((t2, t3))
 
 
-def _deepspeed_config(spec: WorkerSpec) -> dict[str, Any]:
+def deepspeed_config(spec: WorkerSpec) -> dict[str, Any]:
+    """The DeepSpeed configuration of one peer worker (ZeRO-3, optimizer offloaded to NVMe or CPU)."""
     offload: dict[str, Any] = {"device": "cpu", "pin_memory": False}
     if spec.variant == "ds-nvme":
         # buffer_count 4: the swapper's page-locked buffers, as many as nearstep's 4 store buffers in flight.
@@ -351,7 +353,7 @@ def _deepspeed_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
     params = sum(p.numel() for p in work.model.parameters())  # before ZeRO-3 partitions them away
     deepspeed.init_distributed(dist_backend="gloo")  # the CPU default, ccl, is not there on a plain CPU build
     engine, *_ = deepspeed.initialize(model=work.model, model_parameters=work.model.parameters(),
-                                      config=_deepspeed_config(spec))
+                                      config=deepspeed_config(spec))
     engine.train()
     # The swapper's page-locked buffers on huge pages, as nearstep's are (see collapse_to_huge_pages).
     swapper = getattr(getattr(engine, "optimizer", None), "optimizer_swapper", None)
@@ -363,7 +365,7 @@ def _deepspeed_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
         result = _timed_loop(spec, work, loop, [pid], finish=lambda: None) | {"params": params}
         optimizer = type(getattr(engine, "optimizer", None)).__name__
         inner = type(getattr(getattr(engine, "optimizer", None), "optimizer", None)).__name__
-        result |= {"deepspeed": {"version": deepspeed.__version__, "config": _deepspeed_config(spec),
+        result |= {"deepspeed": {"version": deepspeed.__version__, "config": deepspeed_config(spec),
                                  "zero_optimizer": optimizer, "optimizer": inner,
                                  "swap_buffers": len(huge), "swap_buffers_on_huge_pages": sum(huge)},
                    "swap_files": sorted(str(p.relative_to(spec.store)) for p in pathlib.Path(spec.store).rglob("*")
@@ -414,7 +416,7 @@ def _nearstep_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
         # backward waiting for a staging buffer. Inside step() they are already in its time.
         # The final synchronize() is already in the tail, so only the waits of the timed iterations count.
         waits = merge_intervals([(e.start_ns, e.end_ns) for e in opt.trace.events()
-                        if e.lane == "compute" and e.name.startswith("wait")])
+                        if e.lane == Lane.COMPUTE and e.name.startswith("wait")])
         inside = sum(_overlap_ns(waits, a, b) for a, b in loop.step_intervals)
         outside_ns = _overlap_ns(waits, *loop.window) - inside
         result["exposed_step_ms"] += outside_ns / 1e6 / spec.steps

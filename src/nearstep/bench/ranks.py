@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from nearstep.bench import workload
 from nearstep.bench.report import WorkerError, table_line
 
 __all__ = ["run", "shard_batch"]
@@ -63,9 +64,8 @@ def _free_port() -> int:
 
 def _rank_entry() -> None:
     """``python -c ... SPEC_JSON RANK WORLD PORT RESULT_PATH``: one rank of one run."""
-    from nearstep.bench import step
 
-    spec = step.WorkerSpec(**json.loads(sys.argv[1]))
+    spec = workload.WorkerSpec(**json.loads(sys.argv[1]))
     rank, world, port = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     result = _rank_worker(spec, rank, world, port)
     pathlib.Path(sys.argv[5]).write_text(json.dumps(result))
@@ -75,18 +75,17 @@ def _rank_worker(spec: Any, rank: int, world: int, port: int) -> dict[str, Any]:
     import torch.distributed as dist
 
     import nearstep
-    from nearstep.bench import step
 
     device = nearstep.DeviceConfig(cores=(spec.device_core,), memory_budget=spec.memory_budget)
     os.sched_setaffinity(0, {spec.compute_core})
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    work = step.build_workload(spec, spec.warmup)
+    work = workload.build_workload(spec, spec.warmup)
     model = work.model
     model.train()
     extra = {"model": model} if spec.variant == "overlap" else {}
-    opt = nearstep.AdamW(model.named_parameters(), lr=step.LR, store=spec.store, mode=spec.variant, device=device,
+    opt = nearstep.AdamW(model.named_parameters(), lr=workload.LR, store=spec.store, mode=spec.variant, device=device,
                          slice_mb=spec.slice_mb, **extra)
 
     def one_step(batch: Any) -> float:
@@ -97,7 +96,7 @@ def _rank_worker(spec: Any, rank: int, world: int, port: int) -> dict[str, Any]:
         return float(loss.detach())
 
     try:
-        torch.manual_seed(step.SEED)
+        torch.manual_seed(workload.SEED)
         for batch in work.warm:
             one_step(batch)
         opt.synchronize()
@@ -240,25 +239,24 @@ def run(opts: Any, nproc: int) -> int:
     import datetime
 
     import nearstep
-    from nearstep.bench import step
     from nearstep.bench.report import machine, scratch
 
     variants = tuple(v for v in opts.variants if v in RANK_VARIANTS) or RANK_VARIANTS
-    missing = step.missing_packages(opts.model)
+    missing = workload.missing_packages(opts.model)
     if missing:
         print(f"nearstep bench step: --model {opts.model} needs {', '.join(missing)}, not installed here.\n"
-              f"Install them with: {step.INSTALL[opts.model]}", file=sys.stderr)
+              f"Install them with: {workload.INSTALL[opts.model]}", file=sys.stderr)
         return 2
     if opts.batch % nproc:
         print(f"nearstep bench step: --batch {opts.batch} does not split evenly over {nproc} ranks", file=sys.stderr)
         return 2
-    compute_core, device_core = step._cores()
+    compute_core, device_core = workload.cores()
     runs: dict[tuple[str, int], list[list[dict[str, Any]]]] = {}
     started = time.perf_counter()
     res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                            "options": {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in asdict(opts).items()},
-                           "cores": len(os.sched_getaffinity(0)), "lr": step.LR,
-                           "source": {"version": nearstep.__version__, "sha1": step._source_digest()}}
+                           "cores": len(os.sched_getaffinity(0)), "lr": workload.LR,
+                           "source": {"version": nearstep.__version__, "sha1": workload.source_digest()}}
     res["options"]["nproc"] = nproc
     with scratch(opts.dir) as work:
         res["machine"] = machine(opts.dir)
@@ -266,12 +264,12 @@ def run(opts: Any, nproc: int) -> int:
             for r in range(opts.rounds):
                 for variant in variants:
                     for world in (1, nproc):
-                        spec = step.WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch,
+                        spec = workload.WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch,
                                                seq_len=opts.seq_len, width=opts.width, steps=opts.steps,
                                                warmup=opts.warmup, memory_budget=opts.memory_budget,
                                                slice_mb=opts.slice_mb, store=str((work / f"store-{variant}-{world}-{r}").resolve()),
                                                compute_core=compute_core, device_core=device_core, trace=None)
-                        ranks = _launch(spec, world, work, step.WORKER_TIMEOUT)
+                        ranks = _launch(spec, world, work, workload.WORKER_TIMEOUT)
                         runs.setdefault((variant, world), []).append(ranks)
                         worst = max(x["ms_per_step"] for x in ranks)
                         print(f"nearstep bench step: round {r + 1}/{opts.rounds} {variant} x {world} rank(s): "

