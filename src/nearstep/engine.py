@@ -620,6 +620,7 @@ class Engine:
         self.step_state = StepState.OPEN
 
     def _load_state(self, req: LoadState) -> None:
+        self._refuse_if_failed()  # a load is part of the step like an apply: never reopen a dropped step
         k = req.slice
         self._check_slice(k)
         m = self.manifest
