@@ -20,6 +20,7 @@ import multiprocessing.connection
 import multiprocessing.reduction
 import os
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -44,6 +45,9 @@ __all__ = [
     "InlineDevice",
     "EmulatedDevice",
     "open_device",
+    "build_device",
+    "ensure_file_limit",
+    "slice_file_capacity",
     "parse_bytes",
 ]
 
@@ -432,7 +436,41 @@ def open_device(
     return build_device(store, config)
 
 
+# Descriptors the device needs besides its slice files: the socket, shared memory, the ring,
+# the interpreter's own files and torch's.
+_FD_MARGIN = 256
+
+
+def slice_file_capacity() -> int | None:
+    """How many slices' files the device may keep open here (after raising the soft limit); None: no limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return None if hard == resource.RLIM_INFINITY else max(0, (hard - _FD_MARGIN) // 2)
+
+
+def ensure_file_limit(slices: int) -> None:
+    """Make sure the device may keep both generations of ``slices`` slice files open.
+
+    The engine opens each slice file once and keeps it open (2 per slice). Where the
+    soft ``RLIMIT_NOFILE`` is lower, it is raised up to the hard limit (for this process
+    and the device it starts); where even the hard limit is too low, this raises with
+    what to do, before anything is written.
+    """
+    need = 2 * slices + _FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        return
+    raise DeviceError(
+        f"the store has {slices:,} slices and the device keeps two files open for each ({need:,} descriptors with "
+        f"its own), but this process may open at most {hard:,} (RLIMIT_NOFILE). Make slices larger (a larger "
+        f"slice_mb, or None for automatic slicing) or raise the hard limit (ulimit -Hn, or LimitNOFILE= for a service)."
+    )
+
+
 def build_device(store: Store, config: DeviceConfig) -> Device:
+    ensure_file_limit(len(store.manifest.slices))
     if config.backend == "inline":
         return InlineDevice(store, config)
     return EmulatedDevice(store, config)

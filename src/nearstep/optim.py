@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
+import numbers
 import os
 import time
 import warnings
@@ -29,15 +30,16 @@ from typing import Any, ClassVar
 import torch
 
 from . import checkpoint, formats, rules
-from .device import DeviceConfig, build_device
+from .device import DeviceConfig, build_device, ensure_file_limit, slice_file_capacity
 from .distributed import Sharding, ShardingConfig, build_sharding
 from .protocol import Commit, Completion, Device, Lane, LoadState, Query, QueryKind
 from .staging import StagingLayout
 from .pipeline import InFlight, Phase, Pipeline, PipelineConfig, ReadCheck, StepInputs
 from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
-from .errors import NearstepError, StoreMismatchError, UnsupportedUsageError
-from .store import MANIFEST, ParamSpec, PendingGroups, Store, auto_slice_mb, is_positional_name, param_specs
+from .errors import NearstepError, StoreError, StoreMismatchError, UnsupportedUsageError
+from .store import (MANIFEST, MAX_SLICES, ParamSpec, PendingGroups, Store, auto_slice_mb, check_slice_count, is_positional_name,
+                    param_specs, plan_slices)
 
 __all__ = ["Mode", "NearstepOptimizer", "AdamW", "Adam", "SGD", "Lion", "ParamTelemetry", "default_store_path"]
 
@@ -66,6 +68,21 @@ class ParamTelemetry:
     update_to_weight: float
     spike_clipped: int
     update_clipped: int
+
+
+def _store_dir(store: Any) -> Path:
+    """``store=`` as a directory path; refused before anything is created when it cannot be one."""
+    try:
+        text = os.fspath(store)
+    except TypeError:
+        raise TypeError(f"store= must be a directory path, an open nearstep.Store or None, got {type(store).__name__}") from None
+    if not str(text).strip():
+        raise ValueError("store= is an empty path; pass a directory (created if new) or None for a fresh one under ./.nearstep/")
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"store={text!r} is a file, not a directory: a store is a directory. Pass a directory path "
+                         f"(created if new), or move the file away.")
+    return path
 
 
 def default_store_path(kind: str) -> Path:
@@ -141,8 +158,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
             raise ValueError(f"max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
-        if slice_mb is not None and not slice_mb > 0:
-            raise ValueError(f"slice_mb must be positive or None (automatic), got {slice_mb!r}")
+        if slice_mb is not None and (isinstance(slice_mb, bool) or not isinstance(slice_mb, numbers.Real)
+                                     or not (math.isfinite(slice_mb) and slice_mb > 0)):
+            raise ValueError(f"slice_mb must be a positive, finite number of MiB or None (automatic), got {slice_mb!r}")
         if state_format is not None:
             state_format = formats.StateFormat.parse(state_format)  # a bad name fails here, before a store is made
         guards = rules.Guards() if guards is None else guards
@@ -157,6 +175,9 @@ class NearstepOptimizer(torch.optim.Optimizer):
             raise TypeError(f"device must be a nearstep.DeviceConfig, 'emulated', 'inline' or None, got {type(device).__name__}")
 
         groups, names = _split_names(params)
+        if not any(group["params"] for group in groups):
+            raise ValueError("every param group is empty: the optimizer has no parameters to update; pass "
+                             "model.parameters() or model.named_parameters()")
         super().__init__(groups, defaults)
         self._check_params()
         for group in self.param_groups:
@@ -401,7 +422,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if isinstance(store, Store):
             pending = store.check_model(specs, self.kind, state_format, groups=groups)
             return store, True, pending  # its committed masters become the model's weights
-        path = Path(store) if store is not None else default_store_path(self.kind)
+        path = _store_dir(store) if store is not None else default_store_path(self.kind)
         if (path / MANIFEST).exists():
             opened = Store.open(path)
             try:
@@ -410,6 +431,12 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 opened.close()
                 raise
             return opened, True, pending
+        # Checked before anything is written: a plan the device could not run leaves no files behind.
+        planned = len(plan_slices(specs, self._slice_bytes, include=trainable))
+        capacity = slice_file_capacity()
+        check_slice_count(planned, self._slice_bytes / 2**20, sum(s.numel for s in specs),
+                          MAX_SLICES if capacity is None else min(MAX_SLICES, capacity))
+        ensure_file_limit(planned)
         created = Store.create(
             path,
             params=specs,

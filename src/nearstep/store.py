@@ -60,6 +60,8 @@ __all__ = [
     "Store",
     "plan_slices",
     "auto_slice_mb",
+    "check_slice_count",
+    "MAX_SLICES",
     "param_specs",
     "read_manifest",
     "fsync_path",
@@ -367,6 +369,24 @@ def auto_slice_mb(specs: tuple[ParamSpec, ...]) -> float:
     """
     total_mib = sum(p.numel for p in specs) * 4 / 2**20
     return min(64.0, max(1.0, total_mib / 16))
+
+
+#: Slices a store may hold: 4 TiB of fp32 parameters at 64 MiB a slice. Far more only comes from a
+#: tiny ``slice_mb``, which would make one state file (of at least a page per tensor) per few elements.
+MAX_SLICES = 1 << 16
+
+
+def check_slice_count(count: int, slice_mb: float, elements: int, limit: int = MAX_SLICES) -> None:
+    """Refuse a plan of more than ``limit`` slices of ``elements`` parameters, saying which ``slice_mb``
+    would do (twice the even cut: packing whole parameters can leave slices half full)."""
+    if count > limit:
+        enough = 2 * elements * 4 / limit / 2**20
+        why = (f"a store holds at most {limit:,}" if limit == MAX_SLICES else
+               f"this process can keep the files of at most {limit:,} open (two per slice, RLIMIT_NOFILE)")
+        raise ValueError(
+            f"slice_mb={slice_mb:.3g} cuts the parameters into {count:,} slices (two state files each); {why}. "
+            f"Use slice_mb={enough:.2g} or more, or leave it None (automatic: about 16 slices). Nothing was written."
+        )
 
 
 def plan_slices(
