@@ -422,7 +422,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if isinstance(store, Store):
             pending = store.check_model(specs, self.kind, state_format, groups=groups)
             return store, True, pending  # its committed masters become the model's weights
-        path = _store_dir(store) if store is not None else default_store_path(self.kind)
+        path = _store_dir(store)  # the sharding chose the default for store=None
         if (path / MANIFEST).exists():
             opened = Store.open(path)
             try:
