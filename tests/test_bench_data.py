@@ -159,7 +159,7 @@ def test_ground_truth_matches_python_sets(tiny: list[str]) -> None:
 def test_dense_tuples_splits_hash_clashes(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
     cols = [rng.integers(0, 4, size=4000).astype(np.int32) for _ in range(3)]
-    monkeypatch.setattr(bench, "_mix", lambda x: x & np.uint64(3))  # four hash values for 64 tuples
+    monkeypatch.setattr(bench, "mix64", lambda x: x & np.uint64(3))  # four hash values for 64 tuples
     ids, count = bench.dense_tuples(cols)
     tuples = list(zip(*(c.tolist() for c in cols)))
     assert count == len(set(tuples))

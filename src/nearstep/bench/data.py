@@ -95,6 +95,7 @@ from typing import Any
 import numpy as np
 
 from nearstep.bench.report import machine, read_text, scratch, table_line, verdict
+from nearstep.data.hashing import mix64
 
 __all__ = ["main", "words", "shingle_bytes", "shingle_sets", "ShingleSets", "dense_tuples", "exact_pairs", "jaccard_of",
            "intersections", "all_pairs_jaccard",
@@ -139,14 +140,6 @@ class _Vocab(dict):
         return k
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(31))
-    x = x * np.uint64(0x7FB5D329728EA185)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x81DADEF4BC2DD44D)
-    return x ^ (x >> np.uint64(33))
-
-
 def dense_tuples(cols: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
     """Dense ids of the tuples ``(cols[0][i], cols[1][i], ...)``: equal ids exactly for equal tuples.
 
@@ -161,7 +154,7 @@ def dense_tuples(cols: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
     h = np.zeros(count, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for c in cols:
-            h = _mix(h * np.uint64(0x9E3779B97F4A7C15) + c.astype(np.uint64) + np.uint64(1))
+            h = mix64(h * np.uint64(0x9E3779B97F4A7C15) + c.astype(np.uint64) + np.uint64(1))
     bits = max(int(count - 1).bit_length(), 1)
     packed = ((h >> np.uint64(bits)) << np.uint64(bits)) | np.arange(count, dtype=np.uint64)
     del h

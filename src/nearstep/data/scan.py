@@ -345,16 +345,19 @@ class Filter:
         with np.load(self.state_dir / f"part-{part:06d}.npz") as z:
             arrays = {k: z[k] for k in z.files}
         self._absorb(arrays, replay=True)
+        self._add_stats(info)
+        self._next = info["next"]
+
+    def _add_stats(self, info: dict[str, Any]) -> None:
+        """Add one part's counts to the scan's (the same for a fresh part and a loaded one)."""
         st = self._stats
-        for key in ("records", "bytes", "invalid_utf8", "boiler_lines", "boiler_words", "kept_words"):
+        for key in ("records", "bytes", "invalid_utf8", "boiler_lines", "boiler_words", "kept_words", "seconds"):
             st[key] += info[key]
-        st["seconds"] += info["seconds"]
         st["skips"].extend(info["skips"])
         for rule, n in info["rules"].items():
             st["rules"][rule] = st["rules"].get(rule, 0) + n
-        for h, s in info["samples"].items():
-            st["samples"].setdefault(h, s)
-        self._next = info["next"]
+        for h, text in info["samples"].items():
+            st["samples"].setdefault(h, text)
 
     def _absorb(self, a: dict[str, np.ndarray], replay: bool) -> None:
         """Fold one batch's decisions into memory; ``replay`` for a part loaded from disk.
@@ -605,14 +608,7 @@ class Filter:
             # The part's arrays first, its .json last: the .json says the part is whole.
             _save_npz(self.state_dir / f"part-{self._part:06d}.npz", **arrays)
             _atomic_write(self.state_dir / f"part-{self._part:06d}.json", json.dumps(info).encode())
-            st = self._stats
-            for key in ("records", "bytes", "invalid_utf8", "boiler_lines", "boiler_words", "kept_words", "seconds"):
-                st[key] += info[key]
-            st["skips"].extend(info["skips"])
-            for rule, n in info["rules"].items():
-                st["rules"][rule] = st["rules"].get(rule, 0) + n
-            for k, s in info["samples"].items():
-                st["samples"].setdefault(k, s)
+            self._add_stats(info)
             self._part += 1
             self._next = info["next"]
             yield from kept
