@@ -558,7 +558,11 @@ def test_lsh_bands_rejects_bad_thresholds():
         with pytest.raises(ValueError):
             lsh_bands(t, 32)
     cfg = FilterConfig(threshold=0.7, num_perm=48)
-    assert cfg.bands == lsh_bands(0.7, 48, 0.5, 0.5)
+    assert cfg.bands == lsh_bands(0.7, 48, 0.2, 0.8)
+    # The recall-leaning default: at 0.8 with 128 functions, more and shorter bands than the
+    # even weights, so a pair just above the threshold is missed less often.
+    assert FilterConfig().bands == (12, 10) and lsh_bands(0.8, 128) == (9, 13)
+    assert FilterConfig(fp_weight=0.5, fn_weight=0.5).bands == (9, 13)
 
 
 # ---------------------------------------------------------------------------------------------
