@@ -13,6 +13,7 @@ from conftest import assert_positive
 from nearstep import uring
 from nearstep.bench import io
 from nearstep.bench.io import main
+from nearstep.formats import native
 
 
 def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, capsys):
@@ -35,9 +36,12 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
     update = res["update"]
     assert_positive(update, "nearstep_params_per_second", "torch_params_per_second", "ratio")
     assert isinstance(update["pass"], bool)
-    assert list(update["formats"]) == [*io.FORMATS, io.UNCHECKED]
-    for row in update["formats"].values():
+    assert list(update["formats"]) == [*io.FORMATS, io.UNCHECKED, io.TORCH_CODECS]
+    for name, row in update["formats"].items():
         assert_positive(row, "bytes_per_param_per_step", "params_per_second")
+        if update["cores"] > 1 and name != io.UNCHECKED:  # the second column: the pass on several threads
+            assert row["cores"] == update["cores"] and row["params_per_second_cores"] > 0
+    assert update["codecs"] == native.status()
     assert update["formats"]["fp32"]["bytes_per_param_per_step"] == update["formats"][io.UNCHECKED]["bytes_per_param_per_step"]
 
     peak = res["peak"]
@@ -52,7 +56,7 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
                   "store/raw write", "end-to-end inline AdamW step", "nearstep kernels.update_",
                   "torch.optim.AdamW(fused=True)", "nearstep/torch", "peak slot memory", "peak RssAnon",
                   "peak private memory", "peak RssShmem", "host-link staging", "DeepSpeed async I/O: not run",
-                  "fp32, no checksums", "checked read"):
+                  "fp32, no checksums", "bf16-sr+8bit, torch codecs", "checked read", "vs fp32"):
         assert label in table, label
 
     assert not scratch.exists() or not any(scratch.rglob("*"))

@@ -217,7 +217,7 @@ def test_validation(kwargs, error):
 def test_region_layout(name, names):
     fmt = StateFormat.parse(name)
     master_bytes = {"fp32": 4, "bf16-kahan": 3, "bf16-sr": 2}[fmt.master]
-    moment_bytes = 4 if fmt.moments == "fp32" else 1 + 4 / fmt.block
+    moment_bytes = {"fp32": 4, "16bit": 2}.get(fmt.moments, 1 + 4 / fmt.block)
     expected_bpp = sum(master_bytes if n == "master" else moment_bytes for n in names)
     assert fmt.bytes_per_param(names) == pytest.approx(expected_bpp, rel=1e-12)
     for numel in (0, 1, 1000, 4096, 70_001):
@@ -230,8 +230,8 @@ def test_region_layout(name, names):
                 expected.append((n, torch.float32 if fmt.master == "fp32" else torch.bfloat16, numel))
                 if fmt.master == "bf16-kahan":
                     expected.append((n + ".lo", torch.uint8, numel))
-            elif fmt.moments == "fp32":
-                expected.append((n, torch.float32, numel))
+            elif fmt.moments in ("fp32", "16bit"):
+                expected.append((n, torch.float32 if fmt.moments == "fp32" else torch.bfloat16, numel))
             else:
                 expected += [(n, torch.uint8, numel), (n + ".scale", torch.float32, -(-numel // fmt.block))]
         assert [(r.name, r.dtype, r.count) for r in regions] == expected

@@ -7,6 +7,8 @@ the engine with the whole slice as one chunk, torch.optim.AdamW, and
 
 from __future__ import annotations
 
+import contextlib
+import os
 import zlib
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from torch import nn
 
 import nearstep
 from nearstep import engine, store as store_module
+from nearstep.formats import native
 from nearstep.aio import PAGE
 
 CHECKSUM_BLOCK = 2 * PAGE  # many blocks per slice, several straddling region boundaries
@@ -79,13 +82,81 @@ def train(path: Path, chunk: int, monkeypatch, steps: int = 6, **options) -> tup
     model = Wide()
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(16, 96, generator=g), torch.randn(16, 7, generator=g)) for _ in range(steps)]
-    with nearstep.AdamW(model.parameters(), lr=1e-2, store=path, device="inline", slice_mb=0.03, **options) as opt:
+    options = {"device": "inline", **options}
+    with nearstep.AdamW(model.parameters(), lr=1e-2, store=path, slice_mb=0.03, **options) as opt:
         for x, y in data:
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
             opt.zero_grad()
         stats = opt.stats()
     return model, stats
+
+
+@pytest.mark.parametrize("fmt", ["bf16-sr+8bit-b32", "bf16-kahan+8bit-linear-b64", "bf16-sr", "8bit-b32"])
+def test_compressed_pass_decodes_updates_and_encodes_per_chunk(tmp_path, small_blocks, monkeypatch, fmt):
+    """[Note: one pass per chunk]: chunks of a compressed slice give the bytes and weights of one
+    chunk, the native codecs those of the torch ones, and the pass's checksums are the files' own."""
+    # The stochastic rounding seed comes from each store's random id: the same for all three here.
+    seed = lambda manifest, step, index: step * 1_000_003 + index  # noqa: E731
+    monkeypatch.setattr(engine, "rounding_seed", seed)
+    monkeypatch.setattr(store_module, "rounding_seed", seed)
+    runs = {}
+    for name, chunk, use_native in (("chunked", 256, True), ("whole", 1 << 30, True), ("torch", 256, False)):
+        with contextlib.ExitStack() as stack:
+            if not use_native:
+                stack.enter_context(native.disabled())
+            runs[name], _ = train(tmp_path / name, chunk, monkeypatch, state_format=fmt)
+    for other in ("whole", "torch"):
+        for p, q in zip(runs["chunked"].parameters(), runs[other].parameters()):
+            assert torch.equal(p, q), other
+    with nearstep.Store.open(tmp_path / "chunked") as a, nearstep.Store.open(tmp_path / "whole") as b, \
+            nearstep.Store.open(tmp_path / "torch") as c:
+        m = a.manifest
+        assert m.format.name == fmt and len(m.slices) > 1
+        assert max(m.slice_file_bytes(s.index) for s in m.slices) > 2 * CHECKSUM_BLOCK
+        assert m.committed == b.manifest.committed == c.manifest.committed  # same bytes, same checksums
+        assert a.verify() == [] and b.verify() == [] and c.verify() == []
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16-sr+8bit-b32", "bf16-kahan", "8bit-linear-b64"])
+def test_a_pass_on_two_threads_gives_the_numbers_of_one(tmp_path, small_blocks, monkeypatch, fmt):
+    """[Note: a pass on several cores]: cores=(0, 1) on the inline device runs each chunk on two
+    threads; weights, store bytes, checksums and spike counts are those of one thread."""
+    seed = lambda manifest, step, index: step * 7919 + index  # noqa: E731  (one seed for both stores)
+    monkeypatch.setattr(engine, "rounding_seed", seed)
+    monkeypatch.setattr(store_module, "rounding_seed", seed)
+    monkeypatch.setattr(engine, "SPLIT", 64)  # cut chunks of 4096 into several runs
+    guards = nearstep.Guards(spike_clip=0.5, spike_warmup=1)
+    cores = tuple(sorted(os.sched_getaffinity(0)))[:2]
+    if len(cores) < 2:
+        cores = (cores[0], cores[0])  # two threads on one core: the same split, only slower
+    runs, stats = {}, {}
+    for name, device in (("one", nearstep.DeviceConfig(backend="inline")),
+                         ("two", nearstep.DeviceConfig(backend="inline", cores=cores))):
+        runs[name], stats[name] = train(tmp_path / name, 4096, monkeypatch, state_format=fmt, device=device,
+                                        guards=guards)
+    for p, q in zip(runs["one"].parameters(), runs["two"].parameters()):
+        assert torch.equal(p, q)
+    assert stats["one"]["spike_clipped"] == stats["two"]["spike_clipped"] > 0
+    with nearstep.Store.open(tmp_path / "one") as a, nearstep.Store.open(tmp_path / "two") as b:
+        assert a.manifest.committed == b.manifest.committed and a.verify() == [] and b.verify() == []
+
+
+def test_shares_cut_on_split_multiples_and_cover_every_element():
+    bounds = [(0, 10_000), (10_240, 10_300), (12_288, 40_000)]
+    pieces = [(0, 0, 10_000), (1, 10_240, 10_300), (2, 12_288, 30_000)]
+    for threads in (1, 2, 3, 8):
+        shares = engine._share(pieces, bounds, threads, 2048)
+        assert 1 <= len(shares) <= threads
+        flat = [p for share in shares for p in share]
+        covered = {}
+        for j, lo, hi in flat:
+            assert lo < hi and (lo - bounds[j][0]) % max(engine.SPLIT, 2048) == 0 or lo == pieces[j][1]
+            covered.setdefault(j, []).append((lo, hi))
+        for j, lo, hi in pieces:  # each piece exactly, in order, without overlap
+            runs = covered[j]
+            assert runs[0][0] == lo and runs[-1][1] == hi
+            assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
 
 
 def test_chunked_pass_equals_one_chunk_and_torch_and_commits_true_checksums(tmp_path, small_blocks, monkeypatch):

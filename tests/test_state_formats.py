@@ -23,7 +23,8 @@ from nearstep.tools import convert_store, main as tools_main
 from conftest import batches, loss_of, make_model
 
 SLICE_MB = 0.004  # ~1000 fp32 params per slice: several slices, 8-bit blocks that straddle parameters
-LOSSY = ["bf16-kahan", "bf16-sr", "8bit", "8bit-linear", "bf16-sr+8bit", "bf16-kahan+8bit"]
+LOSSY = ["bf16-kahan", "bf16-sr", "8bit", "8bit-linear", "bf16-sr+8bit", "bf16-kahan+8bit",
+         "16bit", "fp8", "bf16-sr+fp8"]
 
 
 def _round_like_the_store(manifest, step: int, params: list[torch.Tensor], state: dict[str, list[torch.Tensor]]) -> None:

@@ -78,6 +78,9 @@ class DeviceConfig:
         backend: ``"emulated"`` (a separate process) or ``"inline"`` (this process).
         cores: CPU cores the emulated device is pinned to; ``None`` picks the last
             core when the machine has more than one (the training loop keeps the rest).
+            Each slice's pass runs on one thread per core (``cores=(2, 3)``: two); the
+            inline device, which runs in the caller's process and is not pinned, runs it
+            on ``len(cores)`` threads where cores are given, else one.
         memory_budget: device memory for the slices being updated, like ``"1GiB"``.
             Host memory used by the device is bounded by this, not by model size.
         io_backend: how store reads and writes are kept in flight: ``"ring"``
@@ -110,10 +113,12 @@ class DeviceConfig:
             if not self.cores or not all(isinstance(c, int) and 0 <= c < count for c in self.cores):
                 raise ValueError(f"cores must be a non-empty tuple of core numbers in 0..{count - 1}, got {self.cores!r}")
 
-    def engine_config(self) -> EngineConfig:
-        """The engine's share of this configuration."""
+    def engine_config(self, threads: int | None = None) -> EngineConfig:
+        """The engine's share of this configuration; ``threads`` of its pass (default: one per
+        core given in ``cores``, else one)."""
+        threads = threads if threads is not None else (len(self.cores) if self.cores else 1)
         return EngineConfig(memory_budget=parse_bytes(self.memory_budget), io_backend=self.io_backend,
-                            io_threads=self.io_threads, queue_depth=self.queue_depth)
+                            io_threads=self.io_threads, queue_depth=self.queue_depth, threads=threads)
 
     def resolved_cores(self) -> tuple[int, ...]:
         if self.cores is not None:
@@ -198,10 +203,12 @@ def _device_main(conn: Any, store_path: str, lock_fd: int, config: DeviceConfig,
         os.sched_setaffinity(0, cores)
     except OSError:
         pass
-    torch.set_num_threads(len(cores))
+    # The pass spreads each chunk over one thread per core (see [Note: a pass on several cores]
+    # in engine.py), so torch's own kernels run single-threaded inside it.
+    torch.set_num_threads(1)
     try:
         store = Store.adopt(store_path, lock_fd)
-        engine = Engine(store, config.engine_config())
+        engine = Engine(store, config.engine_config(threads=len(cores)))
         conn.send(("ready", (engine.slot_bytes, engine.max_slots, _direct_io(store), engine.io_backend), None))
     except BaseException as exc:
         try:

@@ -17,7 +17,7 @@ every offset without sending any:
 
 The codec of the store's format is reached through the image too
 (:meth:`SliceImage.decode`, :meth:`SliceImage.encode`,
-:meth:`SliceImage.decode_work`, :meth:`SliceImage.encode_work`).
+:meth:`SliceImage.coder`, which the device's pass decodes and encodes ranges with).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class SliceImage:
         regions: the file's typed regions (``formats.RegionSpec``), in file order.
         file_bytes: size of the state file (page-aligned, at least one page).
         region_bytes: bytes of one fp32 working region in the slot (``extent`` floats, page-aligned).
-        work_regions: fp32 regions the slot holds past the file image: one per state name for a
-            compressed format (decoded there), none for fp32 (the kernel works on the file image).
+        work_regions: fp32 regions the slot holds past the file image: one per state tensor that the
+            format compresses (decoded there); none for an fp32 part, worked on in the file image.
         slot_bytes: bytes of a slot that holds this slice: file image, working regions, gradient scratch.
         staged: per segment, where its gradient and weights sit in the slice's staging runs.
         staging_bytes: bytes of the slice's gradient run (and of its weight run) in staging.
@@ -100,9 +100,21 @@ class SliceImage:
         """Typed views of the file's regions in ``buf``, which holds the file image from byte 0."""
         return formats.views(self.format, buf.tensor(torch.uint8, 0, self.file_bytes), self.state_names, self.extent)
 
-    def crc_spans(self) -> list[tuple[int, int]]:
-        """The fp32 regions' data as ``(first byte, end)`` in the file image (for the pass checksums)."""
-        return [(r * self.region_bytes, r * self.region_bytes + 4 * self.extent) for r in range(len(self.state_names))]
+    @property
+    def block(self) -> int:
+        """Elements per quantisation block (1 for formats without blocks): the pass's chunks end on them."""
+        return self.format.block if self.format.block_aligned else 1
+
+    def crc_spans(self) -> list[tuple[int, int, int, int]]:
+        """The file regions' data as ``(first byte, end, itemsize, per)`` in the file image: one
+        ``itemsize``-byte value per ``per`` elements (for the pass checksums, ``engine.checked_pass``)."""
+        return [(r.offset, r.end, r.dtype.itemsize, self.block if formats.per_block(r.name) else 1)
+                for r in self.regions]
+
+    def coder(self, slot: aio.AlignedBuffer, work: list[torch.Tensor],
+              workspace: formats.Workspace) -> formats.SliceCoder:
+        """Decodes and encodes element ranges of the file image in the slot to and from ``work``."""
+        return formats.SliceCoder(self.format, self.views(slot), self.state_names, work, self.extent, workspace)
 
     def decode(self, buf: aio.AlignedBuffer) -> dict[str, torch.Tensor]:
         """Fresh fp32 tensors, one per state name, of the slice's elements in segment order,
@@ -144,26 +156,30 @@ class SliceImage:
         [Note: slot layout] A slot holds the slice's file image as read from the store,
         then (for a compressed state format) the decoded fp32 state the kernel works
         on, then an fp32 gradient scratch area. For fp32 state the kernel works on the
-        file image itself.
+        file image itself. A state tensor whose format part is fp32 (the master of ``8bit``, the moments of
+        ``bf16-sr``) is worked on in the file image too; only the others get a working
+        region, in state order.
         """
-        base = 0 if self.format.is_identity else self.file_bytes
-        return [slot.tensor(torch.float32, base + r * self.region_bytes, self.extent) for r in range(len(self.state_names))]
+        if self.format.is_identity:
+            return [slot.tensor(torch.float32, r * self.region_bytes, self.extent) for r in range(len(self.state_names))]
+        by_name = {region.name: region for region in self.regions}
+        out, k = [], 0
+        for name in self.state_names:
+            if _plain(self.format, name):
+                out.append(slot.tensor(torch.float32, by_name[name].offset, self.extent))
+            else:
+                out.append(slot.tensor(torch.float32, self.file_bytes + k * self.region_bytes, self.extent))
+                k += 1
+        return out
 
     def scratch(self, slot: aio.AlignedBuffer) -> torch.Tensor:
         """The fp32 gradient scratch area of the slot (``extent`` elements)."""
         return slot.tensor(torch.float32, self.file_bytes + self.work_regions * self.region_bytes, self.extent)
 
-    def decode_work(self, slot: aio.AlignedBuffer, work: list[torch.Tensor], workspace: formats.Workspace) -> None:
-        """Decode the file image in the slot into the working state (compressed formats)."""
-        formats.decode_(self.format, self.views(slot), self.state_names, dict(zip(self.state_names, work)),
-                        workspace=workspace)
 
-    def encode_work(self, slot: aio.AlignedBuffer, work: list[torch.Tensor], seed: int,
-                    workspace: formats.Workspace) -> None:
-        """Encode the working state into the slot's file image, rounding the master in place to what
-        the file holds (compressed formats); the moments' fp32 copies are left as they are."""
-        formats.encode_(self.format, dict(zip(self.state_names, work)), self.state_names, self.views(slot), seed,
-                        workspace=workspace, decode_moments=False)
+def _plain(fmt: formats.StateFormat, name: str) -> bool:
+    """Whether state tensor ``name`` is stored as plain fp32 (its region is its working copy)."""
+    return (fmt.master_codec if name == formats.regions.MASTER else fmt.moment_codec).identity
 
 
 def staged_view(arena: torch.Tensor, offset: int, seg: StagedSegment) -> torch.Tensor:
@@ -195,7 +211,7 @@ def _build(index: int, segments: tuple[tuple[int, int, int, int, str], ...], fmt
         offset = aio.align_up(offset + length * TORCH_DTYPES[dtype].itemsize, STAGE_ALIGN)
     file_bytes = fmt.file_bytes(state_names, end)
     region_bytes = aio.align_up(end * 4)
-    work_regions = 0 if fmt.is_identity else len(state_names)
+    work_regions = sum(not _plain(fmt, name) for name in state_names)
     return SliceImage(
         index=index, format=fmt, state_names=state_names, extent=end, starts=tuple(starts),
         lengths=tuple(s[2] for s in segments), regions=fmt.regions(state_names, end), file_bytes=file_bytes,

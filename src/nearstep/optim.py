@@ -981,9 +981,9 @@ class AdamW(NearstepOptimizer):
         slice_mb: about how many MiB of fp32 parameters move and update as one slice;
             None picks about 16 slices of 1 to 64 MiB (:func:`nearstep.store.auto_slice_mb`).
         state_format: how the state is kept on the store: ``"fp32"`` (default for a new
-            store), ``"bf16-kahan"``, ``"bf16-sr"``, ``"8bit"``, or a combination such as
-            ``"bf16-sr+8bit"`` (see ``docs/accuracy.md``). None: the store's own format
-            when resuming. A store is never converted silently: a different explicit
+            store), ``"bf16-kahan"``, ``"bf16-sr"``, ``"8bit"``, ``"16bit"``, ``"fp8"``, or a
+            combination such as ``"bf16-sr+8bit"`` (see ``docs/accuracy.md``). None: the
+            store's own format when resuming. A store is never converted silently: a different explicit
             format is refused.
         process_group: shard the state across this group's ranks. With an initialised
             default group (torchrun) that one is used without asking; without either,

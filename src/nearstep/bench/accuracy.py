@@ -42,7 +42,8 @@ from .report import machine
 
 __all__ = ["GUARD_SETTINGS", "RunSpec", "main"]
 
-FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "8bit-linear", "bf16-kahan+8bit", "bf16-sr+8bit")
+FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "8bit-linear", "bf16-kahan+8bit", "bf16-sr+8bit",
+           "16bit", "fp8", "bf16-sr+16bit", "bf16-sr+fp8")
 
 # name -> (Guards keyword arguments, max_grad_norm)
 GUARD_SETTINGS: dict[str, tuple[dict[str, Any], float | None]] = {

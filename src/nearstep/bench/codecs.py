@@ -1,8 +1,8 @@
 """``nearstep bench codecs``: decode/encode ns per element of each state-format codec on one thread.
 
-Each codec (every master part, and the 8-bit moments with each map, signed and
-unsigned) decodes and encodes a region of ``--numel`` elements; the table shows
-the best of ``--repeat`` timed runs per element. With the comparison (the
+Each codec (every master part, the 8-bit moments with each map and the 16bit and
+fp8 moments, signed and unsigned) decodes and encodes a region of ``--numel``
+elements; the table shows the best of ``--repeat`` timed runs per element. With the comparison (the
 default; ``--no-compare`` leaves it out) the run also times the alternatives the
 design rejected (see :mod:`nearstep.formats.maps` and :func:`nearstep.formats.sr_noise`):
 seeded ``torch.randint`` noise, a per-element integer hash, ``torch.bucketize``
@@ -14,6 +14,7 @@ One table on stdout, every number in a JSON file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -27,11 +28,12 @@ import torch
 from torch import Tensor
 
 from nearstep import formats
+from nearstep.formats import native
 from nearstep.bench.report import machine
 
 __all__ = ["main", "measure"]
 
-# (row label, state format, state name): every codec, and each 8-bit map signed and unsigned.
+# (row label, state format, state name): every codec, and each moment codec signed and unsigned.
 CASES: tuple[tuple[str, str, str], ...] = (
     ("master fp32 (a copy)", "fp32", "master"),
     ("master bf16-sr", "bf16-sr", "master"),
@@ -40,6 +42,10 @@ CASES: tuple[tuple[str, str, str], ...] = (
     ("moment 8bit dynamic unsigned", "8bit", "exp_avg_sq"),
     ("moment 8bit linear signed", "8bit-linear", "exp_avg"),
     ("moment 8bit linear unsigned", "8bit-linear", "exp_avg_sq"),
+    ("moment 16bit signed", "16bit", "exp_avg"),
+    ("moment 16bit unsigned", "16bit", "exp_avg_sq"),
+    ("moment fp8 e4m3 signed", "fp8", "exp_avg"),
+    ("moment fp8 e5m2 unsigned", "fp8", "exp_avg_sq"),
 )
 
 
@@ -111,13 +117,18 @@ def measure(
             if state.endswith("_sq"):
                 values[state].square_()
             formats.encode_(fmt, values, [state], regions, seed=1, workspace=workspace)
-            timed(codecs, f"{label}: decode",
-                  lambda: formats.decode_(fmt, regions, [state], values, workspace=workspace))
-            timed(codecs, f"{label}: encode",
-                  lambda: formats.encode_(fmt, values, [state], regions, seed=2, workspace=workspace))
-            if state != "master":
-                timed(codecs, f"{label}: encode, decode_moments=False", lambda: formats.encode_(
-                    fmt, values, [state], regions, seed=2, workspace=workspace, decode_moments=False))
+            # The native codecs where they are built, then the torch ones they are checked against.
+            for suffix, mode in (("", contextlib.nullcontext), (" (torch codecs)", native.disabled)):
+                if not suffix and not native.available():
+                    continue
+                with mode():
+                    timed(codecs, f"{label}: decode{suffix}",
+                          lambda: formats.decode_(fmt, regions, [state], values, workspace=workspace))
+                    timed(codecs, f"{label}: encode{suffix}",
+                          lambda: formats.encode_(fmt, values, [state], regions, seed=2, workspace=workspace))
+                    if state != "master":
+                        timed(codecs, f"{label}: encode, decode_moments=False{suffix}", lambda: formats.encode_(
+                            fmt, values, [state], regions, seed=2, workspace=workspace, decode_moments=False))
         if compare:
             x, scratch = torch.randn(numel, generator=generator), torch.empty(numel, dtype=torch.int32)
             timed(alternatives, "sr_noise (16 bits)", lambda: formats.sr_noise(3, 0, numel, 16, out=scratch))

@@ -17,6 +17,7 @@ Everything the run writes under ``--dir`` is deleted at the end, also on error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import errno
 import json
@@ -37,6 +38,7 @@ import torch
 
 import nearstep
 from nearstep import aio, engine, formats, kernels, rules, uring
+from nearstep.formats import native
 from nearstep.device import DeviceConfig, parse_bytes
 from nearstep.store import ParamSpec, Store
 from nearstep.uring import IORing
@@ -78,6 +80,7 @@ class Options:
         io_threads: threads of the thread-pool backend (``DeviceConfig.io_threads``).
         queue_depth: blocks the ring keeps in flight (``DeviceConfig.queue_depth``).
         deepspeed: add DeepSpeed's async I/O to the bandwidth test where it is installed.
+        cores: device cores of the per-format rows' second column (1: one column).
     """
 
     dir: pathlib.Path
@@ -93,6 +96,7 @@ class Options:
     io_threads: int = DeviceConfig().io_threads
     queue_depth: int = DeviceConfig().queue_depth
     deepspeed: bool = True
+    cores: int = 2
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -114,15 +118,18 @@ def _parse(argv: list[str] | None) -> Options:
                         help="threads of the thread-pool backend (default: the device's default, %(default)s)")
     parser.add_argument("--queue-depth", type=int, default=DeviceConfig().queue_depth,
                         help="blocks the io_uring backend keeps in flight (default: %(default)s)")
+    parser.add_argument("--cores", type=int, default=min(2, len(os.sched_getaffinity(0))),
+                        help="device cores (pass threads) of the per-format rows' second column, beside 1 "
+                             "(default: 2 where the machine has them)")
     parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
                         help="leave DeepSpeed's async I/O out of the bandwidth test even where it is installed")
     args = parser.parse_args(argv)
     if args.quick:
         args.gib, args.update_params, args.peak_params, args.repeats = 1 / 64, 1_000_000, 2_000_000, 1
     if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8 or args.io_threads < 1 \
-            or args.queue_depth < 1:
-        parser.error("--gib must be > 0, --repeats >= 1, --io-threads >= 1, --queue-depth >= 1, --update-params >= 4 "
-                     "and --peak-params >= 8")
+            or args.queue_depth < 1 or args.cores < 1:
+        parser.error("--gib must be > 0, --repeats >= 1, --io-threads >= 1, --queue-depth >= 1, --update-params >= 4, "
+                     "--peak-params >= 8 and --cores >= 1")
     try:
         parse_bytes(args.budget)
     except ValueError as exc:
@@ -130,7 +137,8 @@ def _parse(argv: list[str] | None) -> Options:
     return Options(dir=args.dir, json=args.json, state_bytes=int(args.gib * GiB), repeats=args.repeats,
                    update_params=args.update_params, peak_params=args.peak_params, budget=args.budget,
                    skip_peak=args.skip_peak, quick=args.quick, io_backend=args.io_backend,
-                   io_threads=args.io_threads, queue_depth=args.queue_depth, deepspeed=args.deepspeed)
+                   io_threads=args.io_threads, queue_depth=args.queue_depth, deepspeed=args.deepspeed,
+                   cores=args.cores)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -438,66 +446,102 @@ def _update_rate(opts: Options) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: the emulated device runs its kernels on one pinned core
     try:
-        return _race_update(opts.update_params) | {"formats": _race_formats(opts.update_params)}
+        return _race_update(opts.update_params) | {"formats": _race_formats(opts.update_params, opts.cores),
+                                                    "codecs": native.status(), "cores": opts.cores}
     finally:
         torch.set_num_threads(threads)
 
 
-FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "bf16-kahan+8bit", "bf16-sr+8bit")
+FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "bf16-kahan+8bit", "bf16-sr+8bit", "16bit", "bf16-sr+16bit",
+           "fp8", "bf16-sr+fp8")
 UNCHECKED = "fp32, no checksums"  # the fp32 row without the checksums of its pass: what they cost
+TORCH_CODECS = "bf16-sr+8bit, torch codecs"  # the compressed row with formats.native off: what the native pass gives
 
 
-def _race_formats(n: int) -> dict[str, Any]:
-    """Per state format: bytes per parameter per step, and the device's update rate on one core
-    (decode the state file image, the fused AdamW kernel, encode it back; for fp32 the kernel on the
-    image itself with the checksums of engine.checked_pass), alternating formats."""
+def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
+    """Per state format: bytes per parameter per step, and the device's update rate: the engine's pass
+    (engine.checked_pass) over a state file image, each chunk checksummed, decoded, updated by the fused
+    AdamW kernel, encoded and checksummed again (fp32: the kernel on the image itself), on 1 thread and,
+    with ``cores`` > 1, on that many (engine.PassThreads), alternating formats and thread counts."""
     names = ("master",) + rules.state_names(rules.AdamWHyper)
     hyper, guards = rules.AdamWHyper(lr=1e-3), rules.Guards(skip_nonfinite=False)
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(n, generator=gen).mul_(1e-3)
+    counts = (1,) if cores <= 1 else (1, cores)
+    pools = {count: engine.PassThreads(count) if count > 1 else None for count in counts}
+    spaces = [formats.Workspace() for _ in range(max(counts))]
     cases = {}
-    for name in (*FORMATS, UNCHECKED):
-        fmt = formats.StateFormat.parse("fp32" if name == UNCHECKED else name)
+    rows = (*FORMATS, UNCHECKED, TORCH_CODECS)
+    for name in rows:
+        fmt = formats.StateFormat.parse(name.split(",")[0])
         image = torch.zeros(fmt.file_bytes(names, n), dtype=torch.uint8)
         coded = formats.views(fmt, image, names, n)
-        spans = [(r.offset, r.offset + r.nbytes) for r in fmt.regions(names, n)]
-        if fmt.is_identity:  # the engine's kernel works on the file image itself
-            work = {r.name: image[r.offset:r.offset + r.nbytes].view(torch.float32) for r in fmt.regions(names, n)}
-        else:
-            work = {k: torch.zeros(n) for k in names}
+        specs = fmt.regions(names, n)
+        block = fmt.block if fmt.block_aligned else 1
+        spans = [(r.offset, r.end, r.dtype.itemsize, block if formats.per_block(r.name) else 1) for r in specs]
+        # The engine works on an fp32 part in the file image itself (SliceImage.work).
+        plain = {r.name: image[r.offset:r.end].view(torch.float32) for r in specs if r.dtype == torch.float32
+                 and r.name in names}
+        work = {k: plain[k] if k in plain else torch.zeros(n) for k in names}
         work["master"].copy_(torch.randn(n, generator=gen))
         formats.encode_(fmt, work, names, coded, seed=0)
-        cases[name] = (fmt, coded, work, formats.Workspace(), [0], memoryview(image.numpy()), spans)
+        with native.disabled() if name == TORCH_CODECS else contextlib.nullcontext():
+            coder = formats.SliceCoder(fmt, coded, names, [work[k] for k in names], n)
+        cases[name] = (fmt, coder, work, [0], memoryview(image.numpy()), spans, block)
 
-    def one(name: str) -> None:
-        fmt, coded, work, space, step, image, spans = cases[name]
+    def one(name: str, count: int) -> None:
+        fmt, coder, work, step, image, spans, block = cases[name]
         step[0] += 1
 
-        def update(pieces: list[tuple[int, int, int]]) -> None:
-            cut = [(lo, hi) for _j, lo, hi in pieces]
-            kernels.update_(hyper, [work["master"][lo:hi] for lo, hi in cut],
-                            {k: [work[k][lo:hi] for lo, hi in cut] for k in names[1:]},
-                            [grad[lo:hi].clone() for lo, hi in cut], [step[0]] * len(cut), guards)
+        def update(pieces: list[tuple[int, int, int]], at: int, worker: int) -> None:
+            # As the engine does ([Note: one pass per chunk]): a compressed chunk is decoded to the
+            # start of the working state (this share's part of it), updated there and encoded back.
+            cut = []
+            for _j, lo, hi in pieces:
+                a, b = (lo, hi) if fmt.is_identity else coder.span(lo, hi)
+                cut.append((a, b, lo if fmt.is_identity else at))
+                at += b - a
+            if not fmt.is_identity:
+                for a, b, where in cut:
+                    coder.decode(a, b, where, spaces[worker])
 
-        if name == "fp32":
-            engine.checked_pass(image, aio.DEFAULT_BLOCK_BYTES, spans, n, [0], [(0, n)], engine.PASS_CHUNK, update)
+            def part(k: str, a: int, b: int, w: int) -> torch.Tensor:
+                return work[k][w : w + b - a] if coder.packed[k] else work[k][a:b]
+
+            kernels.update_(hyper, [part("master", *c) for c in cut], {k: [part(k, *c) for c in cut] for k in names[1:]},
+                            [grad[a:b] for a, b, _w in cut], [step[0]] * len(cut), guards)
+            if not fmt.is_identity:
+                for a, b, where in cut:
+                    coder.encode_(a, b, step[0], where, spaces[worker])
+
+        if name == UNCHECKED:
+            update([(0, 0, n)], 0, 0)
             return
-        if not fmt.is_identity:
-            formats.decode_(fmt, coded, names, work, workspace=space)
-        update([(0, 0, n)])
-        if not fmt.is_identity:
-            formats.encode_(fmt, work, names, coded, seed=step[0], workspace=space, decode_moments=False)
+        engine.checked_pass(image, aio.DEFAULT_BLOCK_BYTES, spans, n, [0], [(0, n)], engine.PASS_CHUNK, update,
+                            align=block, threads=pools[count])
 
-    rows = (*FORMATS, UNCHECKED)
+    runs = [(name, count) for name in rows for count in counts if not (name == UNCHECKED and count > 1)]
+    for name, count in runs:
+        one(name, count)  # warm-up
+    times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
+    try:
+        for _ in range(UPDATE_ROUNDS):
+            for name, count in runs:  # alternating, as everywhere
+                times[(name, count)].append(_timed(lambda: one(name, count)))
+    finally:
+        for pool in pools.values():
+            if pool is not None:
+                pool.close()
+    out: dict[str, Any] = {}
     for name in rows:
-        one(name)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(UPDATE_ROUNDS):
-        for name in rows:  # alternating, as everywhere
-            times[name].append(_timed(lambda name=name: one(name)))
-    return {name: {"bytes_per_param_per_step": 2 * cases[name][0].file_bytes(names, n) / n,
-                   "params_per_second": n / statistics.median(times[name]), "seconds": times[name]}
-            for name in rows}
+        fmt = cases[name][0]
+        out[name] = {"bytes_per_param_per_step": 2 * fmt.file_bytes(names, n) / n,
+                     "params_per_second": n / statistics.median(times[(name, 1)]), "seconds": times[(name, 1)]}
+        if cores > 1 and (name, cores) in times:
+            out[name]["cores"] = cores
+            out[name]["params_per_second_cores"] = n / statistics.median(times[(name, cores)])
+            out[name]["seconds_cores"] = times[(name, cores)]
+    return out
 
 
 def _race_update(n: int) -> dict[str, Any]:
@@ -672,16 +716,24 @@ def _render(res: dict[str, Any]) -> str:
             table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), "",
-            "  per state format (decode + kernel + encode; fp32: the kernel with the checksums of its pass; the I/O side",
-            "  from the bandwidth above: 'store' for fp32, 'checked' for formats whose checksums are in the I/O path):",
-            f"  {'format':<18}{'B/param/step':>13}{'M params/s':>12}{'I/O-bound M params/s':>22}"]
+            f"  per state format (the device's pass: each chunk checksummed, decoded, updated, encoded, checksummed; "
+            f"codecs: {up['codecs']};",
+            "  fp32: the kernel on the image itself; the I/O side from the 'store' bandwidth above, checksums being in the pass):",
+            f"  {'format':<28}{'B/param/step':>13}{'M params/s':>12}{'vs fp32':>9}{'I/O-bound M params/s':>22}"
+            + (f"{str(up['cores']) + ' cores':>10}{'vs fp32':>9}{'scaling':>9}" if up.get("cores", 1) > 1 else "")]
     def io_gbps(side: str) -> float:  # reads and writes of equal size, one after the other
         return 2 / (1 / bw["median_gbps"][f"{side}_read"] + 1 / bw["median_gbps"][f"{side}_write"])
 
+    fp32_rate = up["formats"]["fp32"]["params_per_second"]
     for name, f in up["formats"].items():
-        side = "store" if name.startswith("fp32") else "checked"  # where each format's checksums are computed
-        out.append(f"  {name:<18}{f['bytes_per_param_per_step']:>13.3f}{f['params_per_second'] / 1e6:>12.1f}"
-                   f"{io_gbps(side) * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
+        line = (f"  {name:<28}{f['bytes_per_param_per_step']:>13.3f}{f['params_per_second'] / 1e6:>12.1f}"
+                f"{f['params_per_second'] / fp32_rate:>9.2f}"
+                f"{io_gbps('store') * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
+        if "params_per_second_cores" in f:
+            line += (f"{f['params_per_second_cores'] / 1e6:>10.1f}"
+                     f"{f['params_per_second_cores'] / up['formats']['fp32']['params_per_second_cores']:>9.2f}"
+                     f"{f['params_per_second_cores'] / f['params_per_second']:>8.2f}x")
+        out.append(line)
     out.append("")
     if pk is None:
         return "\n".join(out + ["3. device peak memory: skipped (--skip-peak)"])

@@ -23,11 +23,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import native
 from .chunks import Workspace
-from .regions import MASTER, check_names, layout
+from .regions import MASTER, check_names, layout, per_block
 from .spec import StateFormat
 
-__all__ = ["views", "decode_", "encode_"]
+__all__ = ["views", "decode_", "encode_", "window", "SliceCoder"]
 
 
 def views(fmt: StateFormat | str, buf: Tensor, state_names: Sequence[str], numel: int) -> dict[str, Tensor]:
@@ -50,6 +51,126 @@ def views(fmt: StateFormat | str, buf: Tensor, state_names: Sequence[str], numel
         spec.name: buf.narrow(0, spec.offset, spec.nbytes).view(spec.dtype)
         for spec in fmt.regions(state_names, numel)
     }
+
+
+def window(fmt: StateFormat | str, regions: Mapping[str, Tensor], state_names: Sequence[str], numel: int,
+           start: int, stop: int) -> dict[str, Tensor]:
+    """The views of ``regions`` (a file of ``numel`` elements, from :func:`views`) that hold elements
+    ``[start, stop)``: a file of ``stop - start`` elements to :func:`decode_` and :func:`encode_`
+    (with ``first=start``).
+
+    With blocked moments (``fmt.block_aligned``) ``start`` must be a multiple of ``fmt.block``, and
+    ``stop`` one too or ``numel``: a block's scale belongs to all its elements.
+    """
+    fmt = StateFormat.parse(fmt)
+    if not 0 <= start <= stop <= numel:
+        raise ValueError(f"window [{start}, {stop}) is not within the file's {numel} elements")
+    block = fmt.block if fmt.block_aligned else 1
+    if start % block or (stop % block and stop != numel):
+        raise ValueError(f"window [{start}, {stop}) of format {fmt.name!r} must start and end on its "
+                         f"{block}-element blocks (or end at the file's end, {numel})")
+    out = {}
+    for name, _dtype, _count in layout(fmt.master_codec, fmt.moment_codec, check_names(state_names), numel):
+        region = regions[name]
+        out[name] = region[start // block : -(-stop // block)] if per_block(name) else region[start:stop]
+    return out
+
+
+class SliceCoder:
+    """Decode and encode element ranges of one file image, with the argument checks done once.
+
+    The device's pass calls it once per chunk (see [Note: one pass per chunk] in ``engine.py``), where
+    :func:`decode_` and :func:`encode_`, which check every tensor of every call, would cost more than
+    the native codecs themselves. Each range is :func:`window` of the file; numbers and bytes are
+    those of :func:`decode_` / :func:`encode_` over the whole file.
+
+    Whether the native codecs serve it is decided when it is made (``native.disabled()`` around
+    the construction gives the torch codecs).
+
+    Args:
+        regions: the views of :func:`views` of a file of ``numel`` elements.
+        work: per state name, a contiguous 1-D float32 tensor of ``numel`` elements (the working state).
+    """
+
+    __slots__ = ("fmt", "names", "numel", "block", "regions", "work", "workspace", "_parts", "packed")
+
+    def __init__(self, fmt: StateFormat | str, regions: Mapping[str, Tensor], state_names: Sequence[str],
+                 work: Sequence[Tensor], numel: int, workspace: Workspace | None = None) -> None:
+        self.fmt = StateFormat.parse(fmt)
+        self.names = check_names(state_names)
+        self.numel = int(numel)
+        self.work = dict(zip(self.names, work))
+        _check_fp32("work", self.work, self.names)
+        _check_regions(self.fmt, regions, self.names, self.numel)
+        self.block = self.fmt.block if self.fmt.block_aligned else 1
+        self.regions = regions
+        self.workspace = workspace or Workspace()
+        master, moments = self.fmt.master_codec, self.fmt.moment_codec
+        self._parts = []
+        #: per state name, whether its working copy is separate memory (decoded there, a chunk at a
+        #: time packed at the start, see :meth:`decode`'s ``at``); False where it is the file's own
+        #: fp32 region, which decode and encode then leave alone.
+        self.packed = {}
+        for name in self.names:
+            codec = master if name == MASTER else moments
+            in_place = codec.identity and self.work[name].data_ptr() == regions[name].data_ptr()
+            self.packed[name] = not in_place
+            if not in_place:
+                self._parts.append((name, codec, [(r, per_block(r)) for r, _d, _c in codec.layout(name, 1)],
+                                    native.plan(codec, name, regions), self.work[name].data_ptr()))
+
+    def span(self, start: int, stop: int) -> tuple[int, int]:
+        """``[start, stop)`` widened to whole blocks (and cut at the file's end)."""
+        b = self.block
+        return start - start % b, min(-(-stop // b) * b, self.numel)
+
+    def _window(self, regions: list[tuple[str, bool]], start: int, stop: int) -> dict[str, Tensor]:
+        b = self.block
+        return {r: self.regions[r][start // b : -(-stop // b)] if blocked else self.regions[r][start:stop]
+                for r, blocked in regions}
+
+    def decode(self, start: int, stop: int, at: int | None = None, workspace: Workspace | None = None) -> None:
+        """Decode elements ``[start, stop)`` (whole blocks, see :meth:`span`) into the working state,
+        at the same elements, or from element ``at`` on."""
+        at = start if at is None else at
+        for name, codec, regions, plan, work in self._parts:
+            if plan is not None:
+                plan.decode(start, stop - start, work + 4 * at)
+                continue
+            part, out = self._window(regions, start, stop), self.work[name][at : at + stop - start]
+            codec.decode(name, part, out, workspace or self.workspace)
+
+    def decode_master(self, start: int, stop: int, out: Tensor) -> None:
+        """Decode the master weights ``[start, stop)`` (any range: the master has no blocks) into ``out``."""
+        if not self.packed[MASTER]:
+            out.copy_(self.work[MASTER][start:stop])
+            return
+        name, codec, regions, plan, _work = self._parts[0]
+        if out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != stop - start:
+            raise ValueError(f"out must be a contiguous float32 tensor of {stop - start} elements")
+        if plan is not None:
+            plan.decode(start, stop - start, out.data_ptr())
+            return
+        codec.decode(name, {r: self.regions[r][start:stop] for r, _blocked in regions}, out, self.workspace)
+
+    def encode_(self, start: int, stop: int, seed: int, at: int | None = None,
+                workspace: Workspace | None = None) -> None:
+        """Encode elements ``[start, stop)`` of the file from the working state at the same elements
+        (or from element ``at`` on); the master there becomes what was stored (the moments' fp32
+        copies are left as they were, as ``decode_moments=False``).
+
+        Calls on disjoint ranges (and working areas) may run at once from several threads, each
+        with its own ``workspace`` (the torch codecs' scratch; the native ones need none)."""
+        at = start if at is None else at
+        for name, codec, regions, plan, work in self._parts:
+            if plan is not None:
+                plan.encode(start, stop - start, work + 4 * at, seed)
+                continue
+            part, values = self._window(regions, start, stop), self.work[name][at : at + stop - start]
+            if name == MASTER:
+                codec.encode_(name, values, part, seed, workspace or self.workspace, first=start)
+            else:
+                codec.encode_(name, values, part, workspace or self.workspace, write_back=False)
 
 
 def decode_(
@@ -76,7 +197,8 @@ def decode_(
     master, moments = fmt.master_codec, fmt.moment_codec
     for name in names:
         codec = master if name == MASTER else moments
-        codec.decode(name, regions, out[name], workspace)
+        if not native.decode(codec, name, regions, out[name]):
+            codec.decode(name, regions, out[name], workspace)
 
 
 def encode_(
@@ -88,6 +210,7 @@ def encode_(
     *,
     workspace: Workspace | None = None,
     decode_moments: bool = True,
+    first: int = 0,
 ) -> None:
     """Encode the fp32 tensors ``values`` into the regions, and replace each by what was stored.
 
@@ -104,19 +227,25 @@ def encode_(
         decode_moments: False leaves 8-bit moments' ``values`` as they were (the
             master is always replaced). A caller that decodes the moments afresh
             before it reads them again saves a pass (~0.5 ns per element).
+        first: the element of the slice that ``values[...][0]`` is, when the regions are a
+            :func:`window` of a larger file: stochastic rounding depends on each element's
+            index in the slice, so a window encodes exactly as the whole file would.
     """
     fmt = StateFormat.parse(fmt)
     names = check_names(state_names)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+    if isinstance(first, bool) or not isinstance(first, numbers.Integral) or first < 0:
+        raise ValueError(f"first must be an int >= 0, got {first!r}")
     numel = _check_fp32("values", values, names)
     _check_regions(fmt, regions, names, numel)
     workspace = workspace or Workspace()
     master, moments = fmt.master_codec, fmt.moment_codec
     for name in names:
         if name == MASTER:
-            master.encode_(name, values[name], regions, int(seed), workspace)
-        else:
+            if not native.encode_(master, name, values[name], regions, seed=int(seed), first=first):
+                master.encode_(name, values[name], regions, int(seed), workspace, first=first)
+        elif not native.encode_(moments, name, values[name], regions, write_back=decode_moments):
             moments.encode_(name, values[name], regions, workspace, write_back=decode_moments)
 
 

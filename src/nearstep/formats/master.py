@@ -57,9 +57,13 @@ class MasterCodec(abc.ABC):
 
     @abc.abstractmethod
     def encode_(
-        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace
+        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace, *,
+        first: int = 0,
     ) -> None:
-        """Store the fp32 ``values`` in the regions, and replace them by what was stored (bit for bit)."""
+        """Store the fp32 ``values`` in the regions, and replace them by what was stored (bit for bit).
+
+        ``first``: the element of the slice ``values[0]`` is (stochastic rounding depends on it).
+        """
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,8 @@ class Fp32Master(MasterCodec):
         copy_(out, regions[name])
 
     def encode_(
-        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace
+        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace, *,
+        first: int = 0,
     ) -> None:
         copy_(regions[name], values)
 
@@ -95,9 +100,10 @@ class Bf16SrMaster(MasterCodec):
         out.copy_(regions[name])  # bf16 -> fp32 is exact: the low 16 bits become 0
 
     def encode_(
-        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace
+        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace, *,
+        first: int = 0,
     ) -> None:
-        _encode_rounded_(values, regions[name], None, seed, workspace)
+        _encode_rounded_(values, regions[name], None, seed, workspace, first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +126,10 @@ class Bf16KahanMaster(MasterCodec):
             out_bits[start:stop].bitwise_or_(work)
 
     def encode_(
-        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace
+        self, name: str, values: Tensor, regions: Mapping[str, Tensor], seed: int, workspace: Workspace, *,
+        first: int = 0,
     ) -> None:
-        _encode_rounded_(values, regions[name], regions[name + ".lo"], seed, workspace)
+        _encode_rounded_(values, regions[name], regions[name + ".lo"], seed, workspace, first)
 
 
 # The largest finite patterns bf16 (16 bits kept) and bf16-kahan (24 bits kept)
@@ -136,7 +143,8 @@ def _bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
 
 
-def _encode_rounded_(values: Tensor, high_region: Tensor, low: Tensor | None, seed: int, workspace: Workspace) -> None:
+def _encode_rounded_(values: Tensor, high_region: Tensor, low: Tensor | None, seed: int, workspace: Workspace,
+                     first: int = 0) -> None:
     """Round ``values`` stochastically to bf16 (``low`` None) or bf16 + a compensation byte, in chunks.
 
     Both share one pass: clamp, add the noise to the pattern, split off the kept
@@ -154,7 +162,7 @@ def _encode_rounded_(values: Tensor, high_region: Tensor, low: Tensor | None, se
         least, most = torch.aminmax(chunk)  # nan makes both comparisons false
         if not (least.item() >= -limit and most.item() <= limit):
             _clamp_master_bits_(bits, limit_bits)
-        noise = sr_noise(seed, start, stop - start, dropped, out=noise_buf[: stop - start])
+        noise = sr_noise(seed, first + start, stop - start, dropped, out=noise_buf[: stop - start])
         bits.add_(noise)  # see [Note: stochastic rounding]; cannot overflow after the clamp
         work = work_buf[: stop - start]
         if low is not None:

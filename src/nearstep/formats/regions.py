@@ -21,7 +21,7 @@ from nearstep.aio import PAGE, align_up
 from .master import MasterCodec
 from .moments import MomentCodec
 
-__all__ = ["MASTER", "RegionSpec", "check_names", "layout", "place"]
+__all__ = ["MASTER", "RegionSpec", "check_names", "layout", "place", "per_block"]
 
 MASTER = "master"  # the state name of the master weights; every other state name is a moment
 
@@ -75,3 +75,9 @@ def place(entries: Sequence[tuple[str, torch.dtype, int]]) -> tuple[RegionSpec, 
         specs.append(RegionSpec(name, dtype, count, offset))
         offset = align_up(offset + count * dtype.itemsize, PAGE)
     return tuple(specs)
+
+
+def per_block(region: str) -> bool:
+    """True for a region holding one value per block of elements (named ``<name>.scale``, as the
+    blocked moment codecs name their scales); every other region holds one value per element."""
+    return region.endswith(".scale")

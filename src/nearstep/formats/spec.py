@@ -20,7 +20,7 @@ from nearstep.aio import PAGE, align_up
 
 from .chunks import MAX_BLOCK, MIN_BLOCK
 from .master import Bf16KahanMaster, Bf16SrMaster, Fp32Master, MasterCodec
-from .moments import Fp32Moments, Int8Moments, MomentCodec
+from .moments import Bf16Moments, Fp8Moments, Fp32Moments, Int8Moments, MomentCodec
 from .regions import MASTER, RegionSpec, check_names, layout, place
 
 __all__ = ["StateFormat", "MasterPart", "MomentPart", "QMap", "FORMAT_NAMES", "DEFAULT_BLOCK"]
@@ -29,6 +29,7 @@ DEFAULT_BLOCK: int = 2048  # Dettmers et al. 2022 quantise moments in blocks of 
 FORMAT_NAMES: tuple[str, ...] = (
     "fp32", "bf16-kahan", "bf16-sr", "8bit", "8bit-linear",
     "bf16-kahan+8bit", "bf16-kahan+8bit-linear", "bf16-sr+8bit", "bf16-sr+8bit-linear",
+    "16bit", "fp8", "bf16-kahan+fp8", "bf16-sr+16bit", "bf16-sr+fp8",
 )
 
 
@@ -56,12 +57,14 @@ class MomentPart(_Part):
 
     FP32 = "fp32"
     INT8 = "8bit"  # one byte per element + an fp32 scale per block
+    BF16 = "16bit"  # bf16, rounded to nearest: 2 bytes, no blocks
+    FP8 = "fp8"  # one fp8 byte per element (E4M3, E5M2 for *_sq) + an fp32 scale per block
 
 
 class QMap(_Part):
     """The map of 8-bit moments (see :mod:`nearstep.formats.maps`)."""
 
-    DYNAMIC = "dynamic"
+    DYNAMIC = "dynamic"  # also the normalised value of formats without a map (fp32, 16bit, fp8)
     LINEAR = "linear"
 
 
@@ -73,11 +76,12 @@ class StateFormat:
         master: ``"fp32"``, ``"bf16-kahan"`` (3 bytes: bf16 + an 8-bit compensation
             byte) or ``"bf16-sr"`` (2 bytes, stochastic rounding); a :class:`MasterPart`
             (a plain string is converted).
-        moments: ``"fp32"`` or ``"8bit"`` (1 byte + a block scale); a :class:`MomentPart`.
+        moments: ``"fp32"``, ``"8bit"`` (1 byte + a block scale), ``"16bit"`` (bf16, 2
+            bytes) or ``"fp8"`` (1 fp8 byte + a block scale); a :class:`MomentPart`.
         qmap: the 8-bit map, ``"dynamic"`` or ``"linear"``; ignored (normalised to
-            ``"dynamic"``) for fp32 moments; a :class:`QMap`.
-        block: elements per quantisation block of 8-bit moments, a power of two in
-            [32, 65536]; ignored (normalised to 2048) for fp32 moments.
+            ``"dynamic"``) for fp32, 16bit and fp8 moments; a :class:`QMap`.
+        block: elements per quantisation block of 8-bit and fp8 moments, a power of
+            two in [32, 65536]; ignored (normalised to 2048) for fp32 and 16bit moments.
 
     ``StateFormat.parse("bf16-sr+8bit")`` builds one from its name; ``.name`` is the
     canonical name, which the store records.
@@ -102,18 +106,20 @@ class StateFormat:
                 f"StateFormat.block must be a power of two in [{MIN_BLOCK}, {MAX_BLOCK}], got {block!r}"
             )
         object.__setattr__(self, "block", int(block))
-        if self.moments is MomentPart.FP32:
-            # Settings that change nothing must not make two equal formats compare unequal.
-            object.__setattr__(self, "qmap", QMap.DYNAMIC)
-            object.__setattr__(self, "block", DEFAULT_BLOCK)
+        # Settings that change nothing must not make two equal formats compare unequal.
+        if self.moments is not MomentPart.INT8:
+            object.__setattr__(self, "qmap", QMap.DYNAMIC)  # only 8-bit moments have a map
+        if self.moments in (MomentPart.FP32, MomentPart.BF16):
+            object.__setattr__(self, "block", DEFAULT_BLOCK)  # no blocks
 
     @classmethod
     def parse(cls, spec: str | StateFormat | None) -> StateFormat:
         """A format from its name ("bf16-sr+8bit", ...), a StateFormat, or None (fp32).
 
         A name joins a master part (``bf16-kahan``, ``bf16-sr``) and a moments part
-        (``8bit``, ``8bit-linear``, optionally ``-b<block>`` as in ``8bit-b1024``)
-        with "+", in either order; ``fp32`` alone means no compression.
+        (``8bit``, ``8bit-linear``, ``fp8``, each optionally ``-b<block>`` as in
+        ``8bit-b1024`` or ``fp8-b1024``; ``16bit``) with "+", in either order;
+        ``fp32`` alone means no compression.
 
         Raises:
             ValueError: an unknown or contradictory name; the message lists the choices.
@@ -126,7 +132,8 @@ class StateFormat:
         if not isinstance(spec, str):
             raise TypeError(f"a state format is a name (str), a StateFormat or None, got {type(spec).__name__}")
         choices = ", ".join(repr(name) for name in FORMAT_NAMES)
-        hint = f"valid state formats: {choices} (8-bit parts may end in -b<block>, e.g. '8bit-b1024')"
+        hint = (f"valid state formats: {choices} (8bit and fp8 parts may end in -b<block>, "
+                "e.g. '8bit-b1024', 'fp8-b1024')")
         text = spec.strip()
         if text == "fp32":
             return cls()
@@ -135,7 +142,7 @@ class StateFormat:
             part = part.strip()
             if part in (MasterPart.BF16_KAHAN, MasterPart.BF16_SR):
                 key = "master"
-            elif (match := re.fullmatch(r"8bit(-linear)?(?:-b(\d{1,6}))?", part)) is not None:
+            elif (match := re.fullmatch(r"(8bit(-linear)?|fp8)(?:-b(\d{1,6}))?|16bit", part)) is not None:
                 key = "moments"
             else:
                 raise ValueError(f"unknown state format {spec!r} (part {part!r}); {hint}")
@@ -143,11 +150,13 @@ class StateFormat:
                 raise ValueError(f"state format {spec!r} names the {key} twice; {hint}")
             if key == "master":
                 fields["master"] = MasterPart(part)
+            elif part == MomentPart.BF16:
+                fields["moments"] = MomentPart.BF16
             else:
-                fields["moments"] = MomentPart.INT8
-                fields["qmap"] = QMap.LINEAR if match.group(1) else QMap.DYNAMIC
-                if match.group(2):
-                    fields["block"] = int(match.group(2))
+                fields["moments"] = MomentPart.FP8 if match.group(1) == MomentPart.FP8 else MomentPart.INT8
+                fields["qmap"] = QMap.LINEAR if match.group(2) else QMap.DYNAMIC
+                if match.group(3):
+                    fields["block"] = int(match.group(3))
         try:
             return cls(**fields)
         except ValueError as err:
@@ -157,8 +166,10 @@ class StateFormat:
     def name(self) -> str:
         """The canonical name; ``StateFormat.parse(fmt.name) == fmt``."""
         parts = [] if self.master is MasterPart.FP32 else [self.master.value]
-        if self.moments is MomentPart.INT8:
-            moments = "8bit-linear" if self.qmap is QMap.LINEAR else "8bit"
+        if self.moments is MomentPart.BF16:
+            parts.append(self.moments.value)
+        elif self.moments is not MomentPart.FP32:
+            moments = "8bit-linear" if self.qmap is QMap.LINEAR else self.moments.value
             if self.block != DEFAULT_BLOCK:
                 moments += f"-b{self.block}"
             parts.append(moments)
@@ -187,7 +198,7 @@ class StateFormat:
 
     @property
     def block_aligned(self) -> bool:
-        """True when moments are blocked 8-bit codes, so each parameter's segment of a slice
+        """True when moments are blocked codes (8bit, fp8), so each parameter's segment of a slice
         must start on a multiple of :attr:`block` (see [Note: quantisation blocks per parameter]
         in ``nearstep.image``)."""
         return self.moment_codec.block_aligned
@@ -231,6 +242,10 @@ def _codecs(fmt: StateFormat) -> tuple[MasterCodec, MomentCodec]:
     master = _MASTER_CODECS[fmt.master]()
     if fmt.moments is MomentPart.INT8:
         moments: MomentCodec = Int8Moments(qmap=fmt.qmap.value, block=fmt.block)
+    elif fmt.moments is MomentPart.FP8:
+        moments = Fp8Moments(block=fmt.block)
+    elif fmt.moments is MomentPart.BF16:
+        moments = Bf16Moments()
     else:
         moments = Fp32Moments()
     return master, moments

@@ -1,0 +1,376 @@
+/* nearstep's native codecs: one pass over a range for each codec of nearstep.formats.
+ *
+ * Every function here computes exactly what the torch reference in master.py and
+ * moments.py computes, bit for bit (tests/test_native.py compares them on fresh
+ * random inputs and on special values); native.py says why this exists and how it
+ * is built. The rules that keep the bits equal:
+ *   - every float operation is one IEEE operation on float32, in the reference's
+ *     order (no FMA contraction: the build passes -ffp-contract=off, and no
+ *     -ffast-math);
+ *   - the rest is integer arithmetic on the fp32 bit patterns, done on uint32_t
+ *     where torch's int32 would wrap, and with an explicit arithmetic shift where
+ *     torch shifts a negative int32.
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__F16C__) && defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+/* Arithmetic right shift of an int32, as torch's bitwise_right_shift on int32. */
+static inline int32_t sar(int32_t x, int s) { return x >= 0 ? x >> s : ~(~x >> s); }
+
+/* ---- stochastic rounding noise (rounding.py) -------------------------------------- */
+
+static inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+#define NOISE_PERIOD 65536
+
+/* ---- master codecs (master.py) ---------------------------------------------------- */
+
+void ns_bf16_decode(const uint16_t *hi, float *out, int64_t n) {
+    uint32_t *o = (uint32_t *)out;
+    for (int64_t i = 0; i < n; i++) o[i] = (uint32_t)hi[i] << 16;
+}
+
+void ns_kahan_decode(const uint16_t *hi, const uint8_t *lo, float *out, int64_t n) {
+    uint32_t *o = (uint32_t *)out;
+    for (int64_t i = 0; i < n; i++) o[i] = (uint32_t)hi[i] << 16 | (uint32_t)lo[i] << 8;
+}
+
+/* Round values[0..n) (elements first.. of the slice) to bf16 (lo NULL, 16 bits dropped)
+ * or bf16 + a compensation byte (8 bits dropped), stochastically; values become what
+ * was stored. table: the noise table of rounding.py for `dropped` bits (2 periods). */
+static inline __attribute__((always_inline)) void master_round(
+        uint32_t *restrict v, uint16_t *restrict hi, uint8_t *restrict lo, const uint16_t *restrict noise,
+        uint32_t key, int64_t length, const int dropped) {
+    const uint32_t limit = dropped == 16 ? 0x7F7F0000u : 0x7F7FFF00u;
+    const uint32_t keep = ~((1u << dropped) - 1u);
+    for (int64_t k = 0; k < length; k++) {
+        uint32_t b = v[k];
+        uint32_t magnitude = b & 0x7FFFFFFFu, sign = b & 0x80000000u;
+        /* nan: a quiet nan (its payload survives the truncation); finite beyond the largest
+         * stored value: that value (never rounded up to inf); inf stays inf. */
+        uint32_t clamped = magnitude > 0x7F800000u ? (sign | 0x7FC00000u)
+                         : (magnitude > limit && magnitude < 0x7F800000u) ? (sign | limit) : b;
+        clamped += (uint32_t)noise[k] ^ key;
+        hi[k] = (uint16_t)(clamped >> 16);
+        if (dropped == 8) lo[k] = (uint8_t)(clamped >> 8);
+        v[k] = clamped & keep;
+    }
+}
+
+/* table: one period (65536 entries) of the noise table of rounding.py for `dropped` bits, as
+ * uint16 (its values are below 2**16): a quarter of the int32 table's two periods, so that it
+ * shares the cache with the data; a rotated period is read as two runs. */
+void ns_master_encode(float *values, uint16_t *hi, uint8_t *lo, int64_t n, uint64_t seed, int64_t first,
+                      const uint16_t *table, int dropped) {
+    const uint32_t bits_mask = (1u << dropped) - 1u;
+    uint32_t *v = (uint32_t *)values;
+    int64_t i = 0;
+    while (i < n) {
+        int64_t position = first + i;
+        int64_t period = position / NOISE_PERIOD, local = position % NOISE_PERIOD;
+        int64_t length = NOISE_PERIOD - local;
+        if (length > n - i) length = n - i;
+        uint64_t z = mix64(seed * 0x9E3779B97F4A7C15ULL + (uint64_t)period * 0xD1B54A32D192ED03ULL + (uint64_t)dropped);
+        const uint32_t key = (uint32_t)(z >> 32) & bits_mask;
+        int64_t from = (local + (int64_t)(z & (NOISE_PERIOD - 1))) % NOISE_PERIOD;
+        while (length > 0) {
+            int64_t run = NOISE_PERIOD - from < length ? NOISE_PERIOD - from : length;
+            if (dropped == 16) master_round(v + i, hi + i, NULL, table + from, key, run, 16);
+            else master_round(v + i, hi + i, lo + i, table + from, key, run, 8);
+            i += run;
+            length -= run;
+            from = 0;
+        }
+    }
+}
+
+/* ---- 8-bit moments (moments.py, maps.py) ------------------------------------------ */
+
+enum { DYN_SIGNED = 0, DYN_UNSIGNED = 1, LIN_SIGNED = 2, LIN_UNSIGNED = 3, FP8_SIGNED = 4, FP8_UNSIGNED = 5 };
+
+/* fp8 codes (moments.py, Fp8Moments) of a scaled |y| <= NORM, rounded to nearest, ties to even,
+ * the sign put back by the caller. E4M3 (signed moments): 3 mantissa bits, exponent bias 7,
+ * subnormals k * 2**-9 below 2**-6; E5M2 (second moments): 2 mantissa bits, bias 15,
+ * subnormals k * 2**-16 below 2**-14. Normal values drop 20 (21) bits of the fp32 pattern
+ * with the tie to the even one; subnormals are y * 2**9 (2**16), exact, rounded to an integer
+ * by nearbyintf, which is the subnormal code itself (the first normal code follows it). */
+/* Both ways are computed and one is kept, so that the loops vectorise. */
+static inline uint32_t e4m3_magnitude(uint32_t m) {
+    uint32_t sub = (uint32_t)(int32_t)nearbyintf(u2f(m) * 512.0f);
+    uint32_t normal = ((m + 0x7FFFFu + ((m >> 20) & 1u)) >> 20) - (120u << 3);
+    return m < (121u << 23) ? sub : normal;
+}
+
+static inline uint32_t e5m2_magnitude(uint32_t m) {
+    uint32_t sub = (uint32_t)(int32_t)nearbyintf(u2f(m) * 65536.0f);
+    uint32_t normal = ((m + 0xFFFFFu + ((m >> 21) & 1u)) >> 21) - (112u << 2);
+    return m < (113u << 23) ? sub : normal;
+}
+
+/* The fp32 pattern of an fp8 code, for the codes that are numbers; `special` is set for the
+ * others (E4M3's nan, E5M2's inf and nan), which the caller takes from torch's table. */
+static inline uint32_t e4m3_bits(uint32_t c, uint32_t *special) {
+    uint32_t e = (c >> 3) & 0xFu, m = c & 7u;
+    uint32_t sub = f2u((float)m * 0x1p-9f);
+    uint32_t normal = (e + 120u) << 23 | m << 20;
+    *special |= (uint32_t)((c & 0x7Fu) == 0x7Fu);
+    return (c & 0x80u) << 24 | (e == 0u ? sub : normal);
+}
+
+static inline uint32_t e5m2_bits(uint32_t c, uint32_t *special) {
+    uint32_t e = (c >> 2) & 0x1Fu, m = c & 3u;
+    uint32_t sub = f2u((float)m * 0x1p-16f);
+    uint32_t normal = (e + 112u) << 23 | m << 21;
+    *special |= (uint32_t)(e == 31u);
+    return (c & 0x80u) << 24 | (e == 0u ? sub : normal);
+}
+
+static inline float block_multiplier(float scale, int mode) {
+    switch (mode) {
+    case DYN_SIGNED: return scale;
+    case DYN_UNSIGNED: return scale * (1.0f / 32768.0f);
+    case LIN_SIGNED: return scale / 127.0f;
+    case LIN_UNSIGNED: return scale / 255.0f;
+    case FP8_SIGNED: return scale * (1.0f / 256.0f);
+    default: return scale * (1.0f / 32768.0f);
+    }
+}
+
+/* lut: the 256 code values before the block's multiplier (fp16 patterns for the
+ * dynamic maps, the code itself for the linear ones). */
+static inline __attribute__((always_inline)) void int8_decode_block(
+        const uint8_t *codes, float multiplier, float *out, int64_t len, const float *lut, const int mode) {
+    int64_t k = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+    if (mode == DYN_SIGNED || mode == DYN_UNSIGNED) {
+        /* The codes are fp16 patterns cut short (maps.py): widen, shift, convert 8 at once. */
+        const __m256 mul = _mm256_set1_ps(multiplier);
+        for (; k + 8 <= len; k += 8) {
+            __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(codes + k)));
+            __m128i pattern = mode == DYN_SIGNED
+                ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
+                               _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7F)), 7))
+                : _mm_slli_epi16(c, 7);
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtph_ps(pattern), mul));
+        }
+    }
+    if (mode == FP8_SIGNED || mode == FP8_UNSIGNED) {
+        /* E5M2 is the top byte of an fp16; E4M3's 7 low bits shifted by 7 are an fp16 of its
+         * value times 2**-8 (its subnormals too), and 2**8 * multiplier is exactly the scale,
+         * so one rounded product either way, as torch's cast-then-multiply. */
+        const __m256 mul = _mm256_set1_ps(mode == FP8_SIGNED ? multiplier * 256.0f : multiplier);
+        int special = 0;
+        for (; k + 8 <= len; k += 8) {
+            __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(codes + k)));
+            __m128i pattern = mode == FP8_SIGNED
+                ? _mm_or_si128(_mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x80)), 8),
+                               _mm_slli_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7F)), 7))
+                : _mm_slli_epi16(c, 8);
+            if (mode == FP8_SIGNED)
+                special |= _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_and_si128(c, _mm_set1_epi16(0x7F)), _mm_set1_epi16(0x7F)));
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_cvtph_ps(pattern), mul));
+        }
+        if (special) /* E4M3's nan codes, never written (a file can still hold them) */
+            for (int64_t i = 0; i < k; i++)
+                if ((codes[i] & 0x7Fu) == 0x7Fu) out[i] = lut[codes[i]] * multiplier;
+    }
+#endif
+    if (mode == FP8_SIGNED || mode == FP8_UNSIGNED) {
+        uint32_t special = 0;
+        const uint8_t *restrict cc = codes;
+        float *restrict o = out;
+        for (int64_t i = k; i < len; i++)
+            o[i] = u2f(mode == FP8_SIGNED ? e4m3_bits(cc[i], &special) : e5m2_bits(cc[i], &special)) * multiplier;
+        if (special) /* codes above NORM are never written; a file can still hold them */
+            for (int64_t i = k; i < len; i++) {
+                uint32_t c = cc[i];
+                if (mode == FP8_SIGNED ? (c & 0x7Fu) == 0x7Fu : ((c >> 2) & 0x1Fu) == 31u) o[i] = lut[c] * multiplier;
+            }
+        return;
+    }
+    if (mode == LIN_SIGNED)
+        for (; k < len; k++) out[k] = (float)(int8_t)codes[k] * multiplier;
+    else if (mode == LIN_UNSIGNED)
+        for (; k < len; k++) out[k] = (float)codes[k] * multiplier;
+    else
+        for (; k < len; k++) out[k] = lut[codes[k]] * multiplier;
+}
+
+#define INT8_DECODE_LOOP(MODE)                                                                       \
+    for (int64_t start = 0, b = 0; start < n; start += block, b++) {                                 \
+        int64_t len = n - start < block ? n - start : block;                                         \
+        int8_decode_block(codes + start, block_multiplier(scales[b], MODE), out + start, len, lut, MODE); \
+    }
+
+void ns_int8_decode(const uint8_t *codes, const float *scales, float *out, int64_t n, int64_t block, int mode,
+                    const float *lut) {
+    switch (mode) {
+    case DYN_SIGNED: INT8_DECODE_LOOP(DYN_SIGNED) break;
+    case DYN_UNSIGNED: INT8_DECODE_LOOP(DYN_UNSIGNED) break;
+    case LIN_SIGNED: INT8_DECODE_LOOP(LIN_SIGNED) break;
+    case LIN_UNSIGNED: INT8_DECODE_LOOP(LIN_UNSIGNED) break;
+    case FP8_SIGNED: INT8_DECODE_LOOP(FP8_SIGNED) break;
+    default: INT8_DECODE_LOOP(FP8_UNSIGNED) break;
+    }
+}
+
+/* One block of the encoding, for a mode known at compile time (each mode's loops are
+ * specialised and vectorised on their own). */
+static inline __attribute__((always_inline)) void int8_encode_block(
+        float *x, uint8_t *c, float *scale_out, int64_t len, const int mode, const uint8_t *signed_lut,
+        const float *lut, int write_back) {
+    const int is_unsigned = mode == DYN_UNSIGNED || mode == LIN_UNSIGNED || mode == FP8_UNSIGNED;
+    const float norm = mode == DYN_SIGNED ? 1.0f : mode == DYN_UNSIGNED ? 32768.0f : mode == LIN_SIGNED ? 127.0f
+                     : mode == LIN_UNSIGNED ? 255.0f : mode == FP8_SIGNED ? 256.0f : 32768.0f;
+    /* The block maximum on the patterns: with the sign cleared, their order is the
+     * order of the values, and every nan lies above inf. */
+    uint32_t top = 0;
+    const uint32_t *xu = (const uint32_t *)x;
+    for (int64_t k = 0; k < len; k++) {
+        uint32_t m = xu[k] & 0x7FFFFFFFu;
+        /* torch.threshold(x, 0, 0) for the unsigned maps: x <= 0 (a negative or a zero,
+         * not a nan) counts as 0 */
+        if (is_unsigned) {
+            uint32_t negative = (uint32_t)((int32_t)xu[k] >> 31), nan = 0u - (uint32_t)(m > 0x7F800000u);
+            m &= ~negative | nan;
+        }
+        top = m > top ? m : top;
+    }
+    /* A nan maximum is stored as the quiet nan (the reference canonicalises it too). */
+    float s = top > 0x7F800000u ? u2f(0x7FC00000u) : u2f(top);
+    s = s < 0x1p-100f ? 0x1p-100f : s; /* clamp(min=SCALE_FLOOR): nan stays */
+    if (mode == LIN_SIGNED || mode == LIN_UNSIGNED) s = (s / norm) * norm;
+    *scale_out = s;
+    float f = (1.0f / s) * norm;
+    if (top >= 0x7F800000u) {
+        /* A non-finite block: its codes are of nan_to_num(w, 0, 0, 0) * 0 (1/inf = 0 already;
+         * 1/nan = nan -> 0); it decodes as non-finite through its scale. */
+        f = isnan(f) ? 0.0f : f;
+        for (int64_t k = 0; k < len; k++) {
+            float w = is_unsigned ? (x[k] <= 0.0f ? 0.0f : x[k]) : x[k];
+            w = isfinite(w) ? w : 0.0f;
+            float y = w * f;
+            c[k] = mode == DYN_SIGNED ? signed_lut[((f2u(y) + (1u << 19)) >> 20) & 0xFFFu]
+                 : mode == FP8_SIGNED ? (uint8_t)((f2u(y) >> 24) & 0x80u) : 0u;
+        }
+        /* Only the signed dynamic and fp8 maps can give a code other than 0 here: -0.0 (0x80). */
+    } else if (mode == DYN_SIGNED) {
+        int64_t k = 0;
+#if defined(__F16C__) && defined(__AVX2__)
+        /* [Note: the signed code without the table] The table of maps.py maps the top 12
+         * bits of y + half a code step (sign, exponent, 3 mantissa bits) to a code. The
+         * same in registers: v4 = that rounded value (low 20 bits cleared), its magnitude
+         * converted to fp16 rounding to nearest even (exact from 2**-14 up; below, the
+         * table's fp16 conversion rounds the same way), then rounded to 3 mantissa bits
+         * half up, capped at the code of 1.0; tests/test_native.py checks all 4096
+         * entries against the table. */
+        const __m256i f_ = _mm256_castps_si256(_mm256_set1_ps(f));
+        for (; k + 8 <= len; k += 8) {
+            __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_castsi256_ps(f_));
+            __m256i bits = _mm256_add_epi32(_mm256_castps_si256(y), _mm256_set1_epi32(1 << 19));
+            __m256i sign = _mm256_srli_epi32(bits, 31);
+            __m256i v4 = _mm256_and_si256(bits, _mm256_set1_epi32(0x7FF00000));
+            __m128i half = _mm256_cvtps_ph(_mm256_castsi256_ps(v4), _MM_FROUND_TO_NEAREST_INT);
+            __m256i mag = _mm256_srli_epi32(_mm256_add_epi32(_mm256_cvtepu16_epi32(half), _mm256_set1_epi32(64)), 7);
+            mag = _mm256_min_epu32(mag, _mm256_set1_epi32(120));
+            __m256i code = _mm256_or_si256(_mm256_slli_epi32(sign, 7), mag);
+            /* 8 int32 codes -> 8 bytes */
+            __m128i lo16 = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+            _mm_storel_epi64((__m128i *)(c + k), _mm_packus_epi16(lo16, lo16));
+        }
+#endif
+        for (; k < len; k++) c[k] = signed_lut[((f2u(x[k] * f) + (1u << 19)) >> 20) & 0xFFFu];
+    } else if (mode == DYN_UNSIGNED) {
+        for (int64_t k = 0; k < len; k++) {
+            float w = x[k] <= 0.0f ? 0.0f : x[k];
+            int32_t bits = (int32_t)f2u(w * f);
+            /* bits >= 0, so the sum cannot wrap; >> on a negative int32 is arithmetic in gcc and clang */
+            int32_t index = (bits + ((1 << 19) - (896 << 20))) >> 20;
+            index = index < 8 ? 8 : index;
+            index = index > 240 ? 240 : index;
+            index = index < bits ? index : bits;
+            c[k] = (uint8_t)index;
+        }
+    } else if (mode == FP8_SIGNED) {
+        for (int64_t k = 0; k < len; k++) {
+            uint32_t y = f2u(x[k] * f);
+            c[k] = (uint8_t)((y >> 24 & 0x80u) | e4m3_magnitude(y & 0x7FFFFFFFu));
+        }
+    } else if (mode == FP8_UNSIGNED) {
+        for (int64_t k = 0; k < len; k++) {
+            float w = x[k] <= 0.0f ? 0.0f : x[k];
+            float y = w * f;
+            uint32_t code = e5m2_magnitude(f2u(y));
+            c[k] = (uint8_t)(code == 0u && y > 0.0f ? 1u : code); /* a non-zero second moment never decodes to 0 */
+        }
+    } else if (mode == LIN_SIGNED) {
+        for (int64_t k = 0; k < len; k++) c[k] = (uint8_t)(int8_t)(int32_t)nearbyintf(x[k] * f);
+    } else {
+        for (int64_t k = 0; k < len; k++) {
+            float w = x[k] <= 0.0f ? 0.0f : x[k];
+            float y = w * f;
+            float r = nearbyintf(y);
+            r = r < 1.0f ? 1.0f : r;
+            float up = ceilf(y);
+            c[k] = (uint8_t)(int32_t)(r < up ? r : up);
+        }
+    }
+    if (write_back) int8_decode_block(c, block_multiplier(s, mode), x, len, lut, mode);
+}
+
+#define INT8_ENCODE_LOOP(MODE)                                                                       \
+    for (int64_t start = 0, b = 0; start < n; start += block, b++) {                                 \
+        int64_t len = n - start < block ? n - start : block;                                         \
+        int8_encode_block(values + start, codes + start, scales + b, len, MODE, signed_lut, lut, write_back); \
+    }
+
+/* Encode values[0..n) into codes and one scale per block; with write_back, values
+ * become what decode gives. signed_lut: the 4096-entry table of maps.py. */
+void ns_int8_encode(float *values, uint8_t *codes, float *scales, int64_t n, int64_t block, int mode,
+                    const uint8_t *signed_lut, const float *lut, int write_back) {
+    switch (mode) {
+    case DYN_SIGNED: INT8_ENCODE_LOOP(DYN_SIGNED) break;
+    case DYN_UNSIGNED: INT8_ENCODE_LOOP(DYN_UNSIGNED) break;
+    case LIN_SIGNED: INT8_ENCODE_LOOP(LIN_SIGNED) break;
+    case LIN_UNSIGNED: INT8_ENCODE_LOOP(LIN_UNSIGNED) break;
+    case FP8_SIGNED: INT8_ENCODE_LOOP(FP8_SIGNED) break;
+    default: INT8_ENCODE_LOOP(FP8_UNSIGNED) break;
+    }
+}
+
+/* ---- 16-bit moments (moments.py, Bf16Moments) -------------------------------------- */
+
+/* torch's float -> bfloat16 cast: round to nearest even; every nan becomes 0xFFFF (what the
+ * CPU kernels of torch 2.13 write). Second moments first become threshold(x, 0, 0) and, where
+ * positive, at least 2**-133 (the smallest positive bf16), so they never round to 0. */
+static inline uint16_t bf16_round(uint32_t b) {
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0xFFFFu;
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+void ns_bf16m_encode(float *values, uint16_t *hi, int64_t n, int is_unsigned, int write_back) {
+    uint32_t *v = (uint32_t *)values;
+    if (is_unsigned) {
+        for (int64_t k = 0; k < n; k++) {
+            float w = values[k] <= 0.0f ? 0.0f : values[k];
+            uint32_t b = f2u(w);
+            b = (b != 0u && b < 1u << 16) ? 1u << 16 : b; /* max(w, 2**-133) for 0 < w; nan and inf keep */
+            hi[k] = bf16_round(b);
+        }
+    } else {
+        for (int64_t k = 0; k < n; k++) hi[k] = bf16_round(v[k]);
+    }
+    if (write_back)
+        for (int64_t k = 0; k < n; k++) v[k] = (uint32_t)hi[k] << 16;
+}

@@ -1,0 +1,337 @@
+"""Native codecs: each codec's decode or encode of a range as one C loop, built on first use.
+
+[Note: why the codecs have a native pass]
+Measured on one core of the development VM (``nearstep bench codecs``, 4M
+elements, AdamW state), the torch codecs spend ~2.8 ns per element decoding and
+~7 ns encoding ``bf16-sr+8bit``, against ~0.9 ns for the fused AdamW kernel
+itself: each of their ~10 vectorised torch ops is a pass over the chunk with
+its own dispatch. One C loop per range does the same arithmetic in one pass
+while the values are in registers. ``torch.compile`` was tried first: inductor
+vectorises the float part, but turns every bit cast and ``isnan`` into a
+scalar loop through a stack array, and its encode of the 8-bit signed map ran
+at 4.5 ns per element against eager's 2.7; its C++ build also needs a compiler
+at run time, as this does. So the loops are written here, in C, for the
+compiler the machine has (``cc``, ``-O3 -march=native``), and loaded with
+:mod:`ctypes`, which releases the GIL for the call (so ``cores=N`` threads run
+them in parallel).
+
+The torch codecs stay the reference: the C functions compute the same IEEE
+operations in the same order (no FMA contraction, no fast-math) and the same
+integer arithmetic on the bit patterns, so every byte and every decoded value
+is equal (``tests/test_native.py`` compares them on fresh random inputs and
+special values). Where no C compiler is present, or ``NEARSTEP_NATIVE=0``, the
+torch codecs run, with the same numbers, only slower; :func:`status` says
+which, and ``nearstep bench io`` prints it.
+
+The library is built once per source, compiler and CPU into
+``$NEARSTEP_CACHE/native`` (default ``~/.cache/nearstep/native``), written under
+a temporary name and renamed into place, so processes building it at once do
+not see each other's half-written files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .maps import _signed_encode_lut
+from .master import Bf16KahanMaster, Bf16SrMaster, Fp32Master, MasterCodec
+from .moments import Bf16Moments, Fp8Moments, Fp32Moments, Int8Moments, MomentCodec, _unsigned
+from .rounding import _noise_table
+
+__all__ = ["available", "status", "disabled", "decode", "encode_", "plan", "Plan", "library_path"]
+
+_SOURCE = Path(__file__).with_name("native.c")
+_FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off",
+          "-fno-math-errno", "-fno-trapping-math")
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None, "why": why not
+_disabled: list[bool] = [False]  # set by disabled(), for the whole process
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NEARSTEP_CACHE")
+    return Path(root) / "native" if root else Path.home() / ".cache" / "nearstep" / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _cpu_key() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def library_path() -> Path | None:
+    """Where the library for this source, compiler and CPU is (or would be) cached; None without a compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    digest = hashlib.sha256(
+        _SOURCE.read_bytes() + repr((_FLAGS, cc, version, _cpu_key())).encode()
+    ).hexdigest()[:20]
+    return _cache_dir() / f"codecs-{digest}.so"
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("NEARSTEP_NATIVE", "1") == "0":
+        return None, "off (NEARSTEP_NATIVE=0)"
+    cc, path = _compiler(), library_path()
+    if cc is None or path is None:
+        return None, "no C compiler (cc, gcc or clang) on PATH: the torch codecs run"
+    if not path.exists():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".build-", suffix=".so")
+            os.close(fd)
+            try:
+                done = subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"],
+                                      capture_output=True, text=True, timeout=300)
+                if done.returncode != 0:
+                    return None, f"{cc} failed ({done.stderr.strip()[:400]}): the torch codecs run"
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+        except (OSError, subprocess.SubprocessError) as err:
+            return None, f"could not build the native codecs in {path.parent} ({err}): the torch codecs run"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:
+        return None, f"could not load {path} ({err}): the torch codecs run"
+    p, i64, u64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
+    signatures = {
+        "ns_bf16_decode": [p, p, i64],
+        "ns_kahan_decode": [p, p, p, i64],
+        "ns_master_encode": [p, p, p, i64, u64, i64, p, c_int],
+        "ns_int8_decode": [p, p, p, i64, i64, c_int, p],
+        "ns_int8_encode": [p, p, p, i64, i64, c_int, p, p, c_int],
+        "ns_bf16m_encode": [p, p, i64, c_int, c_int],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib, f"native ({path.name}, {cc})"
+
+
+def _library() -> ctypes.CDLL | None:
+    if _disabled[0]:
+        return None
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                lib, why = _build()
+                _state["why"] = why
+                _state["lib"] = lib
+                if lib is None and not why.startswith("off"):
+                    warnings.warn(f"nearstep: {why}; compressed state formats are slower", RuntimeWarning,
+                                  stacklevel=3)
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """True when the native codecs are built and in use."""
+    return _library() is not None
+
+
+def status() -> str:
+    """What runs the codecs: ``native (...)``, or why the torch codecs run."""
+    _library()
+    if _disabled[0]:
+        return "torch (native codecs disabled by formats.native.disabled())"
+    return str(_state.get("why", "unknown"))
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the torch reference codecs in this process while the block runs (tests, benchmarks);
+    the engine's threads see it too. Not for concurrent use by several threads."""
+    before = _disabled[0]
+    _disabled[0] = True
+    try:
+        yield
+    finally:
+        _disabled[0] = before
+
+
+# The 256 code values of the 8-bit maps before a block's multiplier, by mode.
+_DYN_SIGNED, _DYN_UNSIGNED, _LIN_SIGNED, _LIN_UNSIGNED, _FP8_SIGNED, _FP8_UNSIGNED = 0, 1, 2, 3, 4, 5
+
+
+def _fp16_of(patterns: Tensor) -> Tensor:
+    return patterns.to(torch.int16).view(torch.float16).float()
+
+
+_LUTS: dict[int, Tensor] = {}
+
+
+def _lut(mode: int) -> Tensor:
+    if mode not in _LUTS:
+        codes = torch.arange(256, dtype=torch.int32)
+        if mode == _DYN_SIGNED:
+            table = _fp16_of((codes & 0x80) << 8 | (codes & 0x7F) << 7)
+        elif mode == _DYN_UNSIGNED:
+            table = _fp16_of(codes << 7)
+        elif mode == _LIN_SIGNED:
+            table = torch.where(codes < 128, codes, codes - 256).float()
+        elif mode == _LIN_UNSIGNED:
+            table = codes.float()
+        else:
+            dtype = torch.float8_e4m3fn if mode == _FP8_SIGNED else torch.float8_e5m2
+            table = codes.to(torch.uint8).view(dtype).float()
+        _LUTS[mode] = table.contiguous()
+    return _LUTS[mode]
+
+
+_NARROW_NOISE: dict[int, Tensor] = {}
+
+
+def _narrow_noise(bits: int) -> Tensor:
+    """One period of rounding.py's noise table as uint16 values (stored in an int16 tensor)."""
+    if bits not in _NARROW_NOISE:
+        period = _noise_table(bits)[: 1 << 16]
+        assert int(period.max()) < (1 << 16) and int(period.min()) >= 0
+        _NARROW_NOISE[bits] = period.to(torch.int32).bitwise_and(0xFFFF).to(torch.int16).contiguous()
+    return _NARROW_NOISE[bits]
+
+
+def _int8_mode(codec: Int8Moments | Fp8Moments, name: str) -> int:
+    """The C code's mode of a blocked one-byte codec for moment ``name``."""
+    unsigned = _unsigned(name)
+    if isinstance(codec, Fp8Moments):
+        return _FP8_UNSIGNED if unsigned else _FP8_SIGNED
+    if codec.qmap == "dynamic":
+        return _DYN_UNSIGNED if unsigned else _DYN_SIGNED
+    return _LIN_UNSIGNED if unsigned else _LIN_SIGNED
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def decode(codec: MasterCodec | MomentCodec, name: str, regions: Mapping[str, Tensor], out: Tensor) -> bool:
+    """Decode ``name`` from ``regions`` into ``out`` natively; False where this codec has no
+    native pass (fp32 copies, or the library is unavailable): then the caller runs the torch codec."""
+    lib = _library()
+    if lib is None:
+        return False
+    n = out.numel()
+    if isinstance(codec, Bf16SrMaster):
+        lib.ns_bf16_decode(_ptr(regions[name]), _ptr(out), n)
+    elif isinstance(codec, Bf16KahanMaster):
+        lib.ns_kahan_decode(_ptr(regions[name]), _ptr(regions[name + ".lo"]), _ptr(out), n)
+    elif isinstance(codec, Bf16Moments):
+        lib.ns_bf16_decode(_ptr(regions[name]), _ptr(out), n)
+    elif isinstance(codec, (Int8Moments, Fp8Moments)):
+        mode = _int8_mode(codec, name)
+        lib.ns_int8_decode(_ptr(regions[name]), _ptr(regions[name + ".scale"]), _ptr(out), n, codec.block, mode,
+                           _ptr(_lut(mode)))
+    else:
+        return False
+    return True
+
+
+def encode_(codec: MasterCodec | MomentCodec, name: str, values: Tensor, regions: Mapping[str, Tensor], *,
+            seed: int = 0, first: int = 0, write_back: bool = True) -> bool:
+    """Encode ``values`` into ``regions`` natively (the master's ``values`` always become what was
+    stored, a moment's with ``write_back``); False where this codec has no native pass.
+
+    ``first`` is the slice element ``values[0]`` is, which the stochastic rounding noise depends on.
+    """
+    lib = _library()
+    if lib is None:
+        return False
+    n = values.numel()
+    if isinstance(codec, (Bf16SrMaster, Bf16KahanMaster)):
+        dropped = 16 if isinstance(codec, Bf16SrMaster) else 8
+        low = _ptr(regions[name + ".lo"]) if dropped == 8 else None
+        lib.ns_master_encode(_ptr(values), _ptr(regions[name]), low, n, int(seed) & (2**64 - 1), int(first),
+                             _ptr(_narrow_noise(dropped)), dropped)
+    elif isinstance(codec, Bf16Moments):
+        lib.ns_bf16m_encode(_ptr(values), _ptr(regions[name]), n, int(_unsigned(name)), int(bool(write_back)))
+    elif isinstance(codec, (Int8Moments, Fp8Moments)):
+        mode = _int8_mode(codec, name)
+        lib.ns_int8_encode(_ptr(values), _ptr(regions[name]), _ptr(regions[name + ".scale"]), n, codec.block, mode,
+                           _ptr(_signed_encode_lut()), _ptr(_lut(mode)), int(bool(write_back)))
+    else:
+        return False
+    return True
+
+
+class Plan:
+    """One state tensor's native decode and encode over element ranges of a file, bound once to the
+    file's memory (:func:`plan`), so that each call of the device's pass is one C call on addresses
+    (a few microseconds less per chunk than slicing the region views first).
+
+    ``decode(start, count, out_address)`` fills ``count`` fp32 values at ``out_address`` from
+    elements ``start..`` of the file; ``encode(start, count, values_address, seed)`` stores them
+    back (a master's values become what was stored; a moment's are left as they were). ``start``
+    is on a block boundary for blocked moments.
+    """
+
+    __slots__ = ("decode", "encode")
+
+    def __init__(self, decode: Callable[[int, int, int], None], encode: Callable[[int, int, int, int], None]) -> None:
+        self.decode, self.encode = decode, encode
+
+
+def plan(codec: MasterCodec | MomentCodec, name: str, regions: Mapping[str, Tensor]) -> Plan | None:
+    """The native :class:`Plan` of state tensor ``name`` in ``regions`` (whole-file views, which must
+    outlive the plan); None where the library is unavailable or the codec has no native pass."""
+    lib = _library()
+    if lib is None:
+        return None
+    if isinstance(codec, (Fp32Master, Fp32Moments)):
+        base, move = _ptr(regions[name]), ctypes.memmove
+        return Plan(lambda start, count, out: move(out, base + 4 * start, 4 * count),
+                    lambda start, count, values, seed: move(base + 4 * start, values, 4 * count))
+    if isinstance(codec, (Bf16SrMaster, Bf16KahanMaster)):
+        high, dropped = _ptr(regions[name]), 16 if isinstance(codec, Bf16SrMaster) else 8
+        table = _ptr(_narrow_noise(dropped))
+        master_encode = lib.ns_master_encode
+        if dropped == 16:
+            bf16_decode = lib.ns_bf16_decode
+            return Plan(lambda start, count, out: bf16_decode(high + 2 * start, out, count),
+                        lambda start, count, values, seed: master_encode(
+                            values, high + 2 * start, None, count, seed & (2**64 - 1), start, table, 16))
+        low, kahan_decode = _ptr(regions[name + ".lo"]), lib.ns_kahan_decode
+        return Plan(lambda start, count, out: kahan_decode(high + 2 * start, low + start, out, count),
+                    lambda start, count, values, seed: master_encode(
+                        values, high + 2 * start, low + start, count, seed & (2**64 - 1), start, table, 8))
+    if isinstance(codec, Bf16Moments):
+        region, unsigned = _ptr(regions[name]), int(_unsigned(name))
+        bf16_decode, bf16m_encode = lib.ns_bf16_decode, lib.ns_bf16m_encode
+        return Plan(lambda start, count, out: bf16_decode(region + 2 * start, out, count),
+                    lambda start, count, values, seed: bf16m_encode(values, region + 2 * start, count, unsigned, 0))
+    if isinstance(codec, (Int8Moments, Fp8Moments)):
+        codes, scales, block = _ptr(regions[name]), _ptr(regions[name + ".scale"]), codec.block
+        mode = _int8_mode(codec, name)
+        lut, signed_lut = _ptr(_lut(mode)), _ptr(_signed_encode_lut())
+        int8_decode, int8_encode = lib.ns_int8_decode, lib.ns_int8_encode
+        return Plan(lambda start, count, out: int8_decode(codes + start, scales + 4 * (start // block), out, count,
+                                                         block, mode, lut),
+                    lambda start, count, values, seed: int8_encode(
+                        values, codes + start, scales + 4 * (start // block), count, block, mode, signed_lut, lut, 0))
+    return None
