@@ -88,6 +88,11 @@ class DeviceConfig:
             where the kernel and sandbox allow it, else threads). See ``nearstep.uring``.
         io_threads: threads of the thread-pool backend.
         queue_depth: blocks the io_uring backend keeps in flight.
+        lend_idle_cores: the training loop's torch threads run on the device's cores while
+            the device is idle, and step down to the other cores while it has a step queued
+            (see [Note: lending cores to the loop] in cores.py). For training on the CPU the
+            device shares; give the loop every core (``torch.set_num_threads``) and the
+            device ``cores``. Emulated device only.
     """
 
     backend: Literal["emulated", "inline"] = "emulated"
@@ -96,10 +101,15 @@ class DeviceConfig:
     io_backend: Literal["auto", "ring", "threads"] = "auto"
     io_threads: int = 4
     queue_depth: int = DEFAULT_QUEUE_DEPTH
+    lend_idle_cores: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in ("emulated", "inline"):
             raise ValueError(f"backend must be 'emulated' or 'inline', got {self.backend!r}")
+        if self.lend_idle_cores and self.backend != "emulated":
+            raise ValueError("lend_idle_cores lends the emulated device's cores to the training loop; the inline "
+                             "device runs in the loop's own threads and has none to lend: drop lend_idle_cores "
+                             "or use backend='emulated'")
         parse_bytes(self.memory_budget)
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")

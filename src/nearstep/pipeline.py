@@ -89,6 +89,7 @@ from .errors import StaleWeightError
 from .image import StagedSegment
 from .staging import StagedSlice, StagingLayout
 from .trace import Trace
+from .cores import CoreLending
 
 __all__ = ["Phase", "InFlight", "PipelineConfig", "StepInputs", "Pipeline", "ReadCheck"]
 
@@ -249,6 +250,9 @@ class Pipeline:
         if self.cuda:
             for arena in self.arenas:
                 _pin(arena)
+        # The loop's threads on the device's cores while it is idle (see [Note: lending cores to
+        # the loop] in cores.py); the optimizer sets it where the device lends them.
+        self.lending: CoreLending | None = None
 
     def _trainable_counts(self) -> list[int]:
         return [sum(1 for i in members if self.params[i].requires_grad) for members in self.slice_params]
@@ -285,6 +289,21 @@ class Pipeline:
             handle.remove()
         self._handles.clear()
         self._hooked.clear()
+        if self.lending is not None:
+            self.lending.close()
+
+    def _device_busy(self) -> None:
+        if self.lending is not None:
+            self.lending.device_busy()
+
+    def poll_lending(self) -> None:
+        """Give the loop the device's cores back once the device has finished what was queued."""
+        lending = self.lending
+        if lending is None or not lending.busy:
+            return
+        inflight = self.inflight
+        if (inflight is None or inflight.commit.done()) and all(done.done() for done in self._early.values()):
+            lending.device_idle()
 
     def _landing_set(self, module: torch.nn.Module) -> tuple[int, ...]:
         key = id(module)
@@ -323,6 +342,7 @@ class Pipeline:
                 for k in pipeline._landing_set(mod):
                     if k not in inflight.landed and k in inflight.applies:
                         pipeline.land(k)
+            pipeline.poll_lending()
 
         return pre_hook
 
@@ -341,6 +361,7 @@ class Pipeline:
         if self.staged[i] and self._early and any(staged.index in self._early for staged, _seg in self.segments[i]):
             self._cancel_early(i)
         self.stage(i, p)
+        self.poll_lending()
 
     # -- staging -----------------------------------------------------------------
 
@@ -422,6 +443,7 @@ class Pipeline:
         # No clip scale yet: step() validates the step and redoes the slice if it clips.
         staged = {i for i in self.slice_params[k] if self.staged[i]}
         adopt = self._adopt_flags(k, self.edited_weights(self.slice_params[k]))
+        self._device_busy()
         self._early[k] = self.device.submit(self._apply_request(k, self._step_inputs(), staged, 1.0, adopt))
 
     def _cancel_early(self, i: int) -> None:
@@ -650,6 +672,7 @@ class Pipeline:
             self.device.submit(Prefetch(tuple(order)))
         inputs = self._step_inputs()
         applies = {}
+        self._device_busy()
         if self._early:
             self.counters["speculated_steps"] += 1
             self._miss_streak = 0
@@ -801,6 +824,7 @@ class Pipeline:
         self._pending.clear()
         if self.phase is Phase.LAUNCHED:
             self.phase = Phase.IDLE
+        self.poll_lending()
         if error is not None:
             raise error
         return inflight

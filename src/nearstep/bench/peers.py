@@ -1,18 +1,24 @@
 """``nearstep bench peers``: nearstep side by side with DeepSpeed ZeRO-Infinity on one model, one disk, one run.
 
-The same model, data, seed, steps and store directory under five variants:
+The same model, data, seed, steps and store directory under these variants:
 
 - ``ds-nvme``: DeepSpeed ZeRO-3 with the optimizer state on NVMe (ZeRO-Infinity): ``DeepSpeedCPUAdam``
   and its swapper, reading and writing the state through its async I/O op (libaio);
 - ``ds-cpu``: DeepSpeed ZeRO-3 with the optimizer state in host memory, for reference;
-- ``none``: forward and backward only, no optimizer, on nearstep's training-loop core: the floor
-  that no optimizer, however well hidden, can go under;
-- ``sync``, ``overlap``, ``delayed``: ``nearstep.AdamW`` in each mode, state on the store.
+- ``none``: forward and backward only, no optimizer, on every core: the floor that no optimizer,
+  however well hidden, can go under;
+- ``sync``, ``overlap``, ``delayed``: ``nearstep.AdamW`` in each mode, state on the store, the loop's
+  threads on every core, the device's core included (they compete for it while the device works);
+- ``overlap-lend``: overlap mode with ``DeviceConfig(lend_idle_cores=True)``: the loop steps down to
+  the cores the device does not use while it has a step queued;
+- ``overlap-own``: overlap mode with the loop held to a core of its own (one torch thread), the
+  device on the other (how this benchmark ran until 2026-12-03).
 
 Each variant runs in a fresh process and the variants alternate (A B C D E A B C D E ...), as in
 ``nearstep bench step``. The machine is shared out the way each system is built to use it: DeepSpeed's
-process gets every core (its forward/backward and its CPU Adam run on all of them); nearstep's training
-loop gets one core and one torch thread, its device process the other core. Both are measured the same
+process gets every core (its forward/backward and its CPU Adam run on all of them); so does nearstep's
+training loop, with its device process pinned to the last core (``overlap-lend`` and ``overlap-own``
+share that core out otherwise; see [Note: lending cores to the loop] in ``nearstep/cores.py``). Both are measured the same
 way: wall time around forward, backward and ``step()``; bytes from ``/proc/<pid>/io`` of every process
 of the variant (for nearstep the device process too); peak memory as the processes' ``VmHWM``.
 
@@ -53,7 +59,9 @@ __all__ = ["main", "DeepSpeedStatus", "deepspeed_status", "load_deepspeed_aio", 
 
 SETUP = "bash bench/peers-setup.sh"
 DEEPSPEED_VARIANTS = ("ds-nvme", "ds-cpu")
-NEARSTEP_VARIANTS = ("sync", "overlap", "delayed")
+NEARSTEP_VARIANTS = ("sync", "overlap", "delayed", "overlap-lend", "overlap-own")
+OWN_CORE = "overlap-own"  # the loop on a core of its own, one torch thread
+LEND = "overlap-lend"  # the loop on every core while the device is idle, off its core while it works
 VARIANTS = (*DEEPSPEED_VARIANTS, "none", *NEARSTEP_VARIANTS)
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.01  # torch.optim.AdamW's defaults, on both sides
 RATIO_TARGET = 0.6  # nearstep overlap ms/iteration over DeepSpeed NVMe's, at or under this PASSes
@@ -149,7 +157,7 @@ class Options:
         rounds: how many times each variant runs, alternating.
         variants: which of ``VARIANTS`` to run, in that order.
         memory_budget: nearstep's device memory budget, like ``"2GiB"``.
-        ds_threads: torch threads of the DeepSpeed workers (default: every core this process may use).
+        ds_threads: torch threads of every training loop but overlap-own's (default: every core this process may use).
         dir: scratch directory for the stores and DeepSpeed's swap files; the run works in a fresh subdirectory.
         json: where the results are written.
         quick: tiny sizes, for smoke tests.
@@ -193,6 +201,7 @@ class WorkerSpec:
     threads: int
     master_port: int
     ds_zero: dict[str, Any] | None = None
+    lend: bool = False
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -212,7 +221,8 @@ def _parse(argv: list[str] | None) -> Options:
                         help=f"comma-separated subset of {','.join(VARIANTS)} (default: all)")
     parser.add_argument("--memory-budget", default="2GiB", help="nearstep's device memory budget (default 2GiB)")
     parser.add_argument("--ds-threads", type=int, default=None,
-                        help="torch threads of the DeepSpeed workers (default: every core this process may use)")
+                        help="torch threads of the training loop, DeepSpeed's and nearstep's but overlap-own's "
+                             "(default: every core this process may use)")
     parser.add_argument("--dir", type=pathlib.Path, default=pathlib.Path(".nearstep/bench-peers"),
                         help="scratch directory on the disk under test (default: ./.nearstep/bench-peers)")
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("bench-peers.json"), help="results file")
@@ -387,14 +397,16 @@ def _compute_only_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
 
 
 def _nearstep_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
-    device = nearstep.DeviceConfig(cores=(spec.device_core,), memory_budget=spec.memory_budget)
+    device = nearstep.DeviceConfig(cores=(spec.device_core,), memory_budget=spec.memory_budget,
+                                   lend_idle_cores=spec.lend)
     os.sched_setaffinity(0, set(spec.cores))
     torch.set_num_threads(spec.threads)
     model = work.model
     model.train()
-    extra = {"overlap": {"model": model}, "delayed": {"warmup_steps": DELAYED_WARMUP_STEPS}}.get(spec.variant, {})
+    mode = "overlap" if spec.variant in (OWN_CORE, LEND) else spec.variant
+    extra = {"overlap": {"model": model}, "delayed": {"warmup_steps": DELAYED_WARMUP_STEPS}}.get(mode, {})
     opt = nearstep.AdamW(model.named_parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY,
-                         store=spec.store, mode=spec.variant, device=device, **extra)
+                         store=spec.store, mode=mode, device=device, **extra)
 
     def step() -> None:
         opt.step()
@@ -425,6 +437,7 @@ def _nearstep_worker(spec: WorkerSpec, work: Workload) -> dict[str, Any]:
                     "device_link_out_bytes")
         per_step = {k: (after[k] - before[k]) / spec.steps for k in counters}
         result |= {"stats_per_step": per_step, "overlap_fraction": opt.trace.summary()["overlap_fraction"],
+                   "lent_core_switches": after["lent_core_switches"] - before["lent_core_switches"],
                    "device": {"pid": opt.device.info.pid, "cores": list(opt.device.info.cores),
                               "direct_io": opt.device.info.direct_io}}
     finally:
@@ -529,13 +542,15 @@ def _run_rounds(opts: Options, variants: tuple[str, ...], runs: dict[str, list[d
         # Alternate A B C D E A B C D E: a shared VM drifts between runs; side by side, every variant sees it.
         for variant in variants:
             ours = variant not in DEEPSPEED_VARIANTS
+            own = variant == OWN_CORE
             spec = WorkerSpec(model=opts.model, variant=variant, round=r + 1, batch=opts.batch, seq_len=opts.seq_len,
                               width=opts.width, steps=opts.steps, warmup=opts.warmup,
                               memory_budget=opts.memory_budget,
                               store=str((work / f"state-{variant}-{r + 1}").resolve()),
-                              cores=[loop_core] if ours else available, device_core=device_core,
-                              threads=1 if ours else opts.ds_threads, master_port=0 if ours else _free_port(),
-                              ds_zero=None if ours else opts.ds_zero)
+                              cores=[loop_core] if own else available, device_core=device_core,
+                              threads=1 if own else opts.ds_threads, master_port=0 if ours else _free_port(),
+                              ds_zero=None if ours else opts.ds_zero,
+                              lend=variant == LEND)
             result = _run_worker(spec, work)
             runs[variant].append(result)
             _progress(f"round {r + 1}/{opts.rounds} {variant}: {result['ms_per_iteration']:.1f} ms/iteration, "
@@ -584,9 +599,10 @@ def _summarize(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, Any], d
             if name not in (reference, "none"):  # none does not train
                 diffs = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(v["losses"], ref)]
                 derived[f"{name}_max_loss_rel_diff"] = max(diffs) if diffs else math.nan
-    if "sync" in runs and "overlap" in runs:
-        derived["overlap_losses_equal_sync"] = all(a["losses"] == b["losses"]
-                                                   for a, b in zip(runs["sync"], runs["overlap"]))
+    for name in ("overlap", LEND, OWN_CORE):
+        if "sync" in runs and name in runs:
+            derived[f"{name}_losses_equal_sync"] = all(a["losses"] == b["losses"]
+                                                       for a, b in zip(runs["sync"], runs[name]))
     return variants, derived
 
 
@@ -612,15 +628,15 @@ def _render(res: dict[str, Any]) -> str:
            f"betas {BETAS}, eps {EPS:g}, weight decay {WEIGHT_DECAY:g}, no clipping",
            f"{o['steps']} timed steps after {o['warmup']} warm-up, {o['rounds']} round(s) alternating, "
            f"each variant in a fresh process",
-           f"cores: DeepSpeed: {res['cores']['deepspeed']} with {o['ds_threads']} torch thread(s); nearstep: training "
-           f"loop on core {res['cores']['loop']} (1 torch thread), device on core {res['cores']['device']}, "
-           f"memory budget {o['memory_budget']}",
+           f"cores: every loop on {res['cores']['deepspeed']} with {o['ds_threads']} torch thread(s) (overlap-own: "
+           f"core {res['cores']['loop']}, 1 thread); nearstep's device on core {res['cores']['device']}, lent to the "
+           f"loop while idle in overlap-lend only; memory budget {o['memory_budget']}",
            _deepspeed_line(res), "",
-           f"  {'variant':<9}{'ms/iter':>9}  {'rounds':<22}{'fwd':>7}{'bwd':>7}{'step()':>8}{'exposed':>9}"
+           f"  {'variant':<15}{'ms/iter':>9}  {'rounds':<22}{'fwd':>7}{'bwd':>7}{'step()':>8}{'exposed':>9}"
            f"{'read MiB':>10}{'write MiB':>10}{'peak RSS MiB':>13}{'last loss':>11}"]
     for name, v in var.items():
         rounds = " ".join(f"{x:.0f}" for x in v["round_ms_per_iteration"])
-        out.append(f"  {name:<9}{v['ms_per_iteration']:>9.1f}  {rounds:<22}{v['forward_ms']:>7.1f}"
+        out.append(f"  {name:<15}{v['ms_per_iteration']:>9.1f}  {rounds:<22}{v['forward_ms']:>7.1f}"
                    f"{v['backward_ms']:>7.1f}{v['step_call_ms']:>8.1f}{v['exposed_step_ms']:>9.1f}"
                    f"{v['read_bytes_per_step'] / MiB:>10.1f}"
                    f"{v['write_bytes_per_step'] / MiB:>10.1f}{v['peak_rss_bytes'] / MiB:>13.0f}"
@@ -633,7 +649,7 @@ def _render(res: dict[str, Any]) -> str:
         if key in d:
             note = f"exposed step {d[f'{name}_exposed_step_over_ds_nvme']:.3f} of DeepSpeed NVMe's"
             if name == "none":
-                note = "the floor: forward and backward only, on nearstep's loop core"
+                note = "the floor: forward and backward only, on every core"
             if name == "overlap":
                 out.append(table_line("overlap / ds-nvme ms/iter", f"{d[key]:.3f}",
                                       verdict(d["overlap_pass"], f"target <= {RATIO_TARGET}; {note}")))
@@ -649,9 +665,14 @@ def _render(res: dict[str, Any]) -> str:
         if f"{name}_hidden" in d:
             out.append(table_line(f"none / {name} ms/iter", f"{d[f'{name}_hidden']:.3f}",
                                   "how much of the step is hidden; 1.0: completely"))
-    if "overlap_losses_equal_sync" in d:
-        out.append(table_line("overlap losses == sync", "yes" if d["overlap_losses_equal_sync"] else "NO",
-                              "overlap is exact: bitwise the same losses"))
+    why = {"overlap": "overlap is exact: bitwise the same losses",
+           LEND: "the loop's thread count follows the device's phase, so its forward and backward may round "
+                 "otherwise than sync's; the update is exact",
+           OWN_CORE: "one thread against sync's two: matrix products may sum in another order"}
+    for name, note in why.items():
+        key = f"{name}_losses_equal_sync"
+        if key in d:
+            out.append(table_line(f"{name} losses == sync", "yes" if d[key] else "no", note))
     steps = len(first["losses"])
     out += ["", "  losses, round 1 (" + ", ".join(f"{n}" for n in var) + "):"]
     for i in range(steps):
