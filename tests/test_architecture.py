@@ -11,7 +11,7 @@ import nearstep
 ROOT = Path(nearstep.__file__).resolve().parent
 
 # The training process's side, and the device's side (see docs/design.md, "Where the code lives").
-HOST = {"optim", "pipeline", "checkpoint", "trace", "distributed", "sensitivity"}
+HOST = {"optim", "pipeline", "checkpoint", "trace", "distributed", "sensitivity", "cores", "keras"}
 DEVICE = {"engine", "kernels"}
 
 
@@ -130,3 +130,19 @@ def test_host_and_device_meet_only_in_the_protocol() -> None:
         assert not graph[host] & DEVICE, f"{host} imports the device's implementation {graph[host] & DEVICE}"
     for device in DEVICE:
         assert not graph[device] & HOST, f"{device} imports the host's {graph[device] & HOST}"
+
+
+def _third_party(path: Path) -> set[str]:
+    """Top-level names of the non-nearstep packages a module imports, anywhere in it."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return found - {"nearstep"}
+
+
+def test_only_the_keras_front_end_imports_keras_or_tensorflow() -> None:
+    users = {_module_name(p) for p in ROOT.rglob("*.py") if _third_party(p) & {"keras", "tensorflow"}}
+    assert users == {"keras", "bench.keras"}

@@ -35,10 +35,14 @@ CONFIGS = [
     pytest.param(
         SGDHyper(lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.05, maximize=True), id="sgd-nesterov-wd-max"
     ),
+    pytest.param(SGDHyper(lr=0.1, weight_decay=0.05, decoupled_weight_decay=True), id="sgd-decoupled"),
+    pytest.param(SGDHyper(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, decoupled_weight_decay=True),
+                 id="sgd-nesterov-decoupled"),
     pytest.param(LionHyper(lr=1e-3), id="lion"),
     pytest.param(LionHyper(lr=1e-3, beta1=0.95, beta2=0.98, weight_decay=0.1, maximize=True), id="lion-wd-max"),
 ]
-TORCH_CONFIGS = [c for c in CONFIGS if not isinstance(c.values[0], LionHyper)]
+TORCH_CONFIGS = [c for c in CONFIGS if not isinstance(c.values[0], LionHyper)
+                 and not getattr(c.values[0], "decoupled_weight_decay", False)]  # torch.optim.SGD couples its decay
 
 
 # ---------------------------------------------------------------- references
@@ -76,7 +80,9 @@ def ref_sgd_(hyper, master, states, grad, step) -> None:
     """SGD with momentum (Sutskever et al.), torch's convention: buffer = gradient on the first step."""
     buf = states["momentum_buffer"]
     g = -grad if hyper.maximize else grad.clone()
-    if hyper.weight_decay != 0:
+    if hyper.weight_decay != 0 and hyper.decoupled_weight_decay:
+        master.mul_(1 - hyper.lr * hyper.weight_decay)
+    elif hyper.weight_decay != 0:
         g = g + hyper.weight_decay * master
     if hyper.momentum != 0:
         if step == 1:

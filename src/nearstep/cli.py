@@ -15,6 +15,7 @@ _BENCHES = {
     "accuracy": (".bench.accuracy", "held-out accuracy/loss per state format, and with injected gradient spikes per guard"),
     "peers": (".bench.peers", "side by side with DeepSpeed ZeRO-3 (optimizer on NVMe, on CPU) where installed"),
     "filter-effect": (".bench.filter_effect", "MiniLM on BBC trained with and without the data filter, several seeds; what a leaky split overstates"),
+    "keras": (".bench.keras", "model.fit with nearstep.keras.AdamW vs keras.optimizers.AdamW, alternating"),
     "codecs": (".bench.codecs", "decode/encode ns per element of each state-format codec on one thread"),
     "data": (".bench.data", "near-duplicate detection vs datasketch MinHashLSH: precision/recall/F1, docs/s and MB/s per core, memory per document"),
 }
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         sub.add_parser(name, help=text, add_help=False)
     sub.add_parser("reshard", help="rewrite a sharded run's store set for another number of ranks", add_help=False)
     sub.add_parser("data", help="scan|dedup: exact and near duplicates, repetition, boilerplate, leakage in a corpus", add_help=False)
+    sub.add_parser("plan", help="step time per mode, store size, bytes per step and drive wear before a run (--calibrate)",
+                   add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         from .data.tools import main as data_main
 
         return data_main(argv[1:])
+    if argv[0] == "plan":
+        from .planner import main as plan_main
+
+        return plan_main(argv[1:])
     if argv[0] in _TOOLS:
         from .tools import main as tools_main
 

@@ -273,8 +273,13 @@ def _step_tensor(step: int) -> Tensor:
 def _sgd_step_(
     hyper: SGDHyper, masters: list[Tensor], buffers: list[Tensor], grads: list[Tensor], steps: list[int]
 ) -> None:
+    decay = hyper.weight_decay
+    if hyper.decoupled_weight_decay:
+        if decay != 0:
+            torch._foreach_mul_(masters, 1.0 - hyper.lr * decay)
+        decay = 0.0
     options = dict(
-        weight_decay=hyper.weight_decay, momentum=hyper.momentum, lr=hyper.lr, dampening=hyper.dampening,
+        weight_decay=decay, momentum=hyper.momentum, lr=hyper.lr, dampening=hyper.dampening,
         nesterov=hyper.nesterov, maximize=hyper.maximize,
     )
     if hyper.momentum == 0:

@@ -34,6 +34,7 @@ from .device import DeviceConfig, build_device, ensure_file_limit, slice_file_ca
 from .distributed import Sharding, ShardingConfig, build_sharding
 from .protocol import Commit, Completion, Device, Lane, LoadState, Query, QueryKind
 from .staging import StagingLayout
+from .cores import CoreLending
 from .pipeline import InFlight, Phase, Pipeline, PipelineConfig, ReadCheck, StepInputs
 from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
@@ -262,6 +263,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         self.trace = Trace(collect=self._device_events)
         self._start()
         self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
+        self._opened_at = time.monotonic()  # for the drive-write pace (stats)
         self._clipped_steps = 0
         self._restarts = 0
         self._warned_rounding = False
@@ -289,6 +291,8 @@ class NearstepOptimizer(torch.optim.Optimizer):
         )
         self._pipeline = Pipeline(self._params, self._names, self._layout, self._device, self.trace, config,
                                   step_inputs=self._step_inputs, on_failure=self._rollback)
+        if self._device_config.lend_idle_cores:
+            self._pipeline.lending = CoreLending(self._device.info.cores)
         if mode is not Mode.SYNC:
             self._pipeline.attach_grad_hooks()
             self._ranks.attach_grad_hooks(self._pipeline)
@@ -686,11 +690,15 @@ class NearstepOptimizer(torch.optim.Optimizer):
             "clipped_steps": self._clipped_steps,
             "device_restarts": self._restarts,
             **self._pipeline.counters,
+            "lent_core_switches": self._pipeline.lending.switches if self._pipeline.lending else 0,
             "step_ms": 1e3 * self._times["step_seconds"] / steps,
             "host_steps": self._times["steps"],
             "overlap_fraction": summary["overlap_fraction"],
             "link_bytes_per_step": (device["link_in_bytes"] + device["link_out_bytes"]) / steps,
             "store_bytes_per_step": (device["store_read_bytes"] + device["store_write_bytes"]) / steps,
+            # What this run writes to the drive, and at what pace (nearstep plan's drive-wear input).
+            "store_bytes_written": device["store_write_bytes"],
+            "store_write_bytes_per_day": device["store_write_bytes"] * 86400.0 / max(time.monotonic() - self._opened_at, 1e-9),
             **{f"device_{k}": v for k, v in device.items()},
             **self._ranks.stats(steps),
         }
@@ -1043,13 +1051,18 @@ class SGD(NearstepOptimizer):
     kind = "sgd"
 
     def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False, **options: Any) -> None:
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 decoupled_weight_decay: bool = False, **options: Any) -> None:
+        """``decoupled_weight_decay=True`` multiplies the weights by ``1 - lr * weight_decay`` before
+        the step (as AdamW decays) instead of adding ``weight_decay * w`` to the gradient."""
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize), **options)
+                                      nesterov=nesterov, maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay), **options)
 
     def _hyper(self, group: dict[str, Any]) -> rules.Hyper:
         return rules.SGDHyper(lr=_value(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
-                                nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"])
+                                nesterov=group["nesterov"], weight_decay=group["weight_decay"], maximize=group["maximize"],
+                                decoupled_weight_decay=group.get("decoupled_weight_decay", False))
 
 
 class Lion(NearstepOptimizer):

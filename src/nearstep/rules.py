@@ -87,7 +87,11 @@ def _check_adam_fields(hyper: AdamWHyper | AdamHyper) -> None:
 
 @dataclass(frozen=True, slots=True)
 class SGDHyper:
-    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``."""
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``.
+
+    ``decoupled_weight_decay``: the weights are multiplied by ``1 - lr * weight_decay`` before the
+    step instead of the decay being added to the gradient (as AdamW and Keras' optimizers decay).
+    """
 
     lr: float
     momentum: float = 0.0
@@ -95,6 +99,7 @@ class SGDHyper:
     nesterov: bool = False
     weight_decay: float = 0.0
     maximize: bool = False
+    decoupled_weight_decay: bool = False
 
     def __post_init__(self) -> None:
         _check_number(self, "lr")
@@ -103,6 +108,7 @@ class SGDHyper:
         _check_number(self, "weight_decay")
         _check_flag(self, "nesterov")
         _check_flag(self, "maximize")
+        _check_flag(self, "decoupled_weight_decay")
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError(
                 "Nesterov momentum requires a momentum > 0 and zero dampening, "

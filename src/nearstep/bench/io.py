@@ -415,12 +415,18 @@ def _bandwidth(opts: Options, work: pathlib.Path) -> dict[str, Any]:
     return out
 
 
-def _end_to_end(opts: Options, work: pathlib.Path) -> dict[str, Any]:
-    """Full inline-device AdamW steps over as many parameters as the bandwidth test's state holds."""
+def _end_to_end(opts: Options, work: pathlib.Path, backend: str = "inline", fp32: bool = False) -> dict[str, Any]:
+    """Full AdamW steps over as many parameters as the bandwidth test's state holds (on the inline
+    device, or on ``backend``; bf16 parameters, or fp32 ones, as most models train on the CPU)."""
     sizes = _split(max(opts.state_bytes // ADAMW_BYTES_PER_PARAM, 4), 4)
-    device = DeviceConfig(backend="inline", io_backend=opts.io_backend, io_threads=opts.io_threads,
+    device = DeviceConfig(backend=backend, io_backend=opts.io_backend, io_threads=opts.io_threads,
                           queue_depth=opts.queue_depth)
-    opt = nearstep.AdamW(_bf16_params(sizes), lr=1e-3, store=work / "e2e", device=device)
+    params = _bf16_params(sizes)
+    if fp32:
+        params = [torch.nn.Parameter(p.detach().float()) for p in params]
+        for p in params:
+            p.grad = torch.empty_like(p).uniform_(-1e-3, 1e-3)
+    opt = nearstep.AdamW(params, lr=1e-3, store=work / "e2e", device=device)
     try:
         opt.step()  # warm-up: first touches of slots and staging, first writes into generation 1
         before = opt.stats()
