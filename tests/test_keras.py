@@ -264,8 +264,23 @@ def test_a_store_from_an_earlier_run_is_refused(tmp_path) -> None:
             m.fit(x, y, batch_size=16, epochs=1, verbose=0)
             opt.close()
         else:
+            before = m.get_weights()
             with pytest.raises(StoreError, match="earlier run"):
                 m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+            for a, b in zip(before, m.get_weights()):
+                np.testing.assert_array_equal(a, b)  # the refused store put nothing into the model
+
+
+def test_changing_which_variables_decay_after_the_first_update_is_refused(tmp_path) -> None:
+    x, y = data()
+    m = model()
+    opt = nk.AdamW(weight_decay=0.1, store=tmp_path / "run", device="inline")
+    m.compile(optimizer=opt, loss="mse", run_eagerly=True)
+    m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    opt.exclude_from_weight_decay(var_names=["bias"])
+    with pytest.raises(UnsupportedUsageError, match="exclude_from_weight_decay"):
+        m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    opt.close()
 
 
 def test_jit_compile_is_refused_with_what_to_do(tmp_path) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import pathlib
 import time
 import warnings
 from typing import Any, ClassVar
@@ -50,6 +51,7 @@ import torch
 from . import optim as _optim
 from .device import DeviceConfig
 from .errors import StoreError, StoreLockedError, StoreMismatchError, UnsupportedUsageError
+from .store import MANIFEST, read_manifest
 from .rules import Guards
 
 __all__ = ["AdamW", "Adam", "SGD", "Lion", "DeviceOptimizer"]
@@ -92,6 +94,7 @@ class _HostSide:
         self.params: list[torch.Tensor] = []  # in the order of the optimizer's variables
         self.positions: list[int] = []  # variable index -> position in the engine's parameters
         self.groups: list[list[int]] = []  # engine param group -> variable indices
+        self.group_decay: list[bool] = []  # engine param group -> whether its variables decay
         self.shadow = True  # TensorFlow: torch copies of the weights; torch backend: the weights themselves
 
 
@@ -183,14 +186,25 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             seen.add(name)
             names.append(name)
         decays = [self._weight_decay_for(v) for v in variables]
-        host.groups = [idx for idx in ([i for i, d in enumerate(decays) if d], [i for i, d in enumerate(decays) if not d])
-                       if idx]
+        split = [(True, [i for i, d in enumerate(decays) if d]), (False, [i for i, d in enumerate(decays) if not d])]
+        host.groups = [idx for _decay, idx in split if idx]
+        host.group_decay = [decay for decay, idx in split if idx]
         host.positions = [0] * len(variables)
         for pos, i in enumerate(i for group in host.groups for i in group):
             host.positions[i] = pos
         cls, defaults = self._engine_class()
         groups = [{"params": [(names[i], host.params[i]) for i in group]} for group in host.groups]
         path = self._nearstep_store or _optim.default_store_path(f"keras-{self._kind}")
+        if not restoring and (pathlib.Path(path) / MANIFEST).is_file():
+            # Refused before anything opens it: opening a store puts its masters into the weights
+            # (on the torch backend, into the model's own variables).
+            at = read_manifest(pathlib.Path(path)).step
+            if at > 0:
+                raise StoreError(
+                    f"the store {str(path)!r} holds the state of an earlier run (step {at}); a new Keras "
+                    f"optimizer starts from zero state. Pass a new directory as store=, or delete that one; to "
+                    f"resume a Keras run, load its checkpoint (keras.saving.load_model, model.load_weights or "
+                    f"BackupAndRestore), which puts the saved state into the store.")
         options = dict(mode="sync", device=self._nearstep_device, state_format=self._nearstep_format,
                        slice_mb=self._nearstep_slice_mb, guards=self._nearstep_guards)
         try:
@@ -207,14 +221,6 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             warnings.warn(f"{str(self._nearstep_store)!r} {why}; the restored optimizer {self.name!r} keeps "
                           f"its state in {path!r}", UserWarning, stacklevel=3)
             engine = cls(groups, **defaults, store=path, **options)
-        if engine.stats()["step"] > 0 and not restoring:
-            where, at = engine.store_path, engine.stats()["step"]
-            engine.close()
-            raise StoreError(
-                f"the store {str(where)!r} holds the state of an earlier run (step {at}); a new Keras "
-                f"optimizer starts from zero state. Pass a new directory as store=, or delete that one; to resume "
-                f"a Keras run, load its checkpoint (keras.saving.load_model, model.load_weights or "
-                f"BackupAndRestore), which puts the saved state into the store.")
         host.engine = engine
         return engine
 
@@ -278,9 +284,15 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         # where the graph reaches it: after the gradients and their clipping, before the new
         # weights are assigned (the assignments read its outputs). XLA cannot compile it: see
         # _refuse_xla.
-        _refuse_xla()
-        new = tf.py_function(func=self._tf_host_update, inp=[k, lr, *grads, *values],
-                             Tout=[tf.as_dtype(v.dtype) for v in variables])
+        if tf.executing_eagerly():
+            # run_eagerly=True: no graph, so the update is called as it is and its errors keep their type.
+            new = [tf.convert_to_tensor(a) for a in self._tf_host_update(k, lr, *grads, *values)]
+        else:
+            _refuse_xla()
+            # Inside the graph TensorFlow reports an error of the update as an InvalidArgumentError
+            # that carries nearstep's message.
+            new = tf.py_function(func=self._tf_host_update, inp=[k, lr, *grads, *values],
+                                 Tout=[tf.as_dtype(v.dtype) for v in variables])
         for v, value in zip(variables, new):
             value.set_shape(v.shape)
             v.assign(value)
@@ -306,12 +318,17 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             g = g.to(dtype=p.dtype, device=p.device)
             p.grad = g * scale if scale is not None else g
         steps = engine._param_steps
-        for group, members in zip(engine.param_groups, host.groups):
+        for g, (group, members) in enumerate(zip(engine.param_groups, host.groups)):
             counts = {steps[host.positions[i]] for i in members}
             if len(counts) != 1:  # every variable is updated at every step: cannot happen
                 raise AssertionError(f"variables of one group at different steps: {sorted(counts)}")
-            decay = self._weight_decay_for(self._trainable_variables[members[0]])
-            group.update(self._group_settings(step, counts.pop() + 1, decay))
+            decays = {self._weight_decay_for(self._trainable_variables[i]) for i in members}
+            if decays != {host.group_decay[g]}:
+                raise UnsupportedUsageError(
+                    "the variables that decay changed after the first update (exclude_from_weight_decay or "
+                    "weight_decay set late): nearstep.keras groups them when it opens the store. Set them before "
+                    "training starts, on a new optimizer.")
+            group.update(self._group_settings(step, counts.pop() + 1, decays.pop()))
         try:
             engine.step()
         finally:

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -294,8 +295,10 @@ def calibrate(where: pathlib.Path, *, state_mib: int = 2048, params: int = 1 << 
               formats_to_measure: tuple[str, ...] | None = None) -> Profile:
     """Measure this machine into a :class:`Profile`: the store pass's read and write bandwidth over
     ``state_mib`` of AdamW state in ``where`` (``nearstep bench io``'s pass: O_DIRECT, checksums,
-    fdatasync), each state format's pass on one and two device cores, and the host link's copies
-    into shared memory (what staging does)."""
+    fdatasync), a whole step of the emulated device over as much state (which sets the drive's
+    effective rate and whether the pass adds to its I/O), each state format's pass over ``params``
+    parameters on one and two device cores, and the host link's copies into shared memory (what
+    staging does)."""
     import statistics
     import time
 
@@ -438,7 +441,7 @@ def _profile(parser: Any, args: Any) -> Profile:
         profile = calibrate(pathlib.Path(args.dir))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(profile.to_json(), indent=2))
-        print(f"nearstep plan: calibrated; profile written to {path}", file=__import__("sys").stderr)
+        print(f"nearstep plan: calibrated; profile written to {path}", file=sys.stderr)
     else:
         profile = load_profile(args.profile) or Profile(drive=Drive(read_gbps=3.0, write_gbps=2.0))
     drive = dataclasses.replace(profile.drive, **{k: v for k, v in (
