@@ -56,15 +56,18 @@ def test_slice_mb_must_be_a_positive_finite_number(tmp_path: Path, value: object
     assert not (tmp_path / "s").exists()
 
 
-def test_a_slice_mb_that_would_make_too_many_slices_is_refused_before_writing(tmp_path: Path) -> None:
-    big = torch.nn.Linear(400, 400)  # 160,400 elements: one per slice at slice_mb=1e-9
-    with pytest.raises(ValueError, match=r"160,400 slices.*at most [0-9,]+.*slice_mb=([0-9.e-]+) or more") as refused:
+def test_a_slice_mb_that_would_make_too_many_slices_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40,200 elements; slice_mb=1e-9 cuts them in pieces of SPLIT_ALIGN (64) elements: 629 slices,
+    # over a cap lowered to 100 here (the real one, 65,536, would make the advised store slow to write).
+    monkeypatch.setattr(nearstep.optim, "MAX_SLICES", 100)
+    big = torch.nn.Linear(200, 200)
+    with pytest.raises(ValueError, match=r"629 slices.*at most 100\b.*slice_mb=([0-9.e-]+) or more") as refused:
         nearstep.AdamW(big.parameters(), store=tmp_path / "s", device="inline", slice_mb=1e-9)
     assert not (tmp_path / "s").exists()
     # The slice_mb the message names works.
     advised = float(re.search(r"slice_mb=([0-9.e-]+) or more", str(refused.value)).group(1))
     with nearstep.AdamW(big.parameters(), store=tmp_path / "ok", device="inline", slice_mb=advised) as opt:
-        assert len(opt.store.manifest.slices) <= nearstep.store.MAX_SLICES
+        assert len(opt.store.manifest.slices) <= 100
 
 
 def _run(code: str) -> subprocess.CompletedProcess[str]:
@@ -76,10 +79,10 @@ def test_the_open_file_limit_is_raised_up_to_the_hard_limit_for_many_slices(tmp_
     done = _run(f"""
         import resource, torch, nearstep
         resource.setrlimit(resource.RLIMIT_NOFILE, (400, 2000))
-        model = torch.nn.Linear(300, 1, bias=False)
-        slice_mb = 1 / 2**20 * 4  # one element per slice
+        model = torch.nn.Linear(300 * 64, 1, bias=False)
+        slice_mb = 64 * 4 / 2**20  # 64 elements per slice
         with nearstep.AdamW(model.parameters(), store={str(tmp_path / "s")!r}, device="inline", slice_mb=slice_mb) as opt:
-            model(torch.randn(2, 300)).sum().backward()
+            model(torch.randn(2, 300 * 64)).sum().backward()
             opt.step()
             print(len(opt.store.manifest.slices), resource.getrlimit(resource.RLIMIT_NOFILE)[0], opt.stats()["step"])
     """)
@@ -88,33 +91,55 @@ def test_the_open_file_limit_is_raised_up_to_the_hard_limit_for_many_slices(tmp_
     assert slices == 300 and soft >= 2 * 300 and step == 1
 
 
-def test_the_slice_cap_follows_a_low_hard_open_file_limit() -> None:
-    done = _run("""
-        import resource, torch, nearstep
-        resource.setrlimit(resource.RLIMIT_NOFILE, (400, 1000))
-        try:
-            nearstep.AdamW(torch.nn.Linear(1000, 1).parameters(), store="/nonexistent/never", slice_mb=4 / 2**20)
-        except ValueError as exc:
-            print(exc)
-    """)
-    assert "files of at most 372 open" in done.stdout and "Nothing was written" in done.stdout, done.stderr[-2000:]
-
-
-def test_a_store_with_more_slices_than_the_hard_limit_allows_is_refused_at_open(tmp_path: Path) -> None:
-    model = torch.nn.Linear(300, 1, bias=False)
-    with nearstep.AdamW(model.parameters(), store=tmp_path / "s", device="inline", slice_mb=4 / 2**20) as opt:
-        assert len(opt.store.manifest.slices) == 300
-    before = sorted(p.name for p in (tmp_path / "s" / "slices").iterdir())
+@pytest.mark.parametrize("backend", ["inline", "emulated"])
+def test_more_slices_than_the_open_file_limit_allows_train_as_torch(backend: str, tmp_path: Path) -> None:
+    # 300 slices of 64 elements are 600 files; a hard limit of 400 leaves the device 144 at once, so it opens
+    # and closes them on demand (slicefiles.py), syncing a written file before closing it. The
+    # run is torch's AdamW bit for bit, and a second run resumes the store under the same limit.
     done = _run(f"""
         import resource, torch, nearstep
         resource.setrlimit(resource.RLIMIT_NOFILE, (400, 400))
-        model = torch.nn.Linear(300, 1, bias=False)
-        try:
-            nearstep.AdamW(model.parameters(), store={str(tmp_path / "s")!r}, device="inline")
-        except nearstep.DeviceError as exc:
-            print("refused:", exc)
+        torch.manual_seed(0)
+        model = torch.nn.Linear(300 * 64, 1, bias=False)
+        twin = torch.nn.Linear(300 * 64, 1, bias=False)
+        twin.load_state_dict(model.state_dict())
+        ref = torch.optim.AdamW(twin.parameters(), lr=1e-2, fused=True)
+        batches = [torch.randn(4, 300 * 64) for _ in range(4)]
+        def train(opt, m, xs):
+            for x in xs:
+                m(x).square().sum().backward()
+                opt.step()
+                opt.zero_grad()
+        store = {str(tmp_path / "s")!r}
+        with nearstep.AdamW(model.parameters(), lr=1e-2, store=store, device={backend!r}, slice_mb=256 / 2**20) as opt:
+            train(opt, model, batches[:2])
+            stats = opt.stats()
+            print(len(opt.store.manifest.slices))
+        with nearstep.AdamW(model.parameters(), lr=1e-2, store=store, device={backend!r}) as opt:
+            train(opt, model, batches[2:])
+        train(ref, twin, batches)
+        print(int(torch.equal(model.weight, twin.weight)), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     """)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "refused:" in done.stdout and "300 slices" in done.stdout and "RLIMIT_NOFILE" in done.stdout
-    assert sorted(p.name for p in (tmp_path / "s" / "slices").iterdir()) == before
+    assert done.returncode == 0, done.stderr[-3000:]
+    slices, equal, soft = map(int, done.stdout.split())
+    assert slices == 300 and equal == 1 and soft == 400
     assert nearstep.verify_store(tmp_path / "s").problems == ()
+
+
+def test_a_70b_parameter_plan_passes_the_checks_under_1024_descriptors() -> None:
+    # Automatic slicing of 70B parameters: 64 MiB slices, about 4,200 of them (8,400 files).
+    done = _run("""
+        import resource
+        from nearstep import store, device
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+        specs = tuple(store.ParamSpec(f"layer{i}.weight", (8192, 8192 * 13 // 10), "bfloat16", 0) for i in range(800))
+        slice_mb = store.auto_slice_mb(specs)
+        planned = len(store.plan_slices(specs, int(slice_mb * 2**20)))
+        store.check_slice_count(planned, slice_mb, sum(s.numel for s in specs))
+        device.ensure_file_limit(planned)
+        from nearstep.slicefiles import file_budget
+        print(sum(s.numel for s in specs) // 10**9, slice_mb, planned, file_budget())
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    billions, slice_mb, planned, budget = done.stdout.split()
+    assert int(billions) == 69 and float(slice_mb) == 64.0 and int(planned) > 4000 and int(budget) == 1024 - 256

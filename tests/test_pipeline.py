@@ -177,7 +177,8 @@ class Rig:
         self.param_steps = [0] * len(self.params)
         self.failures: list[bool] = []
         self.pipeline = Pipeline(self.params, self.names, self.layout, self.device, Trace(collect=lambda: []),
-                                 config, step_inputs=self.step_inputs, on_failure=self.failures.append)
+                                 config, step_inputs=self.step_inputs,
+                                 on_failure=lambda landed, _step: self.failures.append(landed))
         # The reference: torch's AdamW on a copy of the model, fed the very same gradients.
         self.ref_model = copy.deepcopy(model)
         self.ref_params = list(self.ref_model.parameters())

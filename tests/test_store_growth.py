@@ -314,11 +314,11 @@ def test_an_interrupted_grow_leaves_the_store_as_before_and_the_next_grow_works(
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr(st.os, "replace", no_rename)
-        with pytest.raises(nearstep.StoreIOError, match="commit the manifest"):
-            store.grow([1], lambda i: torch.full((700,), 3.0), slice_bytes=8 * 4)  # 88 small slices
+        with pytest.raises(nearstep.StoreIOError, match=r"commit step \d+ \(the store stays at step \d+\)"):
+            store.grow([1], lambda i: torch.full((700,), 3.0), slice_bytes=8 * 4)  # 11 small slices (split at 64 elements)
         monkeypatch.undo()
         strays = set(slice_files(path)) - set(files)
-        assert len(strays) == 2 * 88  # written, never committed
+        assert len(strays) == 2 * 11  # written, never committed
         assert store.manifest.to_json() == text  # the object still names the old commit
     assert tools.verify_store(path).ok  # the strays are not the store's
     with st.Store.open(path) as store:

@@ -3,9 +3,10 @@
 from .device import DeviceConfig, open_device
 from .protocol import Device, DeviceInfo
 from .distributed import ShardingConfig
-from .errors import (CollectiveError, DeviceDiedError, DeviceError, DiskFullError, MisalignedIOError, NearstepError,
-                     ShardMismatchError, StaleWeightError, StoreCorruptError, StoreError, StoreIOError, StoreLockedError,
-                     StoreMismatchError, StorePermissionError, UnsupportedUsageError)
+from .errors import (CollectiveError, DeviceDiedError, DeviceError, DeviceStalledError, DiskFullError,
+                     MisalignedIOError, NearstepError, ShardMismatchError, StagingSpaceError, StaleWeightError,
+                     StoreCorruptError, StoreError, StoreIOError, StoreLockedError, StoreMismatchError,
+                     StorePathError, StorePermissionError, UnsupportedUsageError)
 from .formats import StateFormat
 from .rules import Guards
 from .sensitivity import SensitivityReport
@@ -20,6 +21,7 @@ __all__ = [
     "SensitivityReport", "Store", "resume", "inspect_store", "verify_store", "export_safetensors", "convert_store",
     "open_device", "Device", "DeviceConfig", "DeviceInfo", "ShardingConfig",
     "NearstepError", "StoreError", "StoreLockedError", "StoreMismatchError", "StoreCorruptError", "DiskFullError",
-    "StoreIOError", "StorePermissionError", "MisalignedIOError", "DeviceError", "DeviceDiedError",
+    "StoreIOError", "StorePermissionError", "MisalignedIOError", "DeviceError", "DeviceDiedError", "DeviceStalledError",
+    "StagingSpaceError", "StorePathError",
     "CollectiveError", "ShardMismatchError", "StaleWeightError", "UnsupportedUsageError",
 ]

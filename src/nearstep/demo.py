@@ -15,7 +15,6 @@ come from installed packages; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import shutil
 import statistics
@@ -29,7 +28,7 @@ from torch import nn
 from .device import DeviceConfig
 from .errors import NearstepError, StoreError, StoreLockedError
 from .optim import AdamW
-from .store import LOCK, MANIFEST, read_manifest
+from .store import MANIFEST, lock_holder, read_manifest, try_lock
 from .trace import plot_timelines
 from .workloads import DEMO_PACKAGES, load_bbc_news_deduplicated, load_minilm_classifier, tokenize
 
@@ -59,16 +58,13 @@ def replace_demo_store(path: Path = DEMO_STORE) -> Path:
                          f"Remove it, or give the demo another store with --store PATH.")
     if not (path / MANIFEST).is_file():
         return path
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = try_lock(path)  # the store's own lock: an flock of its directory, as Store.open takes it
+    if fd is None:
+        raise StoreLockedError(
+            f"the demo store {path} is in use by process {lock_holder(path)} (another demo still running?). "
+            f"Wait for it to finish or stop it, or give this run another store with --store PATH."
+        )
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise StoreLockedError(
-                f"the demo store {path} is in use by process {holder} (another demo still running?). "
-                f"Wait for it to finish or stop it, or give this run another store with --store PATH."
-            ) from None
         # Deleted while we hold its lock: a run that opens it meanwhile is refused, never
         # handed a half-deleted store.
         shutil.rmtree(path)

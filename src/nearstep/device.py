@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,10 @@ import torch
 
 from . import aio, rules, uring
 from .engine import Engine, EngineConfig
-from .protocol import Completion, Device, DeviceInfo, DeviceMemory, MapMemory, Request, describe
+from .protocol import Commit, Completion, Device, DeviceInfo, DeviceMemory, MapMemory, Request, describe
 from .staging import SharedMemory
-from .errors import DeviceDiedError, DeviceError, NearstepError
+from .errors import DeviceDiedError, DeviceError, DeviceStalledError, NearstepError
+from .slicefiles import FD_MARGIN
 from .store import Store
 from .uring import DEFAULT_QUEUE_DEPTH
 
@@ -93,6 +95,18 @@ class DeviceConfig:
             (see [Note: lending cores to the loop] in cores.py). For training on the CPU the
             device shares; give the loop every core (``torch.set_num_threads``) and the
             device ``cores``. Emulated device only.
+        stall_timeout: seconds the emulated device may go without completing a request while
+            requests are queued, on top of what their I/O needs at ``stall_min_rate``; past it
+            the device is taken for stopped or stuck (SIGSTOP, a hung disk), killed, and the
+            waiting call raises :class:`~nearstep.DeviceStalledError` (the store keeps its last
+            committed step; the next ``step()`` starts a new device). None: wait forever.
+        staging_dir: where the emulated device's staging memory (one step's gradients and weights,
+            shared by the two processes) is made: ``/dev/shm`` by default. A directory on a local
+            disk works where /dev/shm is too small (Docker's default is 64 MiB), at the cost of the
+            page cache writing it back.
+        stall_min_rate: the slowest store bandwidth (bytes/s, like ``"16MiB"``) the allowance
+            assumes for the I/O in flight: a commit may have to write and sync a whole
+            generation of the state, an update a few slices.
     """
 
     backend: Literal["emulated", "inline"] = "emulated"
@@ -102,6 +116,9 @@ class DeviceConfig:
     io_threads: int = 4
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     lend_idle_cores: bool = False
+    stall_timeout: float | None = 60.0
+    stall_min_rate: int | str = "16MiB"
+    staging_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.backend not in ("emulated", "inline"):
@@ -111,6 +128,11 @@ class DeviceConfig:
                              "device runs in the loop's own threads and has none to lend: drop lend_idle_cores "
                              "or use backend='emulated'")
         parse_bytes(self.memory_budget)
+        parse_bytes(self.stall_min_rate)
+        if self.stall_timeout is not None and (isinstance(self.stall_timeout, bool) or not isinstance(self.stall_timeout, (int, float))
+                                               or not 0 < self.stall_timeout < float("inf")):
+            raise ValueError(f"stall_timeout must be a positive number of seconds or None (wait forever), "
+                             f"got {self.stall_timeout!r}")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.queue_depth < 1:
@@ -181,6 +203,10 @@ class InlineDevice(Device):
             done.finish(self._engine.handle(request))
         except Exception as exc:  # the engine has dropped the step
             done.finish(error=_remote_error(done.what, exc, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        except BaseException as exc:
+            # Ctrl-C inside the engine: it dropped the step; the interrupt surfaces where the
+            # host waits for this request, which brings model and optimizer to the committed step.
+            done.finish(error=exc)
         return done
 
     def close(self) -> None:
@@ -204,7 +230,14 @@ def _direct_io(store: Store) -> bool:
 def _device_entry() -> None:
     """Entry point of the emulated device process: ``python -c ... CONN_FD LOCK_FD``."""
     conn = multiprocessing.connection.Connection(int(sys.argv[1]))
-    store_path, config, cores = conn.recv()
+    try:
+        store_path, config, cores = conn.recv()
+    except (EOFError, OSError):
+        return  # the trainer stopped (Ctrl-C) before it said what to open: nothing to do, nothing to say
+    if os.environ.get("NEARSTEP_FAULT"):
+        from .faults import install_from_env  # the reliability tests' injected failures (faults.py)
+
+        install_from_env()
     _device_main(conn, store_path, int(sys.argv[2]), config, cores)
 
 
@@ -295,7 +328,14 @@ class EmulatedDevice(Device):
         )
         child.close()
         self._conn = multiprocessing.connection.Connection(parent.detach())
-        self._conn.send((str(store.path), config, cores))
+        try:
+            self._conn.send((str(store.path), config, cores))
+        except BaseException:
+            # Ctrl-C (or a device that died at once): stop it before it takes the store's lock.
+            self._proc.kill()
+            self._proc.wait()
+            self._conn.close()
+            raise
         self._send_lock = threading.Lock()
         self._pending: dict[int, Completion] = {}
         self._pending_lock = threading.Lock()
@@ -303,6 +343,12 @@ class EmulatedDevice(Device):
         self._shared: list[SharedMemory] = []
         self._dead: BaseException | None = None
         self._closed = False
+        self._hung_up = False  # the receiver saw the device's end of the socket close
+        # The liveness allowance (see [Note: a device that stops answering]).
+        self._staging_dir = config.staging_dir
+        self._stall_timeout = config.stall_timeout
+        self._stall_rate = parse_bytes(config.stall_min_rate)
+        self._commit_ids: set[int] = set()
         # Wait for the engine to open the store: failures there (budget too small,
         # store unreadable) belong to open_device, not to the first step.
         try:
@@ -331,6 +377,8 @@ class EmulatedDevice(Device):
             "emulated", self._proc.pid, cores, parse_bytes(config.memory_budget), slot_bytes, slots,
             tuple(rules.KERNELS), str(store.path), direct, io_backend,
         )
+        sizes = [store.manifest.slice_file_bytes(spec.index) for spec in store.manifest.slices]
+        self._state_bytes, self._update_bytes = sum(sizes), 3 * max(sizes, default=0)
         # One thread receives every completion, so waiting on any of them also notices
         # a dead device at once (its end of the socket closes), never after a timeout.
         self._receiver = threading.Thread(target=self._receive, name="nearstep-completions", daemon=True)
@@ -338,30 +386,80 @@ class EmulatedDevice(Device):
 
     @property
     def alive(self) -> bool:
-        return self._dead is None and not self._closed and self._proc.poll() is None
+        # /proc as well: poll() answers None while the receiver thread waits for the exit code.
+        return (self._dead is None and not self._closed and not self._hung_up and self._proc.poll() is None
+                and _process_state(self._proc.pid) not in ("Z", "X", ""))
+
+    # [Note: a device that stops answering]
+    # A device process that exits closes its socket and the receiver sees it at once. One
+    # that is stopped (SIGSTOP, a debugger) or stuck (a hung disk: uninterruptible I/O)
+    # keeps it open and answers nothing, and the trainer would wait forever. So while
+    # requests are queued, the receiver allows the device ``stall_timeout`` seconds plus
+    # what the I/O in flight needs at ``stall_min_rate`` (a whole generation of the state
+    # when a commit is queued, three slices' worth for an update) between completions.
+    # Past that it names the process state (/proc: T stopped, D in disk I/O), kills it
+    # and fails what is queued; the store is crash-consistent, so nothing committed is
+    # lost, and the optimizer reopens a device at its next step.
+
+    def _allowance(self) -> float:
+        assert self._stall_timeout is not None
+        with self._pending_lock:
+            commit = bool(self._commit_ids & self._pending.keys())
+        return self._stall_timeout + (self._state_bytes if commit else self._update_bytes) / self._stall_rate
 
     def _receive(self) -> None:
+        last = time.monotonic()
         while True:
             try:
+                if self._stall_timeout is not None and not self._conn.poll(min(1.0, self._stall_timeout / 4)):
+                    with self._pending_lock:
+                        idle = not self._pending
+                    now = time.monotonic()
+                    if idle or self._closed:
+                        last = now
+                    elif now - last > self._allowance():
+                        self._stalled(now - last)
+                        break
+                    continue
                 rid, result, error = self._conn.recv()
             except (EOFError, OSError):
                 break  # the process is gone: its end of the socket closed
+            last = time.monotonic()
             if rid == "closed":
                 break
             with self._pending_lock:
                 done = self._pending.pop(rid, None)
+                self._commit_ids.discard(rid)
             if done is not None:
                 done.finish(result, None if error is None else _remote_error(done.what, *error))
-        if not self._closed:
+        self._hung_up = True  # before the wait below: poll() answers None while another thread waits
+        if not self._closed and self._dead is None:
             try:
                 code = self._proc.wait(1)
             except subprocess.TimeoutExpired:
                 code = None
             self._dead = DeviceDiedError(
                 f"the emulated device process {self._proc.pid} died (exit code {code}). The store keeps "
-                f"its last committed step; reopen the optimizer on the same store to resume."
+                f"its last committed step; the next step() starts a new device process on it (or reopen the "
+                f"optimizer on the same store to resume)."
             )
         self._fail_pending()
+
+    def _stalled(self, silent: float) -> None:
+        """The device answered nothing for ``silent`` seconds with work queued: kill it, say why."""
+        state = _process_state(self._proc.pid)
+        why = {"T": "is stopped (SIGSTOP, or a debugger holds it)", "t": "is stopped by a debugger",
+               "D": "is stuck in disk I/O (uninterruptible: the store's disk or its driver hangs)"}.get(
+            state, f"is running (state {state or 'unknown'}) but not answering")
+        with self._pending_lock:
+            queued = len(self._pending)
+        self._dead = DeviceStalledError(
+            f"the emulated device process {self._proc.pid} {why}: it completed nothing for {silent:.0f} s with "
+            f"{queued} request(s) queued, more than their work allows (DeviceConfig.stall_timeout="
+            f"{self._stall_timeout:g} s plus their I/O at stall_min_rate). It was killed; the store keeps its last "
+            f"committed step and the next step() starts a new device. Raise stall_timeout if the disk is that slow."
+        )
+        self._proc.kill()
 
     def _fail_pending(self) -> None:
         error = self._dead or DeviceError("the device was closed while this request was queued")
@@ -378,6 +476,8 @@ class EmulatedDevice(Device):
         rid = next(self._ids)
         with self._pending_lock:
             self._pending[rid] = done
+            if isinstance(request, Commit):
+                self._commit_ids.add(rid)
         try:
             with self._send_lock:
                 self._conn.send((rid, request))
@@ -386,7 +486,7 @@ class EmulatedDevice(Device):
         return done
 
     def alloc(self, nbytes: int) -> DeviceMemory:
-        shared = SharedMemory(nbytes)
+        shared = SharedMemory(nbytes, directory=self._staging_dir)
         mem_id = next(self._ids)
         try:
             self.submit(MapMemory(mem_id, shared.path, shared.nbytes)).wait()
@@ -416,6 +516,15 @@ class EmulatedDevice(Device):
     def kill(self) -> None:
         """Kill the device process (for tests of what a crash does)."""
         self._proc.kill()
+
+
+def _process_state(pid: int) -> str:
+    """The one-letter state of process ``pid`` from /proc (R, S, D, T, Z, ...); "" where unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def open_device(
@@ -453,37 +562,33 @@ def open_device(
     return build_device(store, config)
 
 
-# Descriptors the device needs besides its slice files: the socket, shared memory, the ring,
-# the interpreter's own files and torch's.
-_FD_MARGIN = 256
-
-
 def slice_file_capacity() -> int | None:
-    """How many slices' files the device may keep open here (after raising the soft limit); None: no limit."""
+    """How many slice files the device may keep open at once here (after :func:`ensure_file_limit`
+    raised the soft limit); None: no limit. More slices than that still work: the device opens
+    their files on demand (``slicefiles.py``)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    return None if hard == resource.RLIM_INFINITY else max(0, (hard - _FD_MARGIN) // 2)
+    return None if hard == resource.RLIM_INFINITY else max(0, hard - FD_MARGIN)
 
 
 def ensure_file_limit(slices: int) -> None:
-    """Make sure the device may keep both generations of ``slices`` slice files open.
+    """Let the device keep both generations of ``slices`` slice files open where the system allows.
 
-    The engine opens each slice file once and keeps it open (2 per slice). Where the
-    soft ``RLIMIT_NOFILE`` is lower, it is raised up to the hard limit (for this process
-    and the device it starts); where even the hard limit is too low, this raises with
-    what to do, before anything is written.
+    The engine keeps a slice's files open between steps when it may (each step reads one
+    generation and writes the other). Where the soft ``RLIMIT_NOFILE`` is lower than that
+    needs, it is raised up to the hard limit (for this process and the device it starts);
+    past the hard limit the device opens and closes files on demand, which costs an open
+    per request, so nothing is refused.
     """
-    need = 2 * slices + _FD_MARGIN
+    need = 2 * slices + FD_MARGIN
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or need <= soft:
         return
-    if hard == resource.RLIM_INFINITY or need <= hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
-        return
-    raise DeviceError(
-        f"the store has {slices:,} slices and the device keeps two files open for each ({need:,} descriptors with "
-        f"its own), but this process may open at most {hard:,} (RLIMIT_NOFILE). Make slices larger (a larger "
-        f"slice_mb, or None for automatic slicing) or raise the hard limit (ulimit -Hn, or LimitNOFILE= for a service)."
-    )
+    target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # a sandbox may refuse: the device works within the soft limit
 
 
 def build_device(store: Store, config: DeviceConfig) -> Device:

@@ -38,6 +38,8 @@ from . import aio, formats, kernels, rules, uring
 from .errors import StoreCorruptError
 from .protocol import (Abort, Apply, Commit, Lane, LoadState, MapMemory, Prefetch, Query, QueryKind, Request, Stage,
                        StepState, TraceEvent)
+from .slicefiles import SliceFiles
+from .image import slot_count
 from .staging import SharedMemory, StagingLayout
 from .store import PARAM_STATS, Manifest, SliceState, Store, rounding_seed
 
@@ -49,7 +51,6 @@ __all__ = [
     "PASS_CHUNK",
 ]
 
-_MARGIN_BYTES = 16 << 20
 _IO_NICE = 10
 _MAX_TRACE_EVENTS = 200_000  # a bound on memory when nobody collects the trace
 
@@ -336,18 +337,7 @@ class Engine:
         # Every slot can hold any slice (see [Note: slot layout] in image.py).
         self.images = [m.image(spec.index) for spec in m.slices]
         self.slot_bytes = max((image.slot_bytes for image in self.images), default=aio.PAGE)
-        # Slots get the budget less a margin for what else the engine allocates while it
-        # works (the guards' block scratch, I/O bookkeeping, thread stacks).
-        usable = config.memory_budget - max(_MARGIN_BYTES, config.memory_budget // 32)
-        self.max_slots = max(usable, 0) // self.slot_bytes
-        if self.max_slots < 1:
-            raise ValueError(
-                f"memory_budget of {config.memory_budget / 2**20:.0f} MiB cannot hold one slice's "
-                f"working set ({self.slot_bytes / 2**20:.0f} MiB: its state plus a gradient scratch "
-                f"area) and a {max(_MARGIN_BYTES, config.memory_budget // 32) / 2**20:.0f} MiB margin. "
-                f"Raise memory_budget or make slices smaller (slice_mb)."
-            )
-        self.max_slots = min(self.max_slots, max(len(m.slices), 1))
+        self.max_slots = min(slot_count(config.memory_budget, self.slot_bytes), max(len(m.slices), 1))
         # [Note: kernels before I/O] The next forward waits for the kernels (new weights),
         # never for the write-back, which only has to finish before the commit; on a
         # shared core the I/O threads' checksums and copies therefore run at a lower priority.
@@ -356,7 +346,8 @@ class Engine:
         self.io_backend = self.pool.describe()
         self.memory: dict[int, torch.Tensor] = {}
         self._shared: list[SharedMemory] = []
-        self._files: dict[tuple[int, int], aio.AlignedFile] = {}
+        # Opened on demand, at most what RLIMIT_NOFILE allows at once (see slicefiles.py).
+        self.files = SliceFiles(store.slice_path)
         self._cv = threading.Condition()
         self._free: list[_Slot] = []
         self._made = 0
@@ -396,7 +387,7 @@ class Engine:
         """Run one request; on failure the step in progress is dropped (see :meth:`_refuse_if_failed`)."""
         try:
             return self._dispatch(request)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C in the inline device too: the step is dropped whole
             self.abort_step()
             if isinstance(request, (Commit, Abort)):
                 self._end_step()
@@ -452,6 +443,8 @@ class Engine:
         out["io_read_seconds"] = io["read_seconds"]
         out["io_write_seconds"] = io["write_seconds"]
         out["slots"] = self.max_slots
+        out["files_open"] = len(self.files)
+        out["files_opened"] = self.files.opened
         out["slot_bytes"] = self.slot_bytes
         out["step"] = self.manifest.step
         out["counters"] = dict(self.manifest.counters)
@@ -500,7 +493,7 @@ class Engine:
                 # Every slice is verified in the kernel's pass (see [Note: checksums in the kernel's pass]).
                 checksum = False
                 ticket.future = self._timed(
-                    self.pool.read(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=checksum),
+                    self._io(self.pool.read, k, gen, slot.buffer.memoryview(0, nbytes), checksum=checksum),
                     Lane.DEVICE_IO, f"read s{k}",
                 )
             except BaseException as exc:  # surfaced by the apply that waits on this ticket
@@ -549,12 +542,19 @@ class Engine:
             self._free.append(slot)
             self._cv.notify_all()
 
-    def _file(self, k: int, gen: int) -> aio.AlignedFile:
-        f = self._files.get((k, gen))
-        if f is None:
-            f = aio.AlignedFile.open(self.store.slice_path(k, gen))
-            self._files[(k, gen)] = f
-        return f
+    def _io(self, op: Callable[..., Future[aio.IOResult]], k: int, gen: int, view: memoryview, *,
+            checksum: bool) -> Future[aio.IOResult]:
+        """Read into or write from ``view`` the whole of slice ``k``'s generation ``gen`` (``op``:
+        the pool's read or write); its file stays open until the request is done."""
+        wrote = op == self.pool.write
+        f = self.files.acquire(k, gen)
+        try:
+            future = op(f, view, 0, checksum=checksum)
+        except BaseException:
+            self.files.release(k, gen, wrote=wrote)
+            raise
+        future.add_done_callback(lambda _f: self.files.release(k, gen, wrote=wrote))
+        return future
 
     def _check_slice(self, k: int) -> None:
         if not 0 <= k < len(self.manifest.slices):
@@ -773,7 +773,7 @@ class Engine:
         gen = self.manifest.committed[k].generation ^ 1
         nbytes = self.images[k].file_bytes
         future = self._timed(
-            self.pool.write(self._file(k, gen), slot.buffer.memoryview(0, nbytes), 0, checksum=crcs is None),
+            self._io(self.pool.write, k, gen, slot.buffer.memoryview(0, nbytes), checksum=crcs is None),
             Lane.DEVICE_IO, f"write s{k}",
         )
         # The slot is free only once the write has read its bytes.
@@ -799,7 +799,7 @@ class Engine:
         buf = aio.AlignedBuffer(nbytes)
         self.images[k].encode(values, buf, rounding_seed(m, m.step + 1, k))
         gen = m.committed[k].generation ^ 1
-        future = self.pool.write(self._file(k, gen), buf.memoryview(0, nbytes), 0, checksum=True)
+        future = self._io(self.pool.write, k, gen, buf.memoryview(0, nbytes), checksum=True)
         future.add_done_callback(lambda _f, buf=buf: buf.close())
         self._writes[k] = (future, gen, None)
         self.step_state = StepState.OPEN
@@ -824,7 +824,7 @@ class Engine:
                 result = future.result()
                 # O_DIRECT skips the page cache, not the drive's cache or the metadata of
                 # the file's (fallocated, so far unwritten) extents: fdatasync both.
-                self._file(k, gen).sync()
+                self.files.sync(k, gen)
                 committed[k] = SliceState(gen, aio.combine_crcs(result.crcs if crcs is None else crcs))
         finally:
             self._writes_abort()
@@ -899,9 +899,7 @@ class Engine:
         self.pool.close()
         if self._threads is not None:
             self._threads.close()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        self.files.close()
         for slot in self._free:
             slot.buffer.close()
         self._free.clear()

@@ -18,8 +18,11 @@ __all__ = [
     "StoreCorruptError",
     "StoreLockedError",
     "StoreMismatchError",
+    "StorePathError",
     "DeviceError",
     "DeviceDiedError",
+    "DeviceStalledError",
+    "StagingSpaceError",
     "CollectiveError",
     "ShardMismatchError",
     "StaleWeightError",
@@ -63,12 +66,25 @@ class StoreMismatchError(StoreError, ValueError):
     """The store belongs to a different model or optimizer."""
 
 
+class StorePathError(StoreError, ValueError):
+    """The path given for a store cannot be one: empty, or a file rather than a directory."""
+
+
 class DeviceError(NearstepError):
     """The storage device failed a request; the message carries its traceback."""
 
 
 class DeviceDiedError(DeviceError):
     """The device process exited while work was queued on it."""
+
+
+class StagingSpaceError(DeviceError, OSError):
+    """The shared staging memory does not fit where it is made (``/dev/shm`` by default)."""
+
+
+class DeviceStalledError(DeviceDiedError):
+    """The device stopped answering (stopped, or stuck on its disk) for longer than its work
+    could take; it was killed, and the store keeps its last committed step."""
 
 
 class CollectiveError(NearstepError):

@@ -30,7 +30,7 @@ import torch
 
 from . import aio, formats
 
-__all__ = ["StagedSegment", "SliceImage", "staged_view", "STAGE_ALIGN", "TORCH_DTYPES"]
+__all__ = ["StagedSegment", "SliceImage", "staged_view", "slot_count", "STAGE_ALIGN", "TORCH_DTYPES", "SLOT_MARGIN_BYTES"]
 
 STAGE_ALIGN = 64  # bytes: each segment's run in staging starts on a cache line
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -219,3 +219,33 @@ def _build(index: int, segments: tuple[tuple[int, int, int, int, str], ...], fmt
         slot_bytes=file_bytes + (work_regions + 1) * region_bytes,
         staged=tuple(staged), staging_bytes=aio.align_up(max(offset, 1)),
     )
+
+
+# Device memory that is not slots: the guards' block scratch, I/O bookkeeping, thread stacks.
+SLOT_MARGIN_BYTES = 16 << 20
+
+
+def slot_count(memory_budget: int, slot_bytes: int, *, store_exists: bool = True) -> int:
+    """How many slots of ``slot_bytes`` a device with ``memory_budget`` bytes has; raises
+    ValueError saying what to do when not even one fits.
+
+    Slots get the budget less a margin for what else the engine allocates while it works
+    (the guards' block scratch, I/O bookkeeping, thread stacks). ``store_exists``: the
+    slices are a store's already (a resumed run), so ``slice_mb`` can no longer change them.
+    """
+    margin = max(SLOT_MARGIN_BYTES, memory_budget // 32)
+    slots = max(memory_budget - margin, 0) // slot_bytes
+    if slots < 1:
+        need = slot_bytes + margin
+        todo = (f"Raise memory_budget to at least {_mib(need)}. The store keeps the slices it was made with "
+                f"(slice_mb shapes new stores only); to cut it finer, start a new store with a smaller slice_mb."
+                if store_exists else f"Raise memory_budget to at least {_mib(need)}, or make slices smaller (slice_mb).")
+        raise ValueError(
+            f"memory_budget of {_mib(memory_budget)} cannot hold one slice's working set ({_mib(slot_bytes)}: its "
+            f"state plus a gradient scratch area) and a {_mib(margin)} margin. {todo}"
+        )
+    return slots
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"

@@ -30,15 +30,17 @@ from typing import Any, ClassVar
 import torch
 
 from . import checkpoint, formats, rules
-from .device import DeviceConfig, build_device, ensure_file_limit, slice_file_capacity
+from .device import DeviceConfig, build_device, ensure_file_limit, parse_bytes
+from .image import SliceImage, slot_count
 from .distributed import Sharding, ShardingConfig, build_sharding
 from .protocol import Commit, Completion, Device, Lane, LoadState, Query, QueryKind
 from .staging import StagingLayout
 from .cores import CoreLending
-from .pipeline import InFlight, Phase, Pipeline, PipelineConfig, ReadCheck, StepInputs
+from .pipeline import (InFlight, Phase, Pipeline, PipelineConfig, ReadCheck, StepInputs, interrupts_deferred,
+                       tell_committed_step)
 from .sensitivity import SensitivityReport, sensitivity_report
 from .trace import Trace
-from .errors import NearstepError, StoreError, StoreMismatchError, UnsupportedUsageError
+from .errors import DeviceDiedError, NearstepError, StoreError, StoreMismatchError, UnsupportedUsageError
 from .store import (MANIFEST, MAX_SLICES, ParamSpec, PendingGroups, Store, auto_slice_mb, check_slice_count, is_positional_name,
                     param_specs, plan_slices)
 
@@ -199,6 +201,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
                                                process_group=process_group, config=sharding)
         self._params, self._names, specs = list(self._ranks.local_params), list(self._ranks.local_names), self._ranks.local_specs
         device = self._ranks.device_config(device)
+        self._device_config = device  # _open_store checks its memory budget against the slices
         # Parameters frozen now stay dormant (no state) until their first gradient; many ranks
         # give every local piece state up front (see Sharding.alone).
         trainable = [p.requires_grad for p in self._params] if self._ranks.alone else None
@@ -261,6 +264,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._store.close()
             raise
         self.trace = Trace(collect=self._device_events)
+        self._device_failure_seen = False  # whether an error has told the loop that the device failed
         self._start()
         self._times = {"steps": 0, "step_seconds": 0.0, "wait_seconds": 0.0}
         self._opened_at = time.monotonic()  # for the drive-write pace (stats)
@@ -343,6 +347,22 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._restarts += 1
             self._start()
             self._pipeline.mark_edited(edited)
+
+    def _revive(self) -> None:
+        """The device process died (or was killed as stalled): start a new one on the store.
+
+        The error of the step it failed was raised already, and model, optimizer and store
+        agree on the committed step (see [Note: a failure after the commit point] in
+        pipeline.py); gradients staged since go back to ``p.grad`` for the new device.
+        """
+        warnings.warn(f"the device process {self._device.info.pid} is gone; starting a new one on store "
+                      f"{self._store.path}, which is at step {self._store.refresh().step}", RuntimeWarning, stacklevel=3)
+        pipeline = self._pipeline
+        pipeline.restore_gradients()
+        pipeline.abort()
+        self._rollback(reload_weights=False)
+        self._restart(lambda: None)
+        self._device_failure_seen = False
 
     def _wake_dormant(self) -> None:
         """Parameters without state that now have a gradient (unfrozen): give them state."""
@@ -431,15 +451,24 @@ class NearstepOptimizer(torch.optim.Optimizer):
             opened = Store.open(path)
             try:
                 pending = opened.check_model(specs, self.kind, state_format, groups=groups)
+                m = opened.manifest
+                slot = max((m.image(sl.index).slot_bytes for sl in m.slices), default=0)
+                if slot:  # before a device process starts: a resumed store keeps its slices
+                    slot_count(parse_bytes(self._device_config.memory_budget), slot, store_exists=True)
             except BaseException:
                 opened.close()
                 raise
             return opened, True, pending
         # Checked before anything is written: a plan the device could not run leaves no files behind.
-        planned = len(plan_slices(specs, self._slice_bytes, include=trainable))
-        capacity = slice_file_capacity()
-        check_slice_count(planned, self._slice_bytes / 2**20, sum(s.numel for s in specs),
-                          MAX_SLICES if capacity is None else min(MAX_SLICES, capacity))
+        plan = plan_slices(specs, self._slice_bytes, include=trainable)
+        planned = len(plan)
+        check_slice_count(planned, self._slice_bytes / 2**20, sum(s.numel for s in specs), MAX_SLICES)
+        fmt = state_format or formats.StateFormat()
+        names = ("master", *rules.state_names(hyper_type))
+        slot = max((SliceImage.build(sl.index, [(g.param, g.start, g.length, specs[g.param].group, specs[g.param].dtype)
+                                                for g in sl.segments], fmt, names).slot_bytes for sl in plan), default=0)
+        if slot:
+            slot_count(parse_bytes(self._device_config.memory_budget), slot, store_exists=False)
         ensure_file_limit(planned)
         created = Store.create(
             path,
@@ -491,12 +520,36 @@ class NearstepOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_open()
+        try:
+            return self._step_once(loss)
+        except KeyboardInterrupt as exc:
+            # See [Note: a failure after the commit point] in pipeline.py: a Ctrl-C anywhere in
+            # here finishes the launched step or drops the staged one, and says at which step
+            # model, optimizer and store are.
+            self._pipeline.settle(exc)
+            raise
+
+    def _step_once(self, loss: Any) -> Any:
         t0 = time.monotonic_ns()
         if self.trace.loop_start_ns is not None:
             self.trace.add(Lane.COMPUTE, "forward/backward", self.trace.loop_start_ns, t0)
         pipeline = self._pipeline
         # The barrier: the previous step must be in the model before this one starts.
         self._account(self._finish())
+        if not self._device.alive:
+            if not self._device_failure_seen:
+                # Died between steps: nobody has heard yet. Say so once, loudly; the next
+                # step() starts a new device (the store is at its last commit either way).
+                self._device_failure_seen = True
+                error = DeviceDiedError(f"the device process {self._device.info.pid} died between steps (its last "
+                                        f"committed step is kept); step() again to start a new device and continue, "
+                                        f"or reopen the optimizer on the same store")
+                pipeline.restore_gradients()  # offloaded ones back to p.grad: the retry stages them again
+                pipeline.abort()
+                tell_committed_step(error, self._rollback(reload_weights=False), None)
+                raise error
+            self._revive()
+            pipeline = self._pipeline
         if self._dormant and self._ranks.alone:
             self._wake_dormant()
             pipeline = self._pipeline  # a new one if the store grew
@@ -565,10 +618,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
                 f"Use state_format='fp32' to keep them exactly.",
                 UserWarning, stacklevel=3,
             )
-        pipeline.launch(self._step + 1, present, scale, commit, edited)
-        self._ranks.launched()
-        self._param_steps = new_steps
-        self._step += 1
+        with interrupts_deferred():  # a Ctrl-C here is raised once the launch and its counters agree
+            pipeline.launch(self._step + 1, present, scale, commit, edited)
+            self._ranks.launched()
+            self._param_steps = new_steps
+            self._step += 1
         if self.mode is Mode.SYNC or (self.mode is Mode.DELAYED and self._step <= self.warmup_steps):
             self._account(self._finish())
         if self.mode is not Mode.SYNC and self._ranks.alone:
@@ -601,16 +655,24 @@ class NearstepOptimizer(torch.optim.Optimizer):
         return self._device.submit(Query(QueryKind.TRACE)).wait()
 
     @torch.no_grad()
-    def _rollback(self, reload_weights: bool) -> None:
-        """After a failed step: back to the store's last commit (step counters, and weights if asked)."""
+    def _rollback(self, reload_weights: bool, launched: int | None = None) -> int | None:
+        """After a failed step: the step counters, and the weights where they may differ, from the
+        store's committed step, which this returns (None: the store cannot be read).
+
+        ``launched``: the step that failed. The store may have committed it although its
+        completion never arrived (see [Note: a failure after the commit point] in pipeline.py):
+        then the model takes its weights from the store even if none had landed.
+        """
+        self._device_failure_seen = True  # the error being raised reports it: a dead device is replaced next
         try:
             manifest = self._store.refresh()
-            if reload_weights:
+            if reload_weights or (launched is not None and manifest.step == launched):
                 self._load_masters_into_params()
         except NearstepError:
-            return  # nothing readable to roll back to; the error being raised says why
+            return None  # nothing readable to roll back to; the error being raised says why
         self._step = manifest.step
         self._param_steps = list(manifest.param_steps)
+        return manifest.step
 
     def _account(self, inflight: InFlight | None) -> None:
         if inflight is None:
@@ -651,7 +713,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
         for example before ``model.to()`` or an evaluation in delayed mode.
         """
         self._check_open()
-        self._account(self._finish())
+        try:
+            self._account(self._finish())
+        except KeyboardInterrupt as exc:
+            self._pipeline.settle(exc)
+            raise
 
     def telemetry(self) -> list[ParamTelemetry]:
         """Per parameter: last update RMS and update-to-weight ratio, and guard counts."""

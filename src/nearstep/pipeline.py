@@ -73,6 +73,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import signal
+import threading
 import time
 import warnings
 import weakref
@@ -184,11 +186,12 @@ class Pipeline:
         config: PipelineConfig,
         *,
         step_inputs: Callable[[], StepInputs],
-        on_failure: Callable[[bool], None],
+        on_failure: Callable[[bool, int | None], int | None],
     ) -> None:
         """``step_inputs`` gives the hyperparameters, step counts and guards of the step being staged;
-        ``on_failure(weights_reached_model)`` puts the optimizer back at the store's last commit after
-        a launched step failed (see :meth:`_fail`)."""
+        ``on_failure(weights_reached_model, step)`` puts the model and the optimizer at the store's
+        committed step after the launched ``step`` failed, and returns that step (None when the
+        store cannot be read): see :meth:`_fail`."""
         self.params = list(params)
         self.config = config
         self._ids = {id(p): i for i, p in enumerate(self.params)}
@@ -339,9 +342,13 @@ class Pipeline:
                 pipeline._landing_sets.clear()
             inflight = pipeline.inflight
             if inflight is not None:
-                for k in pipeline._landing_set(mod):
-                    if k not in inflight.landed and k in inflight.applies:
-                        pipeline.land(k)
+                try:
+                    for k in pipeline._landing_set(mod):
+                        if k not in inflight.landed and k in inflight.applies:
+                            pipeline.land(k)
+                except KeyboardInterrupt as exc:
+                    pipeline.settle(exc)
+                    raise
             pipeline.poll_lending()
 
         return pre_hook
@@ -671,20 +678,27 @@ class Pipeline:
             order = wanted
             self.device.submit(Prefetch(tuple(order)))
         inputs = self._step_inputs()
-        applies = {}
+        applies: dict[int, Completion] = {}
         self._device_busy()
         if self._early:
             self.counters["speculated_steps"] += 1
             self._miss_streak = 0
             self._pause = _PAUSE_STEPS  # it pays again: back to short pauses
-        for k in order:
-            if k in self._early:
-                applies[k] = self._early[k]
-                continue
-            adopt = self._adopt_flags(k, edited)
-            applies[k] = self.device.submit(self._apply_request(k, inputs, has, scale, adopt))
-        touched |= frozenset(self._adopting)
-        inflight = InFlight(step, self.current, applies, self.device.submit(commit), touched)
+        try:
+            for k in order:
+                if k in self._early:
+                    applies[k] = self._early[k]
+                    continue
+                adopt = self._adopt_flags(k, edited)
+                applies[k] = self.device.submit(self._apply_request(k, inputs, has, scale, adopt))
+            touched |= frozenset(self._adopting)
+            commit_done = self.device.submit(commit)
+        except BaseException as exc:
+            # Interrupted (Ctrl-C) or refused before the commit was queued: the device drops
+            # what it applied (Abort follows those applies in its queue), nothing lands.
+            self._abandon(applies, exc, step)
+            raise
+        inflight = InFlight(step, self.current, applies, commit_done, touched)
         self.inflight = inflight
         self.phase = Phase.LAUNCHED
         for k in applies:
@@ -696,6 +710,18 @@ class Pipeline:
         self._launches += 1
         self.current = (self.current + 1) % len(self.arenas)
         return inflight
+
+    def _abandon(self, applies: dict[int, Completion], exc: BaseException, step: int) -> None:
+        """A launch that failed before its commit was queued: drop its applies on the device."""
+        aborted = self.device.submit(Abort())
+        for done in (*applies.values(), aborted):
+            try:
+                done.wait()
+            except BaseException:
+                pass
+        self.abort()
+        committed = self._on_failure(False, step)
+        tell_committed_step(exc, committed, step)
 
     def missed(self) -> None:
         """The step's speculation failed validation (clipping, a non-finite or edited gradient)."""
@@ -740,8 +766,8 @@ class Pipeline:
         start = time.monotonic_ns()
         try:
             inflight.reports[k] = inflight.applies[k].wait()
-        except BaseException:
-            self._fail()
+        except BaseException as exc:
+            self._fail(exc)
             raise
         waited = time.monotonic_ns()
         if waited - start > 20_000:
@@ -749,30 +775,32 @@ class Pipeline:
         arena = self.arenas[inflight.arena].bytes
         staged = self.layout.slices[k]
         overwritten = []
-        self.landing = True
-        try:
-            with torch.no_grad():
-                for seg in staged.segments:
-                    if seg.param in inflight.updated:
-                        p = self.params[seg.param]
-                        if self.config.track_weights and self._weights_seen[seg.param] != (p.data_ptr(), p._version):
-                            overwritten.append(seg.param)
-                        flat = p.view(-1)
-                        flat[seg.start : seg.start + seg.length].copy_(self.layout.weight_view(arena, seg, staged), non_blocking=self.cuda)
-                        self._weights_seen[seg.param] = (p.data_ptr(), p._version)
-                        pid = id(p)
-                        left = self._pending.get(pid, 1) - 1
-                        if left > 0:
-                            self._pending[pid] = left
-                        else:
-                            self._pending.pop(pid, None)
-        finally:
-            self.landing = False
-        if self.cuda:
-            event = torch.cuda.Event()
-            event.record()
-            self._landed_events[k] = event
-        inflight.landed.add(k)
+        # A slice lands whole: a Ctrl-C during the copy is raised once the slice is in.
+        with interrupts_deferred():
+            self.landing = True
+            try:
+                with torch.no_grad():
+                    for seg in staged.segments:
+                        if seg.param in inflight.updated:
+                            p = self.params[seg.param]
+                            if self.config.track_weights and self._weights_seen[seg.param] != (p.data_ptr(), p._version):
+                                overwritten.append(seg.param)
+                            flat = p.view(-1)
+                            flat[seg.start : seg.start + seg.length].copy_(self.layout.weight_view(arena, seg, staged), non_blocking=self.cuda)
+                            self._weights_seen[seg.param] = (p.data_ptr(), p._version)
+                            pid = id(p)
+                            left = self._pending.get(pid, 1) - 1
+                            if left > 0:
+                                self._pending[pid] = left
+                            else:
+                                self._pending.pop(pid, None)
+            finally:
+                self.landing = False
+            if self.cuda:
+                event = torch.cuda.Event()
+                event.record()
+                self._landed_events[k] = event
+            inflight.landed.add(k)
         self.trace.add(Lane.LINK, f"weights s{k}", waited, time.monotonic_ns())
         if overwritten:
             names = ", ".join(repr(self.names[i]) for i in sorted(set(overwritten))[:3])
@@ -803,8 +831,8 @@ class Pipeline:
             try:
                 for done in (*inflight.applies.values(), inflight.commit):
                     done.wait()
-            except BaseException:
-                self._fail()
+            except BaseException as exc:
+                self._fail(exc)
                 raise
         error: StaleWeightError | None = None
         for k in inflight.applies:
@@ -815,8 +843,8 @@ class Pipeline:
                     error = error or exc  # every slice lands first
         try:
             inflight.commit.wait()
-        except BaseException:
-            self._fail()
+        except BaseException as exc:
+            self._fail(exc)
             raise
         if time.monotonic_ns() - start > 20_000:
             self.trace.add(Lane.COMPUTE, "wait commit", start, time.monotonic_ns())
@@ -829,21 +857,95 @@ class Pipeline:
             raise error
         return inflight
 
-    def _fail(self) -> None:
-        """A launched step failed: drain it, and put the committed weights back into the model."""
+    def _fail(self, exc: BaseException) -> None:
+        """A launched step failed: drain it, bring the model and the optimizer to the store's
+        committed step, and say in ``exc`` which step that is.
+
+        [Note: a failure after the commit point]
+        The rename of the manifest is the commit point, and the host hears of it only
+        with the commit's completion. Whatever fails in between (Ctrl-C while step()
+        waits, the device dying before its reply, the directory fsync failing after the
+        rename) leaves a store that may already be at the launched step while nothing of
+        it reached the model. So the store decides: the step counters are read back from
+        its manifest, and the model takes the store's masters whenever the store is at
+        the launched step or some new weights had landed. Model, optimizer and store then
+        name the same step, and the error says which one.
+        """
         inflight, self.inflight = self.inflight, None
         self._pending.clear()
         if inflight is None:
             return
-        for done in (*inflight.applies.values(), inflight.commit):
-            try:
-                done.wait()
-            except BaseException:
-                pass
-        self.phase = Phase.STAGING if self.phase is Phase.STAGING else Phase.IDLE
-        # The step counters go back to the store's last commit in any case; the weights
-        # only if some new ones already reached the model.
-        self._on_failure(bool(inflight.landed))
+        # A second Ctrl-C must not stop this half way (weights half reloaded): it is held,
+        # and dropped, since ``exc`` is on its way to the training loop already.
+        with interrupts_deferred(reraise=False):
+            for done in (*inflight.applies.values(), inflight.commit):
+                try:
+                    done.wait()
+                except BaseException:
+                    pass
+            self.phase = Phase.STAGING if self.phase is Phase.STAGING else Phase.IDLE
+            # See [Note: a failure after the commit point].
+            committed = self._on_failure(bool(inflight.landed), inflight.step)
+            tell_committed_step(exc, committed, inflight.step)
+
+    def settle(self, exc: BaseException) -> None:
+        """A Ctrl-C (``exc``) reached nearstep's code: finish the launched step or drop the one being
+        staged, so that model, optimizer and store agree, and say at which step in ``exc``."""
+        with interrupts_deferred(reraise=False):
+            if self.inflight is not None:
+                try:
+                    self.finish()
+                except BaseException:
+                    pass  # _fail brought model and optimizer to the committed step
+            elif self.phase is Phase.STAGING:
+                self.restore_gradients()  # offloaded gradients go back to p.grad: a retry stages them again
+                self.abort()
+            tell_committed_step(exc, self._on_failure(False, None), None)
+
+
+@contextlib.contextmanager
+def interrupts_deferred(reraise: bool = True) -> Any:
+    """Hold Ctrl-C (SIGINT) while a section that must run whole runs; then deliver it (to the
+    handler that was installed: Python's raises KeyboardInterrupt), or, with ``reraise``
+    False, drop it where that handler is Python's (an exception is on its way already).
+
+    Only the main thread receives signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous) and (reraise or previous is not signal.default_int_handler):
+            previous(signal.SIGINT, held[0])
+
+
+def tell_committed_step(exc: BaseException, committed: int | None, launched: int | None) -> None:
+    """Say in ``exc`` (a note, and ``exc.committed_step``) at which step the model, the
+    optimizer and the store are after step ``launched`` failed (None: after an interrupt
+    between steps or while one was staged)."""
+    if committed is None:
+        return
+    try:
+        exc.committed_step = committed  # type: ignore[attr-defined]
+    except AttributeError:
+        pass  # an exception type with __slots__: the note below still says it
+    if launched is None:
+        text = (f"nearstep: interrupted; the model's weights, the optimizer's step count and the store are all at "
+                f"step {committed}. Continue from the batch of step {committed + 1}.")
+    elif committed >= launched:
+        text = (f"nearstep: step {launched} was committed before this error reached the training loop; the "
+                f"model's weights, the optimizer's step count and the store are all at step {committed}. "
+                f"Continue with the batch after the one of step {committed}.")
+    else:
+        text = (f"nearstep: step {launched} was not committed; the model's weights, the optimizer's step count "
+                f"and the store are all at step {committed}. Continue from the batch of step {committed + 1}.")
+    if text not in getattr(exc, "__notes__", ()):
+        exc.add_note(text)
 
 
 # Tensor attributes that do not read a parameter's values: reading them is never stale.

@@ -10,6 +10,7 @@ place is the slice's image's business (:class:`nearstep.image.SliceImage`).
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
@@ -18,10 +19,11 @@ from dataclasses import dataclass
 import torch
 
 from . import aio
+from .errors import StagingSpaceError
 from .image import StagedSegment, staged_view
 from .store import Manifest
 
-__all__ = ["StagedSlice", "StagingLayout", "SharedMemory"]
+__all__ = ["StagedSlice", "StagingLayout", "SharedMemory", "StagingSpaceError"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,32 @@ class StagingLayout:
         return staged_view(arena, slice_.weight_offset, seg)
 
 
+def _reserve(fd: int, nbytes: int, where: str) -> None:
+    """Give the file ``nbytes`` of real pages now, or raise saying what to do.
+
+    [Note: staging that does not fit /dev/shm]
+    A file on tmpfs gets its pages when they are first touched. Sized with ftruncate
+    alone, a staging arena larger than what /dev/shm has free (Docker gives containers
+    64 MiB) maps fine, and the first write past the free space kills the writer with
+    SIGBUS: the device dies with an empty stderr, mid-step. fallocate reserves the pages
+    up front and fails with ENOSPC instead, while the optimizer is being built.
+    """
+    os.ftruncate(fd, nbytes)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return  # a file system without fallocate: sized by ftruncate, as before
+        free = os.statvfs(where)
+        raise StagingSpaceError(
+            f"the staging memory (gradients and weights of one step, shared with the device process) needs "
+            f"{nbytes / 2**20:.1f} MiB but {where} has {free.f_bavail * free.f_frsize / 2**20:.1f} MiB free. Give it "
+            f"more (docker run --shm-size=2g; or mount -o remount,size=4G {where}), or put staging elsewhere with "
+            f"DeviceConfig(staging_dir='/a/local/disk/dir') (slower: the page cache writes it back), or use smaller "
+            f"steps (fewer trainable parameters per optimizer)."
+        ) from None
+
+
 class SharedMemory:
     """Page-aligned memory both the host and the device process map (a file on tmpfs).
 
@@ -70,12 +98,25 @@ class SharedMemory:
     the name as soon as both have mapped it, so nothing is left behind after a crash.
     """
 
-    def __init__(self, nbytes: int, path: str | None = None) -> None:
+    def __init__(self, nbytes: int, path: str | None = None, *, directory: str | os.PathLike | None = None) -> None:
+        """Make ``nbytes`` of shared memory (``path`` None) in ``directory`` (default ``/dev/shm``),
+        or map the one at ``path`` that the other side made."""
         self.nbytes = aio.align_up(nbytes)
         if path is None:
-            base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            fd, path = tempfile.mkstemp(prefix="nearstep-", dir=base)
-            os.ftruncate(fd, self.nbytes)
+            base = str(directory) if directory is not None else "/dev/shm" if os.path.isdir("/dev/shm") else None
+            try:
+                fd, path = tempfile.mkstemp(prefix="nearstep-", dir=base)
+            except OSError as exc:
+                raise StagingSpaceError(
+                    f"cannot create the staging memory in {base or tempfile.gettempdir()}: {exc.strerror}. Pass "
+                    f"DeviceConfig(staging_dir=...) a writable directory (a tmpfs, or a local disk)."
+                ) from None
+            try:
+                _reserve(fd, self.nbytes, base or tempfile.gettempdir())
+            except BaseException:
+                os.close(fd)
+                os.unlink(path)
+                raise
         else:
             fd = os.open(path, os.O_RDWR)
         try:

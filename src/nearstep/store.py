@@ -4,7 +4,8 @@ A store is a manifest plus one state file per slice and generation::
 
     STORE/
       manifest.json          what is committed: step, parameters, slices, checksums
-      LOCK                   flock()ed by the process that has the store open
+      LOCK                   the pid of the process that has the store open (the lock
+                             itself is an flock() of the directory: see _acquire_lock)
       slices/s000003.g1      master weights, then each moment, 4096-aligned regions
                              in the store's state format (``formats/``)
 
@@ -22,6 +23,7 @@ import contextlib
 import errno as _errno
 import fcntl
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -37,14 +39,16 @@ from typing import Any
 
 import torch
 
-from . import aio, formats
+from . import aio, formats, rules
 from .image import SliceImage
 from .errors import (
     DiskFullError,
     StoreCorruptError,
     StoreError,
+    StoreIOError,
     StoreLockedError,
     StoreMismatchError,
+    StorePathError,
     StorePermissionError,
 )
 
@@ -69,6 +73,9 @@ __all__ = [
     "is_positional_name",
     "rounding_seed",
     "PARAM_STATS",
+    "MAX_STEP",
+    "try_lock",
+    "lock_holder",
 ]
 
 FORMAT_VERSION = 1
@@ -83,6 +90,15 @@ MASTER = "master"
 # Per-parameter guard statistics the device keeps in the manifest (what
 # ``nearstep inspect --sensitivity`` reports): totals, then the last step's values.
 PARAM_STATS = ("spike_clipped", "update_clipped", "update_rms", "update_to_weight")
+#: The largest step count a manifest may hold: a million steps a second for 285 years, and
+#: still exact as a float (``state_dict()`` holds steps as float tensors).
+MAX_STEP = 2**53
+_MAX_COUNTER = 2**63 - 1  # guard counters count elements: int64
+_MAX_CHECKSUM_BLOCK = 1 << 30
+# Timestamps are only shown (``nearstep inspect``), so any time a clock may have said is
+# kept, up to the last second datetime can show (9999-12-31); 0 means "not recorded".
+_LATEST_TIME = 253402300799.0
+_STORE_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex, as Store.create makes it
 
 _DTYPES = {
     "float32": torch.float32,
@@ -237,12 +253,18 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
-        """Parse and validate a manifest; anything malformed is a StoreCorruptError."""
+        """Parse and validate a manifest; anything malformed is a StoreCorruptError.
+
+        Each field must have its JSON type (no coercion: ``"5"``, ``true`` and ``0.5`` are
+        not step counts) and a meaning that agrees with the others (:meth:`_check`). The
+        error names the field. What needs the slice files is :meth:`Store.open`'s.
+        """
 
         def bad(why: str) -> StoreCorruptError:
             return StoreCorruptError(
-                f"{where} is not a valid nearstep manifest ({why}). The store cannot be "
-                f"opened; restore it from a backup or delete the directory to start over."
+                f"{where} is not a valid nearstep manifest ({why}). The store was not opened and nothing "
+                f"in it was read or changed. Restore manifest.json (or the whole store) from a backup, or "
+                f"undo the edit that made it; or start a fresh store in another directory."
             )
 
         try:
@@ -257,51 +279,96 @@ class Manifest:
                 f"{where} has format version {version!r}; this nearstep reads versions "
                 f"{FORMAT_VERSION} and {DORMANT_FORMAT_VERSION}. Use the nearstep release that wrote it."
             )
+        at = "the top level"
+
+        def take(name: str, convert: Callable[[Any], Any], *default: Any) -> Any:
+            nonlocal at
+            at = name  # what an error names
+            return convert(doc[name]) if name in doc or not default else default[0]
+
+        def param(p: Any) -> ParamSpec:
+            p = _object(p)
+            return ParamSpec(_text(p["name"]), tuple(_integer(d) for d in _array(p["shape"])), _text(p["dtype"]),
+                             _integer(p["group"]))
+
+        def slice_spec(s: Any) -> SliceSpec:
+            s = _object(s)
+            return SliceSpec(_integer(s["index"]), tuple(
+                Segment(_integer(g["param"]), _integer(g["start"]), _integer(g["length"]))
+                for g in map(_object, _array(s["segments"]))))
+
         try:
-            params = tuple(
-                ParamSpec(str(p["name"]), tuple(int(d) for d in p["shape"]), str(p["dtype"]), int(p["group"]))
-                for p in doc["params"]
-            )
-            slices = tuple(
-                SliceSpec(
-                    int(s["index"]),
-                    tuple(Segment(int(g["param"]), int(g["start"]), int(g["length"])) for g in s["segments"]),
-                )
-                for s in doc["slices"]
-            )
-            committed = tuple(SliceState(int(c["generation"]), int(c["checksum"])) for c in doc["committed"])
+            # Keyword arguments are evaluated in order: ``at`` names the field being read.
             manifest = cls(
-                store_id=str(doc["store_id"]),
-                optimizer=str(doc["optimizer"]),
-                state_names=tuple(str(n) for n in doc["state_names"]),
-                hyperparameters=tuple(dict(h) for h in doc["hyperparameters"]),
-                params=params,
-                slices=slices,
-                step=int(doc["step"]),
-                param_steps=tuple(int(s) for s in doc["param_steps"]),
-                committed=committed,
-                checksum_block=int(doc["checksum_block"]),
-                counters={str(k): int(v) for k, v in dict(doc.get("counters", {})).items()},
-                created_at=float(doc.get("created_at", 0.0)),
-                committed_at=float(doc.get("committed_at", 0.0)),
-                state_format=str(doc.get("state_format", "fp32")),  # stores from before formats
-                param_stats={str(k): [float(x) for x in v] for k, v in dict(doc.get("param_stats", {})).items()},
-                dormant=tuple(int(i) for i in doc.get("dormant", ())),  # stores from before dormant parameters
+                store_id=take("store_id", _text),
+                optimizer=take("optimizer", _text),
+                state_names=take("state_names", lambda v: tuple(map(_text, _array(v)))),
+                hyperparameters=take("hyperparameters", lambda v: tuple(dict(_object(h)) for h in _array(v))),
+                params=take("params", lambda v: tuple(map(param, _array(v)))),
+                slices=take("slices", lambda v: tuple(map(slice_spec, _array(v)))),
+                step=take("step", _integer),
+                param_steps=take("param_steps", lambda v: tuple(map(_integer, _array(v)))),
+                committed=take("committed", lambda v: tuple(
+                    SliceState(_integer(c["generation"]), _integer(c["checksum"])) for c in map(_object, _array(v)))),
+                checksum_block=take("checksum_block", _integer),
+                counters=take("counters", lambda v: {k: _integer(n) for k, n in _object(v).items()}, {}),
+                created_at=take("created_at", _real, 0.0),
+                committed_at=take("committed_at", _real, 0.0),
+                state_format=take("state_format", _text, "fp32"),  # stores from before formats
+                param_stats=take("param_stats", lambda v: {k: list(map(_real, _array(n))) for k, n in _object(v).items()}, {}),
+                dormant=take("dormant", lambda v: tuple(map(_integer, _array(v))), ()),  # stores from before dormant parameters
             )
-        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
-            raise bad(f"{type(exc).__name__}: {exc}") from None
+        except KeyError as exc:
+            raise bad(f"{at}: {exc} is missing (KeyError)") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise bad(f"{at}: {type(exc).__name__}: {exc}") from None
         manifest._check(bad)
         if version != manifest.format_version:
             raise bad(f"format version {version} with {len(manifest.dormant)} dormant parameters")
         return manifest
 
     def _check(self, bad: Callable[[str], Exception]) -> None:
-        if not self.state_names or self.state_names[0] != MASTER:
-            raise bad("state_names must start with 'master'")
-        if self.step < 0 or self.checksum_block <= 0 or self.checksum_block % aio.PAGE:
-            raise bad("step or checksum_block out of range")
+        """Raise ``bad(why)`` unless every field makes sense, alone and with the others.
+
+        Beyond the tables' shapes: the optimizer is one of :data:`rules.KERNELS` and
+        ``state_names`` are exactly its state, in file order (a permutation would swap
+        moments, another kernel's would read its files wrongly); steps are counts, no
+        parameter's beyond ``step``, none beyond :data:`MAX_STEP`; counters are counts;
+        timestamps are times a clock can show; hyperparameters are JSON values. A dormant
+        parameter may have a step count: ``load_state_dict`` keeps one it was given.
+        """
+        if not isinstance(self.store_id, str) or not _STORE_ID.fullmatch(self.store_id):
+            raise bad(f"store_id {_shown(self.store_id)} is not the 32 hexadecimal digits Store.create makes")
+        kernel = rules.KERNELS.get(self.optimizer) if isinstance(self.optimizer, str) else None
+        if kernel is None:
+            raise bad(f"optimizer {_shown(self.optimizer)} is none of nearstep's: {', '.join(rules.KERNELS)}")
+        expected = (MASTER, *rules.state_names(kernel))
+        if tuple(self.state_names) != expected:
+            raise bad(f"state_names {_shown(list(self.state_names))} are not the state {self.optimizer} keeps, "
+                      f"{list(expected)} in this order")
+        if not _is_count(self.step, MAX_STEP):
+            raise bad(f"step {_shown(self.step)} is not a step count (an integer from 0 to 2**53)")
+        if not _is_count(self.checksum_block, _MAX_CHECKSUM_BLOCK) or self.checksum_block == 0 \
+                or self.checksum_block % aio.PAGE:
+            raise bad(f"checksum_block {_shown(self.checksum_block)} is not a multiple of {aio.PAGE} bytes up to 1 GiB")
         if len(self.param_steps) != len(self.params) or len(self.committed) != len(self.slices):
-            raise bad("table lengths disagree")
+            raise bad(f"table lengths disagree: {len(self.params)} params but {len(self.param_steps)} param_steps, "
+                      f"{len(self.slices)} slices but {len(self.committed)} committed")
+        for i, steps in enumerate(self.param_steps):
+            if not _is_count(steps, self.step):
+                raise bad(f"param_steps[{i}] ({self.params[i].name!r}) is {_shown(steps)}; a parameter's update "
+                          f"count is an integer from 0 to the store's step, {self.step}")
+        for name, value in self.counters.items():
+            if not isinstance(name, str) or not _is_count(value, _MAX_COUNTER):
+                raise bad(f"counters[{_shown(name)}] is {_shown(value)}, not a count (an integer from 0 to 2**63 - 1)")
+        for name in ("created_at", "committed_at"):
+            when = getattr(self, name)
+            if isinstance(when, bool) or not isinstance(when, (int, float)) or not 0 <= when <= _LATEST_TIME:
+                raise bad(f"{name} {_shown(when)} is not a UNIX time from 0 (not recorded) to the year 9999")
+        for g, hyper in enumerate(self.hyperparameters):
+            if not isinstance(hyper, dict) or not all(isinstance(k, str) and _is_json_value(v) for k, v in hyper.items()):
+                raise bad(f"hyperparameters[{g}] is not an object of finite numbers, strings, booleans, nulls "
+                          f"and lists of them")
         for p in self.params:
             if p.dtype not in _DTYPES or any(d < 0 for d in p.shape) or not 0 <= p.group < len(self.hyperparameters):
                 raise bad(f"parameter {p.name!r} has an invalid dtype, shape or group")
@@ -311,6 +378,8 @@ class Manifest:
         for i, s in enumerate(self.slices):
             if s.index != i:
                 raise bad(f"slice {i} has index {s.index}")
+            if not s.segments:
+                raise bad(f"slice {i} has no segments (Store.create and grow never make an empty slice)")
             for g in s.segments:
                 if not 0 <= g.param < len(self.params) or g.start != covered[g.param] or g.length <= 0:
                     raise bad(f"slice {i} has a segment that does not continue its parameter")
@@ -337,6 +406,66 @@ class Manifest:
 @functools.lru_cache(maxsize=16)
 def _parse_format(name: str) -> formats.StateFormat:
     return formats.StateFormat.parse(name)
+
+
+# -- the manifest's JSON types: no coercion, so that what _check sees is what the file says
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(value: object) -> int:
+    """A JSON integer; an integral float (``3.0``) too. Not a bool, a string or ``0.5``."""
+    if isinstance(value, float) and value.is_integer():  # inf and nan are not integral
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_shown(value)} is not an integer")
+    return value
+
+
+def _real(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_shown(value)} is not a number")
+    return float(value)  # OverflowError for an int beyond a float's range
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{_shown(value)} is not a string")
+    return value
+
+
+def _array(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{_shown(value)} is not a list")
+    return value
+
+
+def _object(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise TypeError(f"{_shown(value)} is not an object")
+    return value
+
+
+def _is_count(value: object, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= high
+
+
+def _is_json_value(value: object) -> bool:
+    """Whether ``value`` is a JSON scalar (finite if a number) or a list of such, at any depth."""
+    todo = [value]  # a loop, not recursion: json.loads accepts lists nested deeper than the stack
+    while todo:
+        item = todo.pop()
+        if isinstance(item, (list, tuple)):
+            todo.extend(item)
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return False
+        elif item is not None and not isinstance(item, (bool, int, str)):
+            return False
+    return True
 
 
 def rounding_seed(manifest: Manifest, step: int, index: int) -> int:
@@ -381,12 +510,16 @@ def check_slice_count(count: int, slice_mb: float, elements: int, limit: int = M
     would do (twice the even cut: packing whole parameters can leave slices half full)."""
     if count > limit:
         enough = 2 * elements * 4 / limit / 2**20
-        why = (f"a store holds at most {limit:,}" if limit == MAX_SLICES else
-               f"this process can keep the files of at most {limit:,} open (two per slice, RLIMIT_NOFILE)")
+        why = f"a store holds at most {limit:,}"
         raise ValueError(
             f"slice_mb={slice_mb:.3g} cuts the parameters into {count:,} slices (two state files each); {why}. "
             f"Use slice_mb={enough:.2g} or more, or leave it None (automatic: about 16 slices). Nothing was written."
         )
+
+
+#: Where a parameter split over slices may be cut: multiples of this many elements from its start
+#: (see [Note: split points on vector lengths]), a multiple of every CPU vector length (AVX-512: 16 fp32).
+SPLIT_ALIGN = 64
 
 
 def plan_slices(
@@ -397,7 +530,9 @@ def plan_slices(
     Slices are formed in backward order (the reverse of registration), which is the
     order in which backward finishes their gradients. A parameter that does not fit
     in what is left of the current slice starts a new one; a parameter larger than a
-    whole slice is split into slice-sized chunks.
+    whole slice is split into slice-sized chunks, cut at multiples of :data:`SPLIT_ALIGN`
+    elements (so a slice may hold up to ``SPLIT_ALIGN - 1`` elements less than it could, and
+    never fewer than ``SPLIT_ALIGN`` of a split parameter).
 
     Args:
         params: the whole parameter table; segments name parameters by their index in it.
@@ -429,12 +564,26 @@ def plan_slices(
             close()
         start = 0
         while start < numel:
-            if room == 0:
-                close()
-            take = min(numel - start, room)
+            left = numel - start
+            if left <= room:
+                take = left  # the parameter's last piece: any length
+            else:
+                # [Note: split points on vector lengths] A piece that does not end the parameter
+                # is a whole number of SPLIT_ALIGN elements: torch's fused kernels run their
+                # vectorised body from a tensor's start and a scalar tail on its last elements,
+                # with different rounding (an FMA), so a piece ending off a vector boundary
+                # would put elements in the scalar tail that torch.optim computes vectorised.
+                take = room // SPLIT_ALIGN * SPLIT_ALIGN
+                if take == 0:
+                    if current:
+                        close()
+                        continue
+                    take = min(left, max(SPLIT_ALIGN, capacity // SPLIT_ALIGN * SPLIT_ALIGN))
             current.append(Segment(index, start, take))
             start += take
-            room -= take
+            room = max(room - take, 0)
+            if room == 0:
+                close()
     close()
     return tuple(slices)
 
@@ -443,32 +592,146 @@ def plan_slices(
 # Locking
 
 
-def _acquire_lock(path: Path) -> int:
-    lock_path = path / LOCK
+# [Note: the lock is an flock of the store directory]
+# A store has one writer: the process that opened it, with the emulated device process
+# that inherits its descriptor (device.py passes Store.lock_fd). The lock is an exclusive,
+# non-blocking flock() of the store directory itself, not of a file in it: a file can be
+# deleted while a run holds its lock ("clearing a stale lock"), and the next opener would
+# create and lock a new one while the first run still writes. An flock belongs to the open
+# directory, which no unlink takes away, and it goes when the last descriptor sharing it
+# closes: when the holder and its device process close the store or die, never left behind.
+# LOCK only records the holder's pid, for the messages that name it; it is written once the
+# lock is held, and a missing or stale one changes nothing about who holds the lock.
+# Releases before this one flock()ed LOCK; that lock is probed too (and let go at once), so a
+# process of such a release that has the store open is still respected. (They do not see
+# this release's lock: do not run both on one store.)
+
+
+def try_lock(path: Path, *, shared: bool = False) -> int | None:
+    """Take the store's lock without waiting: the descriptor that holds it, or None while
+    another holder has it (see [Note: the lock is an flock of the store directory]).
+
+    ``shared=True`` takes it shared: a probe, refused by a store's owner and refusing only
+    openers, while it lasts. Closing the descriptor releases the lock.
+
+    Raises:
+        OSError: ``path`` cannot be opened as a directory.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
-            raise StorePermissionError(
-                exc.errno, f"cannot open {lock_path} for writing: {exc.strerror}. Check the ownership and mode of "
-                f"the store directory, and that its file system is mounted read-write.", str(lock_path)
-            ) from None
-        raise aio.wrap_os_error(exc, "open the lock file", lock_path) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        held = not _earlier_release_lock_free(path, shared)
     except BlockingIOError:
-        try:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-        finally:
-            os.close(fd)
-        raise StoreLockedError(
-            f"store {path} is in use by process {holder} (or by its device process, which exits within "
-            f"a second of it). Stop that process (or wait for it to "
-            f"close the optimizer), or give this run a different store directory."
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        held = True
+    except BaseException:
+        os.close(fd)
+        raise
+    if held:
+        os.close(fd)
+        return None
     return fd
+
+
+def _earlier_release_lock_free(path: Path, shared: bool) -> bool:
+    """Whether no process of an earlier release holds the flock of LOCK it took for the store."""
+    try:
+        fd = os.open(path / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # no LOCK: nobody of an earlier release has the store open
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # cannot tell; the directory's lock is the one that counts
+    finally:
+        os.close(fd)  # releases the probe's flock
+    return True
+
+
+def lock_holder(path: Path) -> str:
+    """The pid the store's lock holder recorded in LOCK, or ``"unknown"`` (no LOCK, or no pid in it)."""
+    try:
+        with open(path / LOCK, "rb") as f:
+            text = f.read(64).decode(errors="replace").strip()
+    except OSError:
+        return "unknown"
+    return text if text.isdigit() else "unknown"
+
+
+def _acquire_lock(path: Path) -> int:
+    """Take the store's exclusive lock and record this process's pid in LOCK; returns the
+    descriptor whose flock is the lock (``Store.lock_fd``). See [Note: the lock is an flock of
+    the store directory].
+
+    Raises:
+        StoreLockedError: another holder has the lock (the message names its pid).
+        StorePermissionError: the store directory or LOCK cannot be written (read-only file system included).
+    """
+    lock_path = path / LOCK
+    # Opened (created) before the lock is tried: a store this process could not write is
+    # refused as such, not taken.
+    try:
+        pid_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise _lock_file_error(exc, path, lock_path) from None
+    try:
+        try:
+            fd = try_lock(path)
+            if fd is None and lock_holder(path) == str(os.getpid()):
+                # Held by this process: an optimizer (or Store) dropped without close() keeps
+                # the lock until the garbage collector runs its finalizer. Unreachable, it lets go now.
+                gc.collect()
+                fd = try_lock(path)
+        except OSError as exc:
+            if exc.errno in (_errno.EACCES, _errno.EPERM):
+                raise StorePermissionError(
+                    exc.errno, f"cannot open the store directory {path} to lock it: {exc.strerror}. Check its "
+                    f"ownership and mode: the store's user needs to read, write and enter it.", str(path)) from None
+            raise aio.wrap_os_error(exc, "open the store directory to lock it", path) from None
+        if fd is None:
+            raise _locked_error(path)
+        # Recorded only once the lock is held, so a refused opener never overwrites the
+        # holder's pid. It only names the holder in messages: a full disk must not keep
+        # `nearstep verify` out, so a failed write is let be.
+        with contextlib.suppress(OSError):
+            os.ftruncate(pid_fd, 0)
+            os.pwrite(pid_fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+    finally:
+        os.close(pid_fd)
+
+
+def _lock_file_error(exc: OSError, path: Path, lock_path: Path) -> StoreIOError:
+    if exc.errno == _errno.EROFS:
+        return StorePermissionError(
+            exc.errno, f"cannot open {lock_path} for writing: {exc.strerror}. The file system holding {path} is "
+            f"mounted read-only, and a store is written at every step: remount it read-write, or copy the store "
+            f"to a writable disk (cp -a {path} NEW_DIR) and pass the copy's path; `nearstep inspect` and "
+            f"`nearstep export` read it where it is. Check the ownership and mode of the copy if it is refused too.",
+            str(lock_path))
+    if exc.errno in (_errno.EACCES, _errno.EPERM):
+        return StorePermissionError(
+            exc.errno, f"cannot open {lock_path} for writing: {exc.strerror}. Check the ownership and mode of "
+            f"the store directory, and that its file system is mounted read-write.", str(lock_path))
+    return aio.wrap_os_error(exc, "open the lock file", lock_path)
+
+
+def _locked_error(path: Path) -> StoreLockedError:
+    holder = lock_holder(path)
+    if holder == str(os.getpid()):
+        return StoreLockedError(
+            f"store {path} is in use by process {holder}, which is this process: an optimizer (or Store) made in "
+            f"it still has the store open. Call that object's close() (or make it in a `with` block) before "
+            f"opening the store again; there is no other process to stop."
+        )
+    if holder == "unknown":
+        holder = "unknown (LOCK, where the holder records its pid, is missing or empty)"
+    return StoreLockedError(
+        f"store {path} is in use by process {holder} (or by its device process, which exits within "
+        f"a second of it). Stop that process (or wait for it to close the optimizer), or give this run a "
+        f"different store directory. Deleting LOCK does not release the lock: it is held on the directory."
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -571,17 +834,47 @@ class Store:
         fmt_name = formats.StateFormat.parse(state_format).name  # a bad name fails before anything is made
         if trainable is not None and len(trainable) != len(params):
             raise ValueError(f"trainable has {len(trainable)} flags for {len(params)} parameters; give one per parameter")
-        path = Path(path)
-        if (path / MANIFEST).exists():
+        path = _store_path(path)
+        slices = plan_slices(params, slice_bytes, include=trainable)
+        manifest = Manifest(
+            store_id=uuid.uuid4().hex,
+            optimizer=optimizer,
+            state_names=(MASTER, *state_names),
+            hyperparameters=tuple(dict(h) for h in hyperparameters),
+            params=tuple(params),
+            slices=slices,
+            step=0,
+            param_steps=(0,) * len(params),
+            committed=(SliceState(0, 0),) * len(slices),
+            checksum_block=checksum_block,
+            created_at=time.time(),
+            state_format=fmt_name,
+            dormant=() if trainable is None else tuple(i for i, t in enumerate(trainable) if not t),
+        )
+        # What Store.open would refuse is refused before anything is made.
+        manifest._check(lambda why: ValueError(f"cannot create a store at {path}: {why}. Nothing was created."))
+        if path.is_dir() and (path / MANIFEST).exists():
             raise StoreError(f"{path} already holds a store; use Store.open() to continue it, or pick another directory.")
+        _refuse_a_file_in_the_way(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
             (path / SLICES).mkdir(exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            _refuse_a_file_in_the_way(path)  # one appeared meanwhile
+            raise
         except PermissionError as exc:
             raise StorePermissionError(
                 exc.errno, f"cannot create the store directory {path}: permission denied. "
                 "Check the ownership and mode of its parent, or choose another location.", str(path)
             ) from None
+        except OSError as exc:
+            if exc.errno == _errno.EROFS:
+                raise StorePermissionError(
+                    exc.errno, f"cannot create the store directory {path}: the file system there is mounted "
+                    f"read-only, and a store is written at every step. Pass a directory on a writable disk "
+                    f"instead (under your home directory or a local SSD's mount point); nothing was created.",
+                    str(path)) from None
+            raise aio.wrap_os_error(exc, "create the store directory", path) from None
         # [Note: an interrupted creation never blocks the next run]
         # A creation stopped (Ctrl-C, kill, crash) before its first commit leaves only
         # nearstep's own files: LOCK, slices/sNNNNNN.g0|g1 and manifest.json.tmp. They
@@ -629,31 +922,15 @@ class Store:
                 os.close(lock_fd)
         lock_fd = _acquire_lock(path)
         try:
-            slices = plan_slices(params, slice_bytes, include=trainable)
-            names = (MASTER, *state_names)
-            manifest = Manifest(
-                store_id=uuid.uuid4().hex,
-                optimizer=optimizer,
-                state_names=names,
-                hyperparameters=tuple(dict(h) for h in hyperparameters),
-                params=tuple(params),
-                slices=slices,
-                step=0,
-                param_steps=(0,) * len(params),
-                committed=(SliceState(0, 0),) * len(slices),
-                checksum_block=checksum_block,
-                created_at=time.time(),
-                state_format=fmt_name,
-                dormant=() if trainable is None else tuple(i for i, t in enumerate(trainable) if not t),
-            )
             need = 2 * manifest.state_bytes
-            free = shutil.disk_usage(path).free
-            if need > free:
+            disk = shutil.disk_usage(path)
+            if need > disk.free:
                 raise DiskFullError(
                     _errno.ENOSPC,
-                    f"the store needs {need / 2**30:.2f} GiB (two generations of "
-                    f"{manifest.state_bytes / 2**30:.2f} GiB) but {path} has only {free / 2**30:.2f} GiB "
-                    f"free. Free space there or put the store on a bigger disk.",
+                    f"the store needs {_size_text(need)} (two generations of {_size_text(manifest.state_bytes)}) "
+                    f"but {path} has only {_size_text(disk.free)} free, on a file system of "
+                    f"{disk.total / 2**30:.3g} GiB. Free space there or put the store on a bigger disk; "
+                    f"no state was written.",
                     str(path),
                 )
             store = cls(path, manifest, lock_fd)
@@ -665,14 +942,29 @@ class Store:
             raise
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Store:
-        """Open an existing store and take its lock."""
-        path = Path(path)
+    def open(cls, path: str | os.PathLike, *, check_files: bool = True) -> Store:
+        """Open an existing store and take its lock.
+
+        The manifest is validated for meaning (:meth:`Manifest.from_json`) and, with
+        ``check_files``, held against the slice files (one stat per file; see
+        :meth:`_check_file_sizes`) before anything is read or written.
+        ``nearstep verify`` passes False to report each file itself.
+
+        Raises:
+            StoreCorruptError: the manifest is invalid or does not describe the slice files.
+            StoreLockedError: another holder has the store open.
+            StoreError: ``path`` holds no store (StorePathError: it is empty or a file).
+        """
+        path = _store_path(path)
         if not path.is_dir():
+            _refuse_a_file_in_the_way(path)
             raise StoreError(f"{path} is not a directory; create the store first (nearstep does so when the optimizer is given a new path).")
         lock_fd = _acquire_lock(path)
         try:
-            return cls(path, read_manifest(path), lock_fd)
+            store = cls(path, read_manifest(path), lock_fd)
+            if check_files:
+                store._check_file_sizes()
+            return store
         except BaseException:
             os.close(lock_fd)
             raise
@@ -935,6 +1227,40 @@ class Store:
                 problems.append(text if text.startswith(f"slice {spec.index} ") else f"slice {spec.index}: {text}")
         return problems
 
+    def layout_disagreement(self, index: int, sizes: Sequence[int]) -> str | None:
+        """Why slice ``index``'s files, of ``sizes`` bytes (both generations), show that the
+        manifest does not describe them; None when they do not show it.
+
+        Both files of one size other than the manifest's layout gives (``slice_file_bytes``)
+        were written for another layout: the manifest was edited (a shape, a dtype, a segment,
+        the state format) or comes from another store. One file of another size is damage to
+        that file, which :meth:`verify` and the checksum of a read name.
+        """
+        want = self.manifest.slice_file_bytes(index)
+        if len(sizes) != 2 or sizes[0] != sizes[1] or sizes[0] == want:
+            return None
+        m = self.manifest
+        names = ", ".join(dict.fromkeys(m.params[g.param].name for g in m.slices[index].segments))
+        names = names if len(names) <= 60 else names[:57] + "..."
+        return (f"{self.path / MANIFEST} does not describe the slice files: by its shapes, dtypes, segments and state "
+                f"format {m.format.name!r}, slice {index} ({names}) takes {want:,} bytes a file, but both "
+                f"its files hold {sizes[0]:,}. The manifest was edited or comes from another store. Restore "
+                f"manifest.json from a backup of this store (or undo the edit), or start a fresh store elsewhere.")
+
+    def _check_file_sizes(self) -> None:
+        """Refuse a manifest that does not describe the slice files (:meth:`layout_disagreement`),
+        with one stat per file, before anything is read or written."""
+        for spec in self.manifest.slices:
+            sizes = []
+            for g in (0, 1):
+                try:
+                    sizes.append(os.stat(self.slice_path(spec.index, g)).st_size)
+                except OSError:
+                    break  # a missing file is damage to it: verify() and the read say so
+            why = self.layout_disagreement(spec.index, sizes)
+            if why is not None:
+                raise StoreCorruptError(f"{why} The store was not opened; nothing in it was read or changed.")
+
     # -- growing -------------------------------------------------------------
 
     def grow(
@@ -1022,13 +1348,13 @@ class Store:
         grown._check(lambda why: ValueError(f"cannot grow store {self.path}: {why}"))
         self._remove_stray_slices()
         need = 2 * sum(grown.slice_file_bytes(s.index) for s in new_slices)
-        free = shutil.disk_usage(self.path).free
-        if need > free:
+        disk = shutil.disk_usage(self.path)
+        if need > disk.free:
             raise DiskFullError(
                 _errno.ENOSPC,
-                f"growing the store needs {need / 2**30:.2f} GiB (two generations of the new slices) but "
-                f"{self.path} has only {free / 2**30:.2f} GiB free. Free space there or move the store to a "
-                f"bigger disk; the store is as it was.",
+                f"growing the store needs {_size_text(need)} (two generations of the new slices) but "
+                f"{self.path} has only {_size_text(disk.free)} free, on a file system of {disk.total / 2**30:.3g} "
+                f"GiB. Free space there or move the store to a bigger disk; the store is as it was.",
                 str(self.path),
             )
         states = self._write_initial(masters, None, pool, manifest=grown, indices=[s.index for s in new_slices])
@@ -1052,24 +1378,60 @@ class Store:
         """Atomically make ``manifest`` the committed state.
 
         The caller has written and fdatasync()ed every slice file it names.
+
+        Raises:
+            ValueError: ``manifest`` is one :meth:`open` would refuse (a step count beyond
+                ``step``, say); nothing is committed and the store stays at its last step.
         """
-        self.write_manifest(replace(manifest, committed_at=time.time()))
+        manifest = replace(manifest, committed_at=time.time())
+        # Checked here, not only at open: a manifest that could not be reopened would lose the run.
+        manifest._check(lambda why: ValueError(
+            f"cannot commit step {manifest.step} to store {self.path}: {why}. Nothing was committed; the store "
+            f"stays at step {self.manifest.step}."))
+        self.write_manifest(manifest)
+
+    def _holds(self, text: str) -> bool:
+        """Whether ``manifest.json`` is ``text`` now (a commit's rename took effect)."""
+        try:
+            return (self.path / MANIFEST).read_text() == text
+        except (OSError, UnicodeDecodeError):
+            return False
 
     def write_manifest(self, manifest: Manifest) -> None:
         """Replace the manifest atomically: write a temporary file, fsync it, rename it over
         ``manifest.json``, fsync the directory (the commit point of every step; fault tests inject here)."""
         tmp = self.path / (MANIFEST + ".tmp")
+        text = manifest.to_json()
         try:
-            write_synced(tmp, manifest.to_json().encode())
+            write_synced(tmp, text.encode())
             # The rename is the commit point: before it the old manifest (and the old
             # generation it names) is what a reopen sees, after it the new one.
             os.replace(tmp, self.path / MANIFEST)
-            # From here on the new manifest is what a reopen may see: the next step must
-            # write the other generations, even if the directory fsync below fails.
-            self.manifest = manifest
+        except BaseException as exc:
+            # An error (or Ctrl-C) may come after the rename took effect: then the new
+            # manifest is what a reopen sees, and this object must say so too, or the next
+            # step would overwrite the generations it names.
+            took_effect = self._holds(text)
+            if took_effect:
+                self.manifest = manifest
+            if not isinstance(exc, OSError):
+                raise
+            if took_effect:
+                raise aio.wrap_os_error(exc, f"rename of the manifest of step {manifest.step}, which took effect "
+                                             f"(step {manifest.step} is committed)", tmp) from None
+            raise aio.wrap_os_error(exc, f"commit step {manifest.step} (the store stays at step "
+                                         f"{self.manifest.step})", tmp) from None
+        # From here on the new manifest is what a reopen may see: the next step must
+        # write the other generations, even if the directory fsync below fails.
+        self.manifest = manifest
+        try:
             fsync_path(self.path)
         except OSError as exc:
-            raise aio.wrap_os_error(exc, "commit the manifest", tmp) from None
+            raise aio.wrap_os_error(
+                exc, f"fsync of the directory after committing step {manifest.step} (step {manifest.step} is "
+                     f"committed: manifest.json names it and training continues from it, but a power loss before "
+                     f"the next commit could bring back step {manifest.step - 1})", self.path,
+            ) from None
 
 
 def read_manifest(path: Path) -> Manifest:
@@ -1088,6 +1450,39 @@ def read_manifest(path: Path) -> Manifest:
     except UnicodeDecodeError:
         raise StoreCorruptError(f"{where} is not text; the store is corrupted. Restore it from a backup or start over.") from None
     return Manifest.from_json(text, where)
+
+
+def _store_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path; an empty one is refused (``Path("")`` is the current directory)."""
+    if os.fspath(path) in ("", b""):
+        raise StorePathError(
+            "an empty path is not a store directory: Path('') means the current directory, which nearstep "
+            "does not fill with store files. Pass the store's own directory, e.g. 'runs/exp1/state'; "
+            "nothing was created."
+        )
+    return Path(path)
+
+
+def _refuse_a_file_in_the_way(path: Path) -> None:
+    """Raise StorePathError when ``path``, or a directory it would be made in, exists as something else."""
+    for place in (path, *path.parents):
+        if place.is_dir():
+            return
+        if place.exists() or place.is_symlink():
+            what = "is a file, not a directory" if place.is_file() else "exists and is not a directory"
+            inside = "" if place == path else f", so the store directory {path} cannot be made in it"
+            raise StorePathError(
+                f"{place} {what}{inside}. A store is a directory (manifest.json, LOCK, slices/): pass a directory "
+                f"that does not exist yet or is empty. {place} was left as it is."
+            )
+
+
+def _size_text(n: int) -> str:
+    """``n`` bytes in the largest binary unit that keeps the number at 1 or more (``2.29 MiB``)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:,} B"
 
 
 def _truncate(f: aio.AlignedFile) -> None:

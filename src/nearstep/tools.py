@@ -16,7 +16,6 @@ a training process that may have it open:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
@@ -30,10 +29,11 @@ import torch
 
 from . import formats
 from .distributed import store_set_optimizer
-from .errors import NearstepError, StoreError
+from .errors import NearstepError, StoreError, StoreLockedError
 from .sensitivity import sensitivity_report
 from .optim import SGD, Adam, AdamW, Lion, NearstepOptimizer
-from .store import LOCK, MANIFEST, Manifest, ParamSpec, Segment, Store, fsync_path, is_positional_name, read_manifest
+from .store import (MANIFEST, Manifest, ParamSpec, Segment, Store, fsync_path, is_positional_name, lock_holder,
+                    read_manifest, try_lock)
 
 __all__ = [
     "LockState", "StoreInfo", "VerifyReport", "ExportResult",
@@ -150,30 +150,20 @@ class StoreInfo:
 def _probe_lock(path: Path) -> LockState:
     """Whether another process holds the store's lock, without taking it for longer than a probe.
 
-    The probe is a non-blocking shared ``flock`` on a descriptor of our own, released at
-    once. For that instant a training process opening the store would be refused,
-    as by any other holder; a shared lock keeps two probes from refusing each other.
+    The probe is the store's own lock (the flock of its directory, :func:`~nearstep.store.try_lock`)
+    taken shared and non-blocking on a descriptor of our own, released at once. For that
+    instant a training process opening the store would be refused, as by any other holder;
+    a shared lock keeps two probes from refusing each other. Nothing is created or written.
     """
-    lock_path = path / LOCK
     try:
-        # O_RDONLY without O_CREAT: inspecting must not create or change anything.
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return LockState(False)
+        fd = try_lock(path, shared=True)
     except OSError as exc:
-        return LockState(None, detail=f"cannot open {lock_path}: {exc.strerror}")
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            return LockState(True, int(text) if text.isdigit() else None)
-        except OSError as exc:
-            return LockState(None, detail=f"cannot flock {lock_path}: {exc.strerror}")
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return LockState(False)
-    finally:
-        os.close(fd)
+        return LockState(None, detail=f"cannot open {path} to probe its lock: {exc.strerror}")
+    if fd is None:
+        holder = lock_holder(path)  # the pid the holder recorded; "unknown" if LOCK was removed
+        return LockState(True, int(holder) if holder.isdigit() else None)
+    os.close(fd)  # releases the probe
+    return LockState(False)
 
 
 def inspect_store(path: str | os.PathLike) -> StoreInfo:
@@ -196,7 +186,14 @@ def inspect_store(path: str | os.PathLike) -> StoreInfo:
 
 
 def _iso(unix: float) -> str | None:
-    return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds") if unix > 0 else None
+    """Local ISO time of a UNIX time; None for 0 (not recorded). The manifest check refuses
+    times no clock can show, but a Manifest made in code is shown too, never an OverflowError."""
+    if not unix > 0:
+        return None
+    try:
+        return datetime.fromtimestamp(unix).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return f"{unix!r} (not a time this system can show)"
 
 
 def _size(n: int) -> str:
@@ -318,19 +315,33 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
     Both generations must exist at full size: the committed one holds the state,
     the other is where the next step writes (it is opened, not created, then).
 
+    The manifest is validated for meaning first (:meth:`Manifest.from_json`: a wrong one
+    raises before any file is looked at); a slice whose two files agree in size with each
+    other but not with the manifest gets a line saying the manifest does not describe them,
+    besides each file's line.
+
     Raises:
-        StoreLockedError: another process has the store open.
+        StoreLockedError: another process has the store open (the message names its pid).
         StoreError: ``path`` holds no store (StoreCorruptError: its manifest is invalid).
     """
     _require_store(Path(path))  # before Store.open, which would create LOCK in any directory
     problems: dict[int, list[str]] = {}
-    with Store.open(path) as store:
+    try:
+        store = Store.open(path, check_files=False)  # the files are checked below, one line each
+    except StoreLockedError as exc:
+        raise StoreLockedError(
+            f"cannot verify {path} while it is in use: {exc} Verify reads every file and needs the store to "
+            f"itself, so that no step rewrites a file under it; nothing was checked. `nearstep inspect` "
+            f"works on a store in use."
+        ) from None
+    with store:
         m = store.manifest
         for spec in m.slices:
             k = spec.index
             want = m.slice_file_bytes(k)
             committed = m.committed[k].generation
             readable = False
+            sizes = []
             for gen in (committed, committed ^ 1):
                 role = "committed" if gen == committed else "spare: the next step writes it"
                 file = store.slice_path(k, gen)
@@ -342,11 +353,16 @@ def verify_store(path: str | os.PathLike) -> VerifyReport:
                 except OSError as exc:
                     problems.setdefault(k, []).append(f"{file}: cannot stat: {exc.strerror} (slice {k}, {role})")
                     continue
+                sizes.append(size)
                 if size != want:
                     how = "truncated" if size < want else "longer than written"
                     problems.setdefault(k, []).append(f"{file}: {size:,} bytes, expected {want:,}: {how} (slice {k}, {role})")
                 if gen == committed:
                     readable = size >= want
+            layout = store.layout_disagreement(k, sizes)
+            if layout is not None:
+                problems[k].append(f"slice {k}: {layout}")
+                readable = False  # decoding it by a layout it was not written in proves nothing more
             if readable:
                 try:
                     store.read_slice(k)  # verifies the checksum the manifest committed
