@@ -29,7 +29,7 @@ from nearstep.store import read_manifest
 from nearstep.tools import read_masters
 from conftest import batches, loss_of, make_model
 
-STEPS = 24
+STEPS = 16
 
 
 def run(path: Path, mode: str, seed: int | None, reference: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], int, list[str]]:
