@@ -1,4 +1,4 @@
-"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io|step|peers|accuracy|codecs``,
+"""The ``nearstep`` command: ``nearstep demo``, ``nearstep bench io|step|peers|accuracy|codecs|soak|...``,
 ``nearstep inspect|verify|export|convert STORE``, ``nearstep reshard SRC DST --world-size N``,
 ``nearstep data scan|dedup`` (duplicates, repetition and boilerplate in a corpus)."""
 
@@ -17,6 +17,7 @@ _BENCHES = {
     "filter-effect": (".bench.filter_effect", "MiniLM on BBC trained with and without the data filter, several seeds; what a leaky split overstates"),
     "keras": (".bench.keras", "model.fit with nearstep.keras.AdamW vs keras.optimizers.AdamW, alternating"),
     "codecs": (".bench.codecs", "decode/encode ns per element of each state-format codec on one thread"),
+    "soak": (".bench.soak", "thousands of overlap steps: RSS, descriptors, threads and /dev/shm of both processes, sampled; flat or not"),
     "data": (".bench.data", "near-duplicate detection vs datasketch MinHashLSH: precision/recall/F1, docs/s and MB/s per core, memory per document"),
 }
 

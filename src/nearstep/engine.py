@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 _IO_NICE = 10
-_MAX_TRACE_EVENTS = 200_000  # a bound on memory when nobody collects the trace
+_MAX_TRACE_EVENTS = 50_000  # the latest kept: a bound on memory between two collections
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -358,7 +358,7 @@ class Engine:
         # See [Note: a step on the device] in protocol.py; _failure is the request that failed it.
         self.step_state = StepState.IDLE
         self._failure: BaseException | None = None
-        self._trace: list[TraceEvent] = []
+        self._trace: deque[TraceEvent] = deque(maxlen=_MAX_TRACE_EVENTS)
         # Guard counts of the applies since the last commit; the commit adds them to the manifest's.
         self._kernel_counts = {"spike_clipped": 0, "spike_checked": 0, "update_clipped": 0}
         # Per parameter, what the guards did since the last commit: (spike-clipped elements,
@@ -432,7 +432,7 @@ class Engine:
         if kind is QueryKind.MANIFEST:
             return self.manifest
         with self._cv:  # QueryKind.TRACE
-            events, self._trace = self._trace, []
+            events, self._trace = list(self._trace), deque(maxlen=_MAX_TRACE_EVENTS)
         return events
 
     def stats(self) -> dict[str, float]:
@@ -452,8 +452,7 @@ class Engine:
 
     def _event(self, lane: Lane, name: str, start_ns: int, end_ns: int) -> None:
         with self._cv:
-            if len(self._trace) < _MAX_TRACE_EVENTS:
-                self._trace.append(TraceEvent(lane, name, start_ns, end_ns))
+            self._trace.append(TraceEvent(lane, name, start_ns, end_ns))
 
     def _timed(self, future: Future[aio.IOResult], lane: Lane, name: str) -> Future[aio.IOResult]:
         start = time.monotonic_ns()

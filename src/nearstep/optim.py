@@ -536,6 +536,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
         pipeline = self._pipeline
         # The barrier: the previous step must be in the model before this one starts.
         self._account(self._finish())
+        if self._times["steps"] % _TRACE_COLLECT_STEPS == _TRACE_COLLECT_STEPS - 1 and self._device.alive:
+            # The device keeps its events until asked; asked here, where it has little queued
+            # (the previous step is done), so that what it holds stays bounded.
+            self.trace.collect()
         if not self._device.alive:
             if not self._device_failure_seen:
                 # Died between steps: nobody has heard yet. Say so once, loudly; the next
@@ -999,6 +1003,10 @@ class NearstepOptimizer(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"nearstep.{type(self).__name__}(params={len(self._params)}, step={self._step}, mode={self.mode!r}, store='{self._store.path}')"
+
+
+# Steps between two collections of the device's trace events (a Query on the device).
+_TRACE_COLLECT_STEPS = 256
 
 
 def _synchronizer(ref: weakref.ref[NearstepOptimizer]) -> Any:

@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -399,43 +400,66 @@ class ExportResult:
 # the generation it names is rewritten only by the step after the next, once a new
 # manifest has replaced this one. So if the manifest is the same before and after
 # reading every slice, nothing read was being written: the snapshot is exactly
-# that commit. A checksum mismatch while the manifest changed is such an overwrite,
-# not corruption, and the read is retried from the new manifest.
+# that commit. A store that commits every few milliseconds rarely stays that still
+# for a whole read, so a read whose every slice matched the checksum the starting
+# manifest committed for it is taken as well: a slice the step after the next had
+# begun to overwrite would hold a mix of two steps' bytes, which matches the
+# committed CRC32 with a chance of 2**-32. A mismatch while the manifest changed is
+# such an overwrite, not corruption: the read starts over from the new manifest.
+
+
+def positional_names(manifest: Manifest) -> list[str]:
+    """Every parameter's place in the optimizer, ``group{g}.param{i}`` (``i`` counted within its group)."""
+    seen: dict[int, int] = {}
+    out = []
+    for p in manifest.params:
+        out.append(f"group{p.group}.param{seen.get(p.group, 0)}")
+        seen[p.group] = seen.get(p.group, 0) + 1
+    return out
 
 
 def _same_commit(a: Manifest, b: Manifest) -> bool:
     return (a.step, a.committed_at, a.committed) == (b.step, b.committed_at, b.committed)
 
 
-def read_masters(path: str | os.PathLike, attempts: int = 5) -> tuple[Manifest, list[torch.Tensor | None]]:
+def read_masters(path: str | os.PathLike, timeout: float = 30.0) -> tuple[Manifest, list[torch.Tensor | None]]:
     """The committed fp32 master weights, one tensor per parameter (shaped), without the lock.
 
     A dormant parameter (no state in the store, ``manifest.is_dormant(i)``) gets None.
+    Reads of a store that a training run is committing to are retried for up to
+    ``timeout`` seconds (see [Note: reading a store in use]).
 
     Raises:
-        StoreCorruptError: a slice file does not match its checksum.
-        StoreError: the store committed a new step during each of ``attempts`` reads.
+        StoreCorruptError: a slice file does not match its checksum (and the store did not move).
+        StoreError: no read of the store succeeded within ``timeout`` seconds.
     """
     path = Path(path)
     _require_store(path)
-    for _ in range(attempts):
+    deadline = time.monotonic() + timeout
+    pause, attempts = 0.001, 0
+    while True:
+        attempts += 1
         manifest = read_manifest(path)
         view = Store(path, manifest, lock_fd=-1)  # reads only; see [Note: reading a store in use]
         try:
             flats = view.read_params()["master"]
         except (NearstepError, OSError):
             if _same_commit(read_manifest(path), manifest):
-                raise
-            continue
-        if _same_commit(read_manifest(path), manifest):
+                raise  # the store did not move: the damage is real
+        else:
+            # Every slice matched the checksum ``manifest`` committed for it: that commit's state.
             return manifest, [None if flat is None else flat.view(p.shape) for flat, p in zip(flats, manifest.params)]
-    raise StoreError(
-        f"store {path} committed a new step during each of {attempts} reads; export it when "
-        f"training pauses or after it stops."
-    )
+        if time.monotonic() + pause > deadline:
+            raise StoreError(
+                f"store {path} committed a new step during each of {attempts} reads in {timeout:g} s; export it "
+                f"when training pauses or after it stops, or allow a longer timeout."
+            )
+        time.sleep(pause)
+        pause = min(2 * pause, 0.25)
 
 
-def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, force: bool = False) -> ExportResult:
+def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
+                       by_position: bool = False) -> ExportResult:
     """Write the store's committed fp32 master weights to a safetensors file, by parameter name.
 
     The file loads with ``safetensors.torch.load_file`` and, when the store was made
@@ -452,8 +476,15 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     not modified. ``out`` appears complete or not at all: the tensors go to a
     temporary file in the same directory, which is fsynced and then renamed.
 
+    Parameter names repeat when param groups were built from submodules'
+    ``named_parameters()`` ("weight" in every group): such a store is refused, naming
+    the repeated names, unless ``by_position`` is True, which names every tensor
+    ``group{g}.param{i}`` (its place in the optimizer) and keeps the original names in
+    the metadata (``nearstep.names``, a JSON list in the file's order).
+
     Raises:
         FileExistsError: ``out`` exists and ``force`` is False.
+        StoreError: parameter names repeat and ``by_position`` is False (nothing written).
     """
     from safetensors.torch import save_file
 
@@ -463,9 +494,22 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist; create it first or write {out.name} elsewhere")
     manifest, masters = read_masters(store)
-    tensors = {p.name: t for p, t in zip(manifest.params, masters) if t is not None}
+    kept = [(i, p, t) for i, (p, t) in enumerate(zip(manifest.params, masters)) if t is not None]
+    names = positional_names(manifest) if by_position else [p.name for p in manifest.params]
+    repeated = sorted({names[i] for i, _p, _t in kept if sum(names[j] == names[i] for j, _q, _u in kept) > 1})
+    if repeated:
+        shown = ", ".join(repr(n) for n in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        raise StoreError(
+            f"store {store} names {len(repeated)} of its parameter names more than once ({shown}): its param "
+            f"groups were built from submodules' named_parameters(), and a file keyed by name would keep one "
+            f"tensor per name. Export with --by-position (by_position=True): every tensor named group{{g}}.param{{i}}, "
+            f"the original names kept in the metadata. Nothing was written."
+        )
+    tensors = {names[i]: t for i, _p, t in kept}
     metadata = {"format": "pt", "nearstep.step": str(manifest.step), "nearstep.store_id": manifest.store_id,
                 "nearstep.optimizer": manifest.optimizer}
+    if by_position:
+        metadata["nearstep.names"] = json.dumps([p.name for _i, p, _t in kept])
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -484,7 +528,7 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
         fsync_path(out.parent)
     finally:
         tmp.unlink(missing_ok=True)
-    positional = any(is_positional_name(p.name) for p in manifest.params)
+    positional = by_position or any(is_positional_name(p.name) for p in manifest.params)
     return ExportResult(out, manifest.step, manifest.store_id, len(tensors), sum(t.numel() * 4 for t in tensors.values()),
                         positional, tuple(manifest.params[i].name for i in manifest.dormant))
 
@@ -602,6 +646,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("store", help="the store directory")
     p.add_argument("out", help="the .safetensors file to write")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--by-position", action="store_true",
+                   help="name tensors group{g}.param{i} (needed when parameter names repeat); names go to the metadata")
     p = sub.add_parser("convert", help="copy a store into a new one with another state format")
     p.add_argument("store", help="the store directory (left unchanged)")
     p.add_argument("out", help="the new store directory (must not exist or be empty)")
@@ -663,12 +709,15 @@ def _export_command(args: argparse.Namespace) -> int:
     except (NearstepError, OSError) as exc:
         return _fail("export", exc, 2)
     try:
-        result = export_safetensors(args.store, args.out, force=args.force)
+        result = export_safetensors(args.store, args.out, force=args.force, by_position=args.by_position)
     except (NearstepError, OSError) as exc:  # OUT exists, a corrupted slice, a write error
         return _fail("export", exc, 1)
     print(f"wrote {result.tensors} tensors ({_size(result.nbytes)} of fp32 master weights) of step {result.step} "
           f"of store {result.store_id} to {result.path}")
-    if result.positional_names:
+    if args.by_position:
+        print("note: tensors are named group{g}.param{i} (--by-position); the original names, in the file's order, "
+              "are in its metadata as nearstep.names")
+    elif result.positional_names:
         print("note: the store was made from model.parameters(), so tensors are named group{g}.param{i}; "
               "map them to the model's parameters by position")
     if result.left_out:

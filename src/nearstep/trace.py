@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -101,8 +102,10 @@ class Trace:
     ui.perfetto.dev or chrome://tracing); :meth:`summary` gives the overlap numbers.
     """
 
-    def __init__(self, collect: Callable[[], list[TraceEvent]] | None = None, capacity: int = 500_000) -> None:
-        self._events: list[TraceEvent] = []
+    def __init__(self, collect: Callable[[], list[TraceEvent]] | None = None, capacity: int = 100_000) -> None:
+        # The latest ``capacity`` events (about 7,000 steps of a model in two slices; ~15 MB): a
+        # run of millions of steps keeps a bounded window, not a growing list.
+        self._events: deque[TraceEvent] = deque(maxlen=capacity)
         self._collect = collect
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -111,18 +114,24 @@ class Trace:
         self.loop_start_ns: int | None = None
 
     def add(self, lane: Lane, name: str, start_ns: int, end_ns: int) -> None:
-        if self.enabled and len(self._events) < self._capacity:
+        if self.enabled:
             with self._lock:
                 self._events.append(TraceEvent(lane, name, start_ns, end_ns))
 
     def events(self) -> list[TraceEvent]:
         """Every event so far, device events included, sorted by start."""
-        if self._collect is not None:
-            fresh = self._collect()
-            with self._lock:
-                self._events.extend(fresh[: max(self._capacity - len(self._events), 0)])
+        self.collect()
         with self._lock:
             return sorted(self._events, key=lambda e: e.start_ns)
+
+    def collect(self) -> None:
+        """Move the device's events into this trace (dropped while ``enabled`` is False): the
+        optimizer calls it every few hundred steps, so the device's buffer stays small."""
+        if self._collect is not None:
+            fresh = self._collect()
+            if self.enabled:
+                with self._lock:
+                    self._events.extend(fresh)
 
     def clear(self) -> None:
         """Forget every event so far; the next forward/backward counts from now."""
