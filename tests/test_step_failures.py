@@ -100,7 +100,7 @@ def train_through_failures(model: torch.nn.Module, opt: nearstep.AdamW, path: Pa
 HOST = {"inline": ["raise", "interrupt"], "emulated": ["raise", "kill"]}
 
 
-@pytest.mark.parametrize("mode", ["sync", "overlap"])
+@pytest.mark.parametrize("mode", ["sync", "overlap", "delayed"])
 @pytest.mark.parametrize("point", faults.POINTS)
 def test_a_failure_at_any_point_of_an_inline_step(point: str, mode: str, reference: list[list[torch.Tensor]],
                                                   tmp_path: Path) -> None:
@@ -110,12 +110,15 @@ def test_a_failure_at_any_point_of_an_inline_step(point: str, mode: str, referen
         model = make_model()
         opt = optimizer(model, path, "inline", mode)
         disarm = faults.install(faults.Fault(point, FAULT_STEP, action))
+        # Delayed mode lands a step's weights one step late: after a failure the delay starts
+        # afresh at the committed step, so there only the agreement is checked.
+        delayed = mode == "delayed"
         try:
-            named = train_through_failures(model, opt, path, reference, on_failure=disarm)
+            named = train_through_failures(model, opt, path, None if delayed else reference, on_failure=disarm)
         finally:
             disarm()
         opt.close()
-        assert same(weights(model), reference[STEPS])
+        assert delayed or same(weights(model), reference[STEPS])
         committed_by_then = point in ("after:rename", "at:dir-fsync", "after:Commit")
         assert named == [FAULT_STEP if committed_by_then else FAULT_STEP - 1], (point, action, named)
 
