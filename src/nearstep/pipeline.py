@@ -73,6 +73,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
+import os
 import signal
 import threading
 import time
@@ -922,6 +923,8 @@ def interrupts_deferred(reraise: bool = True) -> Any:
         signal.signal(signal.SIGINT, previous)
         if held and callable(previous) and (reraise or previous is not signal.default_int_handler):
             previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)  # the default action (the process ends), now that it may
 
 
 def tell_committed_step(exc: BaseException, committed: int | None, launched: int | None) -> None:
