@@ -100,13 +100,13 @@ class DeviceConfig:
             the device is taken for stopped or stuck (SIGSTOP, a hung disk), killed, and the
             waiting call raises :class:`~nearstep.DeviceStalledError` (the store keeps its last
             committed step; the next ``step()`` starts a new device). None: wait forever.
+        stall_min_rate: the slowest store bandwidth (bytes/s, like ``"16MiB"``) the allowance
+            assumes for the I/O in flight: a commit may have to write and sync a whole
+            generation of the state, an update a few slices.
         staging_dir: where the emulated device's staging memory (one step's gradients and weights,
             shared by the two processes) is made: ``/dev/shm`` by default. A directory on a local
             disk works where /dev/shm is too small (Docker's default is 64 MiB), at the cost of the
             page cache writing it back.
-        stall_min_rate: the slowest store bandwidth (bytes/s, like ``"16MiB"``) the allowance
-            assumes for the I/O in flight: a commit may have to write and sync a whole
-            generation of the state, an update a few slices.
     """
 
     backend: Literal["emulated", "inline"] = "emulated"
