@@ -1,7 +1,7 @@
 """A training loop under a storm of Ctrl-C (SIGINT at random moments), for test_step_failures.py.
 
 ``python ctrl_c_worker.py MODE SEED STORE_DIR``: trains TinyNet STEPS steps once without
-interrupts (the reference) and once while a thread sends this process SIGINT every 2-50 ms.
+interrupts (the reference) and once while a thread sends this process SIGINT every 2-30 ms.
 The loop does what nearstep's notes ask of a loop that catches KeyboardInterrupt: it checks
 that model, optimizer and store agree, and continues from the batch after the committed step.
 Prints one JSON line: interrupts caught, disagreements found, whether the final weights equal
@@ -29,7 +29,7 @@ from nearstep.store import read_manifest
 from nearstep.tools import read_masters
 from conftest import batches, loss_of, make_model
 
-STEPS = 16
+STEPS = 24
 
 
 def run(path: Path, mode: str, seed: int | None, reference: list[list[torch.Tensor]]) -> tuple[list[torch.Tensor], int, list[str]]:
@@ -40,7 +40,7 @@ def run(path: Path, mode: str, seed: int | None, reference: list[list[torch.Tens
 
     def pester(rng: random.Random) -> None:
         while not stop.is_set():
-            time.sleep(rng.uniform(0.002, 0.05))
+            time.sleep(rng.uniform(0.002, 0.03))
             if not stop.is_set():
                 os.kill(os.getpid(), signal.SIGINT)
 
