@@ -29,8 +29,8 @@ def test_repeated_names_are_refused_naming_them_and_by_position_keeps_every_tens
             loss_of(model, batch).backward()
             opt.step()
             opt.zero_grad()
-    with pytest.raises(nearstep.StoreError, match=r"names 2 of its parameter names more than once \('bias', 'weight'\).*"
-                                                  r"--by-position.*Nothing was written"):
+    with pytest.raises(nearstep.StoreError, match=r"names 2 of its parameter names more than once \('bias', 'weight'; "
+                                                  r"7 of its 7 tensors share them\).*--by-position.*Nothing was written"):
         tools.export_safetensors(tmp_path / "s", tmp_path / "w.safetensors")
     assert not (tmp_path / "w.safetensors").exists()
     result = tools.export_safetensors(tmp_path / "s", tmp_path / "w.safetensors", by_position=True)
@@ -38,10 +38,12 @@ def test_repeated_names_are_refused_naming_them_and_by_position_keeps_every_tens
     order = [p for group in _groups_by_submodule(model) for _name, p in group["params"]]
     assert result.tensors == len(order) == len(loaded) == 7 and result.positional_names
     names = [f"group{g}.param{i}" for g, group in enumerate(_groups_by_submodule(model)) for i in range(len(group["params"]))]
+    assert sorted(loaded) == sorted(names) and all(nearstep.store.is_positional_name(n) for n in names)
     assert all(torch.equal(loaded[n], p.detach()) for n, p in zip(names, order))
+    assert not torch.equal(loaded["group0.param0"], make_model().proj.weight.detach())  # trained, not initial
     with safe_open(tmp_path / "w.safetensors", "pt") as f:
         original = json.loads(f.metadata()["nearstep.names"])
-    assert original == [n for group in _groups_by_submodule(model) for n, _p in group["params"]]
+    assert original == dict(zip(names, [n for group in _groups_by_submodule(model) for n, _p in group["params"]]))
 
 
 def test_the_command_takes_by_position(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,3 +98,100 @@ def test_export_while_training_commits_fast_gets_one_whole_step(tmp_path: Path) 
     assert steps == sorted(steps) and steps[-1] > steps[0]  # the store moved while we exported
     for step, tensors in exported:
         assert all(torch.equal(tensors[n], w) for n, w in zip(names, after[step])), step
+
+
+# -- the read rule, with the race made to happen: training steps run inside the read ---------
+
+
+class _Trainer:
+    """An inline optimizer on a model in several slices; ``weights[k]`` are the model's after step k."""
+
+    def __init__(self, path: Path) -> None:
+        self.model = make_model()
+        self.opt = nearstep.AdamW(self.model.named_parameters(), lr=1e-2, store=path, device="inline", slice_mb=0.004)
+        self.data = batches(4)
+        self.weights = {0: self._now()}
+
+    def _now(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            loss_of(self.model, self.data[len(self.weights) % 4]).backward()
+            self.opt.step()  # inline: committed when it returns
+            self.opt.zero_grad()
+            self.weights[len(self.weights)] = self._now()
+
+
+def _train_during_reads(monkeypatch: pytest.MonkeyPatch, trainer: _Trainer, steps: int, reads: int) -> list[int]:
+    """After the first slice of each of the first ``reads`` reads, ``steps`` training steps commit.
+    Returns the manifest step each read started from."""
+    started: list[int] = []
+
+    class SlowView(tools.Store):
+        def read_slice(self, index, pool=None):  # type: ignore[no-untyped-def]
+            out = super().read_slice(index, pool)
+            if index == 0:
+                started.append(self.manifest.step)
+                if len(started) <= reads:
+                    trainer.step(steps)  # the rest of this read sees the store moved on
+            return out
+
+    monkeypatch.setattr(tools, "Store", SlowView)
+    return started
+
+
+def _assert_step(result: tuple, trainer: _Trainer, step: int) -> None:
+    manifest, masters = result
+    assert manifest.step == step and len(manifest.slices) >= 3
+    names = [p.name for p in manifest.params]
+    assert all(torch.equal(m, trainer.weights[step][n]) for n, m in zip(names, masters)), step
+    # ...and those are no other step's: every step changed the weights.
+    assert all(not torch.equal(w["embed.weight"], trainer.weights[step]["embed.weight"])
+               for k, w in trainer.weights.items() if k != step)
+
+
+def test_a_read_the_store_moved_one_commit_past_is_taken_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Step 2 writes the generation step 1 does not name: the rest of step 1's slices are intact,
+    # so the read is that commit even though the manifest moved meanwhile.
+    trainer = _Trainer(tmp_path / "s")
+    try:
+        trainer.step()
+        started = _train_during_reads(monkeypatch, trainer, steps=1, reads=1)
+        result = tools.read_masters(tmp_path / "s")
+        assert started == [1] and tools.read_manifest(tmp_path / "s").step == 2
+        _assert_step(result, trainer, 1)
+    finally:
+        trainer.opt.close()
+
+
+def test_a_read_the_step_after_the_next_overwrote_is_never_mixed_but_read_again(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Slice 0 is read from step 1; then steps 2 and 3 commit, and step 3 rewrote every slice of step
+    # 1's generation. Taking the read would mix step 1 (slice 0) with step 3: the checksums refuse
+    # it and the read starts over from step 3's manifest.
+    trainer = _Trainer(tmp_path / "s")
+    try:
+        trainer.step()
+        started = _train_during_reads(monkeypatch, trainer, steps=2, reads=1)
+        result = tools.read_masters(tmp_path / "s")
+        assert started == [1, 3]
+        _assert_step(result, trainer, 3)
+    finally:
+        trainer.opt.close()
+
+
+def test_a_store_that_never_holds_still_long_enough_gives_up_in_time_and_writes_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = _Trainer(tmp_path / "s")
+    try:
+        started = _train_during_reads(monkeypatch, trainer, steps=2, reads=10**6)
+        with pytest.raises(nearstep.StoreError, match=r"committed a new step during each of \d+ reads in 0.5 s.*"
+                                                      r"when training pauses.*longer timeout") as caught:
+            tools.export_safetensors(tmp_path / "s", tmp_path / "w.safetensors", timeout=0.5)
+        # Each read started from the newest manifest (two steps on from the last) and was counted.
+        assert started == [2 * k for k in range(len(started))]
+        assert f"during each of {len(started)} reads" in str(caught.value)
+        assert not list(tmp_path.glob("*.safetensors*")) and not list(tmp_path.glob(".w.safetensors*"))
+    finally:
+        trainer.opt.close()

@@ -16,6 +16,7 @@ a training process that may have it open:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -406,6 +407,21 @@ class ExportResult:
 # begun to overwrite would hold a mix of two steps' bytes, which matches the
 # committed CRC32 with a chance of 2**-32. A mismatch while the manifest changed is
 # such an overwrite, not corruption: the read starts over from the new manifest.
+#
+# Step by step, for manifest N naming generation g of slice s with checksum c:
+# step N+1 writes the other generation and commits N+1; step N+2 starts writing g
+# only once N+1 is committed. Hence "the store moved by at most one commit during
+# the read" does *not* mean g was untouched: a reader that sees N+1 afterwards may
+# have read s while N+2 was overwriting it. Only "still N afterwards" rules every
+# writer of g out, which is why the moved case rests on the checksum instead: bytes
+# of s that match c are N's bytes (a torn N/N+2 mix, or a whole later version of g,
+# differs from them and matches c only by a CRC32 collision; a later version equal
+# to N's bytes is N's state anyway). Every slice matching its c therefore gives
+# step N's state and nothing of another step; asking also for "at most one commit
+# since" would not lower that chance, only refuse more reads of a fast store. A
+# store whose whole read takes longer than about two commit intervals keeps failing
+# the check: read_masters gives up after its timeout and says to export when
+# training pauses.
 
 
 def positional_names(manifest: Manifest) -> list[str]:
@@ -447,7 +463,9 @@ def read_masters(path: str | os.PathLike, timeout: float = 30.0) -> tuple[Manife
             if _same_commit(read_manifest(path), manifest):
                 raise  # the store did not move: the damage is real
         else:
-            # Every slice matched the checksum ``manifest`` committed for it: that commit's state.
+            # Every slice matched the checksum ``manifest`` committed for it, whether or not the
+            # store moved meanwhile: each slice holds that commit's bytes, so no slice can come
+            # from another step (short of a CRC32 collision; see the Note).
             return manifest, [None if flat is None else flat.view(p.shape) for flat, p in zip(flats, manifest.params)]
         if time.monotonic() + pause > deadline:
             raise StoreError(
@@ -459,7 +477,7 @@ def read_masters(path: str | os.PathLike, timeout: float = 30.0) -> tuple[Manife
 
 
 def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, force: bool = False,
-                       by_position: bool = False) -> ExportResult:
+                       by_position: bool = False, timeout: float = 30.0) -> ExportResult:
     """Write the store's committed fp32 master weights to a safetensors file, by parameter name.
 
     The file loads with ``safetensors.torch.load_file`` and, when the store was made
@@ -480,11 +498,17 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
     ``named_parameters()`` ("weight" in every group): such a store is refused, naming
     the repeated names, unless ``by_position`` is True, which names every tensor
     ``group{g}.param{i}`` (its place in the optimizer) and keeps the original names in
-    the metadata (``nearstep.names``, a JSON list in the file's order).
+    the metadata: ``nearstep.names``, a JSON object from each positional name to the
+    original one (an object, not a list: ``safe_open(...).keys()`` sorts the names,
+    ``group0.param10`` before ``group0.param2``).
+
+    A store that training is committing to is read as in :func:`read_masters`, for up
+    to ``timeout`` seconds.
 
     Raises:
         FileExistsError: ``out`` exists and ``force`` is False.
-        StoreError: parameter names repeat and ``by_position`` is False (nothing written).
+        StoreError: parameter names repeat and ``by_position`` is False, or no consistent
+            read within ``timeout`` (nothing written either way).
     """
     from safetensors.torch import save_file
 
@@ -493,23 +517,25 @@ def export_safetensors(store: str | os.PathLike, out: str | os.PathLike, *, forc
         raise FileExistsError(f"{out} exists; pass --force (force=True) to replace it")
     if not out.parent.is_dir():
         raise FileNotFoundError(f"{out.parent} does not exist; create it first or write {out.name} elsewhere")
-    manifest, masters = read_masters(store)
+    manifest, masters = read_masters(store, timeout=timeout)
     kept = [(i, p, t) for i, (p, t) in enumerate(zip(manifest.params, masters)) if t is not None]
     names = positional_names(manifest) if by_position else [p.name for p in manifest.params]
-    repeated = sorted({names[i] for i, _p, _t in kept if sum(names[j] == names[i] for j, _q, _u in kept) > 1})
+    counts = collections.Counter(names[i] for i, _p, _t in kept)
+    repeated = sorted(n for n, c in counts.items() if c > 1)
     if repeated:
         shown = ", ".join(repr(n) for n in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        sharing = sum(counts[n] for n in repeated)
         raise StoreError(
-            f"store {store} names {len(repeated)} of its parameter names more than once ({shown}): its param "
-            f"groups were built from submodules' named_parameters(), and a file keyed by name would keep one "
-            f"tensor per name. Export with --by-position (by_position=True): every tensor named group{{g}}.param{{i}}, "
-            f"the original names kept in the metadata. Nothing was written."
+            f"store {store} names {len(repeated)} of its parameter names more than once ({shown}; {sharing} of its "
+            f"{len(kept)} tensors share them): its param groups were built from submodules' named_parameters(), and "
+            f"a file keyed by name would keep one tensor per name. Export with --by-position (by_position=True): "
+            f"every tensor named group{{g}}.param{{i}}, the original names kept in the metadata. Nothing was written."
         )
     tensors = {names[i]: t for i, _p, t in kept}
     metadata = {"format": "pt", "nearstep.step": str(manifest.step), "nearstep.store_id": manifest.store_id,
                 "nearstep.optimizer": manifest.optimizer}
     if by_position:
-        metadata["nearstep.names"] = json.dumps([p.name for _i, p, _t in kept])
+        metadata["nearstep.names"] = json.dumps({names[i]: p.name for i, p, _t in kept})
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -648,6 +674,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--by-position", action="store_true",
                    help="name tensors group{g}.param{i} (needed when parameter names repeat); names go to the metadata")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to keep retrying a read of a store that training commits to (default 30)")
     p = sub.add_parser("convert", help="copy a store into a new one with another state format")
     p.add_argument("store", help="the store directory (left unchanged)")
     p.add_argument("out", help="the new store directory (must not exist or be empty)")
@@ -709,14 +737,15 @@ def _export_command(args: argparse.Namespace) -> int:
     except (NearstepError, OSError) as exc:
         return _fail("export", exc, 2)
     try:
-        result = export_safetensors(args.store, args.out, force=args.force, by_position=args.by_position)
+        result = export_safetensors(args.store, args.out, force=args.force, by_position=args.by_position,
+                                    timeout=args.timeout)
     except (NearstepError, OSError) as exc:  # OUT exists, a corrupted slice, a write error
         return _fail("export", exc, 1)
     print(f"wrote {result.tensors} tensors ({_size(result.nbytes)} of fp32 master weights) of step {result.step} "
           f"of store {result.store_id} to {result.path}")
     if args.by_position:
-        print("note: tensors are named group{g}.param{i} (--by-position); the original names, in the file's order, "
-              "are in its metadata as nearstep.names")
+        print("note: tensors are named group{g}.param{i} (--by-position); the original name of each is in the "
+              "file's metadata: nearstep.names, a JSON object from positional name to original name")
     elif result.positional_names:
         print("note: the store was made from model.parameters(), so tensors are named group{g}.param{i}; "
               "map them to the model's parameters by position")

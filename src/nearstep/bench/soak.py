@@ -3,7 +3,10 @@
 Every ``--sample-every`` steps it samples, for the training process and the device
 process: resident memory (VmRSS), open file descriptors and threads (from /proc),
 plus the entries of /dev/shm (the staging memory; nearstep unlinks its own as soon
-as both processes mapped it) and the steps per second of the window. After a
+as both processes mapped it, so each process's ``nearstep-*`` mappings in
+/proc/PID/maps are counted as well: a leaked staging buffer shows there; the
+/dev/shm listing is machine-wide, other users' entries included) and the steps
+per second of the window. After a
 warm-up it fits a least-squares line to each series and calls it flat when the
 slope per 1000 steps is within the noise band: counts exactly constant (the
 device's descriptors within the two a commit holds for a moment), RSS
@@ -27,7 +30,7 @@ import torch
 
 from .report import machine, read_text, table_line, verdict
 
-__all__ = ["main", "sample_process", "slope_per_1000"]
+__all__ = ["main", "mapped_staging", "sample_process", "slope_per_1000", "summarise"]
 
 RSS_BAND_MIB = 1.0  # per 1000 steps
 _COMMIT_FDS = 2
@@ -59,6 +62,22 @@ def sample_process(pid: int) -> dict[str, float]:
         fds = float("nan")
     rss = status.get("VmRSS", "nan kB").split()[0]
     return {"rss_mib": float(rss) / 1024, "fds": fds, "threads": float(status.get("Threads", "nan"))}
+
+
+def mapped_staging(pid: int) -> dict[str, float]:
+    """The staging memory process ``pid`` maps: distinct ``nearstep-*`` files and their MiB.
+
+    Their names are unlinked as soon as both sides mapped them (staging.SharedMemory), so
+    /dev/shm does not list them; /proc/PID/maps still does, as ``... (deleted)``. This is
+    where a leaked staging buffer would show.
+    """
+    sizes: dict[str, int] = {}
+    for line in read_text(f"/proc/{pid}/maps").splitlines():
+        fields = line.split(None, 5)
+        if len(fields) == 6 and os.path.basename(fields[5].removesuffix(" (deleted)")).startswith("nearstep-"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            sizes[fields[5]] = sizes.get(fields[5], 0) + end - start
+    return {"shm_maps": float(len(sizes)), "shm_mapped_mib": sum(sizes.values()) / 2**20}
 
 
 def _shm() -> dict[str, float]:
@@ -117,8 +136,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
             if step % args.sample_every == 0:
                 now = time.perf_counter()
                 row: dict[str, float] = {"step": step, "steps_per_s": args.sample_every / (now - window)}
-                row.update({f"host_{k}": v for k, v in sample_process(os.getpid()).items()})
-                row.update({f"device_{k}": v for k, v in sample_process(device_pid).items()})
+                for side, pid in (("host", os.getpid()), ("device", device_pid)):
+                    row.update({f"{side}_{k}": v for k, v in sample_process(pid).items()})
+                    row.update({f"{side}_{k}": v for k, v in mapped_staging(pid).items()})
                 row.update(_shm())
                 samples.append(row)
                 window = time.perf_counter()
@@ -129,11 +149,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _COLUMNS = [("step", "{:>7.0f}"), ("steps_per_s", "{:>8.1f}"), ("host_rss_mib", "{:>9.1f}"), ("host_fds", "{:>5.0f}"),
-            ("host_threads", "{:>5.0f}"), ("device_rss_mib", "{:>9.1f}"), ("device_fds", "{:>5.0f}"),
-            ("device_threads", "{:>5.0f}"), ("shm_entries", "{:>5.0f}"), ("shm_nearstep", "{:>5.0f}")]
-_HEADS = ["step", "steps/s", "host RSS", "fds", "thr", "dev RSS", "fds", "thr", "shm", "ns-shm"]
-_SERIES = ["host_rss_mib", "host_fds", "host_threads", "device_rss_mib", "device_fds", "device_threads",
-           "shm_entries", "shm_nearstep", "shm_mib"]
+            ("host_threads", "{:>5.0f}"), ("host_shm_maps", "{:>5.0f}"), ("device_rss_mib", "{:>9.1f}"),
+            ("device_fds", "{:>5.0f}"), ("device_threads", "{:>5.0f}"), ("device_shm_maps", "{:>5.0f}"),
+            ("shm_entries", "{:>5.0f}"), ("shm_nearstep", "{:>5.0f}")]
+_HEADS = ["step", "steps/s", "host RSS", "fds", "thr", "maps", "dev RSS", "fds", "thr", "maps", "shm", "ns-shm"]
+_SERIES = ["host_rss_mib", "host_fds", "host_threads", "host_shm_maps", "host_shm_mapped_mib", "device_rss_mib",
+           "device_fds", "device_threads", "device_shm_maps", "device_shm_mapped_mib", "shm_entries", "shm_nearstep",
+           "shm_mib"]
 
 
 def summarise(samples: list[dict[str, float]], warmup: int) -> dict[str, dict[str, Any]]:
