@@ -50,6 +50,48 @@ def test_pass_crcs_match_zlib_for_any_layout_and_chunking(seed):
     assert engine._PassCrcs(block, nbytes, []).edge_blocks == list(range(-(-nbytes // block)))
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_threaded_pass_checksums_the_images_before_and_after_and_updates_each_element_once(seed, monkeypatch):
+    """[Note: a pass on several cores]: random layouts, blocks and thread counts; every element is
+    updated exactly once and the CRCs are zlib's over the images before and after, including the
+    blocks a thread's cut splits."""
+    rng = np.random.default_rng(100 + seed)
+    monkeypatch.setattr(engine, "SPLIT", int(rng.choice([64, 128, 256])))
+    sizes = rng.integers(1, 3000, int(rng.integers(1, 6)))
+    bounds, at = [], 0
+    for size in sizes:  # segments with gaps between them, as a slice's padding
+        bounds.append((at, at + int(size)))
+        at += int(size) + int(rng.integers(0, 300))
+    extent = at
+    regions = int(rng.integers(1, 4))
+    region = -(-extent * 4 // PAGE) * PAGE
+    image = np.frombuffer(bytearray(rng.integers(0, 256, regions * region, dtype=np.uint8).tobytes()), np.uint8)
+    floats = [image[r * region: r * region + 4 * extent].view(np.float32) for r in range(regions)]
+    segments = sorted(rng.choice(len(bounds), int(rng.integers(1, len(bounds) + 1)), replace=False).tolist())
+    before = bytes(image)
+    touched = np.zeros(extent, np.int64)
+
+    def update(pieces, at, worker):
+        for _j, lo, hi in pieces:
+            touched[lo:hi] += 1
+            for f in floats:
+                f.view(np.uint32)[lo:hi] ^= 0x5A5A5A5A
+    threads = engine.PassThreads(int(rng.integers(2, 5)))
+    try:
+        block = int(rng.integers(1, 4)) * PAGE
+        spans = [(r * region, r * region + 4 * extent, 4, 1) for r in range(regions)]
+        got_before, got_after = engine.checked_pass(memoryview(image), block, spans, extent, segments, bounds,
+                                                    int(rng.integers(64, 2000)), update, threads=threads)
+    finally:
+        threads.close()
+    assert got_before == zlib_blocks(before, block)
+    assert got_after == zlib_blocks(bytes(image), block)
+    expected = np.zeros(extent, np.int64)
+    for j in segments:
+        expected[bounds[j][0]:bounds[j][1]] = 1
+    assert np.array_equal(touched, expected)
+
+
 def test_a_block_fed_out_of_order_is_a_bug_not_a_checksum(tmp_path):
     crcs = engine._PassCrcs(PAGE, 4 * PAGE, [(0, 4 * PAGE)])
     view = memoryview(bytearray(4 * PAGE))
@@ -142,21 +184,28 @@ def test_a_pass_on_two_threads_gives_the_numbers_of_one(tmp_path, small_blocks, 
         assert a.manifest.committed == b.manifest.committed and a.verify() == [] and b.verify() == []
 
 
-def test_shares_cut_on_split_multiples_and_cover_every_element():
+def test_thread_ranges_cut_on_split_multiples_and_cover_every_element():
     bounds = [(0, 10_000), (10_240, 10_300), (12_288, 40_000)]
-    pieces = [(0, 0, 10_000), (1, 10_240, 10_300), (2, 12_288, 30_000)]
+    segments = [0, 1, 2]
     for threads in (1, 2, 3, 8):
-        shares = engine._share(pieces, bounds, threads, 2048)
-        assert 1 <= len(shares) <= threads
-        flat = [p for share in shares for p in share]
+        cuts = engine._cuts(segments, bounds, 40_960, threads, 2048)
+        assert cuts[0] == 0 and cuts[-1] == 40_960 and 2 <= len(cuts) <= threads + 1
+        assert cuts == sorted(set(cuts))
+        for cut in cuts[1:-1]:  # inside a segment, a multiple of the step from its start
+            j = next(j for j, (lo, hi) in enumerate(bounds) if lo <= cut < hi)
+            assert (cut - bounds[j][0]) % 2048 == 0
+        parts = [engine._pieces_between(segments, bounds, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
         covered = {}
-        for j, lo, hi in flat:
-            assert lo < hi and (lo - bounds[j][0]) % max(engine.SPLIT, 2048) == 0 or lo == pieces[j][1]
-            covered.setdefault(j, []).append((lo, hi))
-        for j, lo, hi in pieces:  # each piece exactly, in order, without overlap
+        for part in parts:
+            for j, lo, hi in part:
+                covered.setdefault(j, []).append((lo, hi))
+        for j, (lo, hi) in enumerate(bounds):  # each segment exactly, in order, without overlap
             runs = covered[j]
             assert runs[0][0] == lo and runs[-1][1] == hi
             assert all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        if threads == 2:  # about half the updated elements each
+            total = sum(hi - lo for lo, hi in bounds)
+            assert abs(sum(hi - lo for j, lo, hi in parts[0]) - total / 2) <= 2048
 
 
 def test_chunked_pass_equals_one_chunk_and_torch_and_commits_true_checksums(tmp_path, small_blocks, monkeypatch):

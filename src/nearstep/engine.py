@@ -108,30 +108,6 @@ class _Ticket:
 PASS_CHUNK = 1 << 18
 
 
-def _chunks(segments: list[int], bounds: list[tuple[int, int]],
-            chunk: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
-    """The kernel's pass over ``segments`` (in slice order) in chunks of about ``chunk`` elements:
-    yields (the element the chunk reaches, its pieces (segment, first element, stop)).
-
-    A segment is cut only at multiples of ``chunk`` from its own start, so every piece but its
-    last is a whole number of vector lengths: the fused kernels' vectorised body and scalar tail
-    then see each element as they would see the whole segment, and chunking changes no bit.
-    """
-    pieces: list[tuple[int, int, int]] = []
-    filled = 0
-    for j in segments:
-        lo, hi = bounds[j]
-        for start in range(lo, hi, chunk):
-            stop = min(start + chunk, hi)
-            pieces.append((j, start, stop))
-            filled += stop - start
-            if filled >= chunk:
-                yield stop, pieces
-                pieces, filled = [], 0
-    if pieces:
-        yield pieces[-1][2], pieces
-
-
 class _PassCrcs:
     """Per-block CRC-32s of a slice's file image, computed during the kernel's pass over it.
 
@@ -141,12 +117,13 @@ class _PassCrcs:
     are computed whole by :meth:`edges`. With no spans every block is an edge.
     """
 
-    def __init__(self, block: int, nbytes: int, spans: list[tuple[int, int]]) -> None:
+    def __init__(self, block: int, nbytes: int, spans: list[tuple[int, int]], straddling: Sequence[int] = ()) -> None:
         self.block, self.nbytes = block, nbytes
         count = -(-nbytes // block)
         self.crcs = [0] * count
-        self.next = {b: b * block for b in range(count)
-                     if any(lo <= b * block and min(nbytes, (b + 1) * block) <= hi for lo, hi in spans)}
+        shared = {at // block for at in straddling if at % block}  # blocks split between two threads
+        self.next = {b: b * block for b in range(count) if b not in shared
+                     and any(lo <= b * block and min(nbytes, (b + 1) * block) <= hi for lo, hi in spans)}
         self.edge_blocks = [b for b in range(count) if b not in self.next]
 
     def edges(self, image: memoryview) -> None:
@@ -189,14 +166,20 @@ def _byte(span: tuple[int, int, int, int], element: int) -> int:
 class PassThreads:
     """The threads a device with several cores runs each chunk of its pass on (``cores=N``).
 
-    [Note: a pass on several cores] Each chunk's pieces are cut into ``threads``
-    runs of about equal length, at multiples of :data:`SPLIT` elements from their
-    segment's start, and each thread decodes, updates and encodes its runs; the
-    checksums of the chunk's regions are shared out by region (a block inside a
-    region belongs to that region alone). The fused kernels compute each element
-    with the same vector lanes whatever the run (cuts at multiples of their vector
-    length), and the codecs are elementwise within blocks (cuts on blocks), so the
-    numbers are those of one thread. The work releases the GIL: the native codecs
+    [Note: a pass on several cores] A slice's updated elements are cut into
+    ``threads`` ranges of about equal length, at multiples of :data:`SPLIT`
+    elements from their segment's start (or at a segment's start), and each
+    thread makes the whole pass over its range on its own: its chunks' checksums
+    before, decode, update, encode, checksums after, in its own part of the
+    working area. The threads meet once per slice. Meeting three times per chunk
+    (checksums, update, checksums, as this pass first did) held two threads to
+    1.10-1.24x one thread's rate; see docs/benchmarks.md. A checksum block that a
+    cut splits between two threads, in any region, is computed whole before the
+    threads start and after they end, as the edges are. The fused kernels
+    compute each element with the same vector lanes whatever the range (cuts at
+    multiples of their vector length), and the codecs are elementwise within
+    blocks (cuts on blocks), so the numbers are those of one thread. The work
+    releases the GIL: the native codecs
     through ctypes, the fused kernels and the CRC-32s in their C code.
     """
 
@@ -237,32 +220,6 @@ class PassThreads:
 SPLIT = 1 << 11
 
 
-def _share(pieces: list[tuple[int, int, int]], bounds: list[tuple[int, int]], threads: int,
-           align: int) -> list[list[tuple[int, int, int]]]:
-    """``pieces`` cut into ``threads`` lists of about equal elements, cuts at multiples of
-    ``max(SPLIT, align)`` from each segment's start."""
-    step = max(SPLIT, align)
-    total = sum(hi - lo for _j, lo, hi in pieces)
-    target = -(-total // threads)
-    shares: list[list[tuple[int, int, int]]] = [[]]
-    filled = 0
-    for j, lo, hi in pieces:
-        first = bounds[j][0]
-        while lo < hi:
-            room = target - filled
-            if len(shares) == threads or hi - lo <= room:
-                cut = hi  # the last share takes the rest
-            else:
-                cut = min(hi, first + -(-(lo + max(room, 1) - first) // step) * step)
-            shares[-1].append((j, lo, cut))
-            filled += cut - lo
-            lo = cut
-            if filled >= target and len(shares) < threads:
-                shares.append([])
-                filled = 0
-    return [share for share in shares if share]
-
-
 def checked_pass(image: memoryview, block: int, spans: Sequence[tuple[int, int, int, int]], extent: int,
                  segments: list[int], bounds: list[tuple[int, int]], chunk: int,
                  update: Callable[[list[tuple[int, int, int]], int, int], None], align: int = 1,
@@ -290,40 +247,108 @@ def checked_pass(image: memoryview, block: int, spans: Sequence[tuple[int, int, 
     is written. ``chunk`` >= ``extent`` makes one chunk (then the CRCs are
     whole-block passes before and after).
 
-    ``update(pieces, at, worker)`` works on ``pieces``; with ``threads``, several calls
-    run at once on disjoint pieces of one chunk (see [Note: a pass on several cores]),
-    each told ``at``, where its share starts in a chunk-sized working area (its pieces
-    widened to ``align`` packed one after the other from there), and ``worker``, its
-    thread's number.
+    ``update(pieces, at, worker)`` works on one chunk's ``pieces``, told ``at``, where the
+    chunk goes in the working area (its pieces widened to ``align`` packed one after the
+    other from there), and ``worker``, its thread's number; with ``threads``, each thread
+    works through its own range of the slice (see [Note: a pass on several cores]), its
+    chunks at its own ``at``.
     """
     spans = list(spans) if chunk < extent else []
     plain = [(lo, hi) for lo, hi, *_ in spans]
-    verify, written = _PassCrcs(block, len(image), plain), _PassCrcs(block, len(image), plain)
     count = threads.threads if threads is not None else 1
-    run = threads.run if threads is not None else (lambda jobs: [job() for job in jobs])
+    cuts = _cuts(segments, bounds, extent, count, max(SPLIT, align)) if count > 1 and spans else [0, extent]
+    # Blocks holding a cut, in any region, belong to two threads: they are checksummed whole,
+    # before the threads start and after they are done, with the edges.
+    straddling = [_byte(span, e) for e in cuts[1:-1] for span in spans]
+    verify = _PassCrcs(block, len(image), plain, straddling)
+    written = _PassCrcs(block, len(image), plain, straddling)
+    parts = [_pieces_between(segments, bounds, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
+    # Each thread takes whole chunks: two half-size chunks a thread measured 1.02-1.44x one thread's
+    # rate, whole ones 1.53-1.64x (more calls a thread, and more of them wait for the GIL).
+    room = [_room(part, chunk, align, extent) for part in parts]
+    if len(parts) > 1 and sum(room) > extent:  # the threads' working areas would overlap: one thread
+        return checked_pass(image, block, spans, extent, segments, bounds, chunk, update, align, None)
 
-    def feed(crcs: _PassCrcs, lo: int, hi: int) -> None:
-        groups = [spans[t::count] for t in range(min(count, len(spans)))]
-        run([lambda group=group: [crcs.feed(image, _byte(span, lo), _byte(span, hi)) for span in group]
-             for group in groups])
+    def work(worker: int, start: int, end: int, pieces: list[tuple[int, int, int]], at: int) -> None:
+        done = start
+        for stop, chunk_pieces in _chunks(pieces, chunk):
+            stop = min(-(-stop // align) * align, end)
+            for span in spans:
+                verify.feed(image, _byte(span, done), _byte(span, stop))
+            update(chunk_pieces, at, worker)
+            for span in spans:
+                written.feed(image, _byte(span, done), _byte(span, stop))
+            done = stop
+        for span in spans:  # what lies past this thread's last updated segment
+            verify.feed(image, _byte(span, done), _byte(span, end))
+            written.feed(image, _byte(span, done), _byte(span, end))
 
     verify.edges(image)  # before the update touches them
-    done = 0
-    for stop, pieces in _chunks(segments, bounds, chunk):
-        stop = min(-(-stop // align) * align, extent)
-        feed(verify, done, stop)
-        shares = _share(pieces, bounds, count, align) if count > 1 else [pieces]
-        jobs, at = [], 0
-        for worker, share in enumerate(shares):
-            jobs.append(lambda share=share, at=at, worker=worker: update(share, at, worker))
-            at += sum(min(-(-hi // align) * align, extent) - (lo - lo % align) for _j, lo, hi in share)
-        run(jobs)
-        feed(written, done, stop)
-        done = stop
-    feed(verify, done, extent)  # what lies past the last updated segment
-    feed(written, done, extent)
+    jobs, at = [], 0
+    for worker, (lo, hi) in enumerate(zip(cuts, cuts[1:])):
+        jobs.append(lambda w=worker, lo=lo, hi=hi, at=at: work(w, lo, hi, parts[w], at))
+        at += room[worker]
+    if threads is not None and len(jobs) > 1:
+        # [Note: a pass on several cores]: one meeting per slice, not three per chunk
+        threads.run(jobs)
+    else:
+        for job in jobs:
+            job()
     written.edges(image)
     return verify.result(), written.result()
+
+
+def _cuts(segments: list[int], bounds: list[tuple[int, int]], extent: int, threads: int, step: int) -> list[int]:
+    """Where the threads' element ranges of a slice begin: 0, then up to ``threads - 1`` cuts near equal
+    shares of the updated elements, each a multiple of ``step`` from its segment's start (or a segment's
+    start), then ``extent``."""
+    total = sum(bounds[j][1] - bounds[j][0] for j in segments)
+    cuts = [0]
+    if total:
+        seen = 0
+        targets = [total * t // threads for t in range(1, threads)]
+        for j in segments:
+            lo, hi = bounds[j]
+            while targets and seen + (hi - lo) > targets[0]:
+                cut = lo + -(-(targets.pop(0) - seen) // step) * step
+                if cuts[-1] < cut < hi:
+                    cuts.append(cut)
+            seen += hi - lo
+    return cuts + [extent]
+
+
+def _pieces_between(segments: list[int], bounds: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int, int]]:
+    """The updated segments' parts in elements [lo, hi), as (segment, first element, stop)."""
+    return [(j, max(a, lo), min(b, hi)) for j in segments for a, b in (bounds[j],) if max(a, lo) < min(b, hi)]
+
+
+def _chunks(pieces: list[tuple[int, int, int]], chunk: int) -> Iterator[tuple[int, list[tuple[int, int, int]]]]:
+    """The kernel's pass over ``pieces`` (segment, first element, stop; in slice order) in chunks of about
+    ``chunk`` elements: yields (the element the chunk reaches, its pieces).
+
+    A piece is cut only at multiples of ``chunk`` from where it starts, which is its segment's start or a
+    thread's cut (a multiple of :data:`SPLIT` from it), so every piece but a segment's last is a whole
+    number of vector lengths: the fused kernels' vectorised body and scalar tail then see each element
+    as they would see the whole segment, and chunking changes no bit.
+    """
+    out: list[tuple[int, int, int]] = []
+    filled = 0
+    for j, lo, hi in pieces:
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            out.append((j, start, stop))
+            filled += stop - start
+            if filled >= chunk:
+                yield stop, out
+                out, filled = [], 0
+    if out:
+        yield out[-1][2], out
+
+
+def _room(pieces: list[tuple[int, int, int]], chunk: int, align: int, extent: int) -> int:
+    """Elements of working area the largest chunk of ``pieces`` needs, its pieces widened to ``align``."""
+    return max((sum(min(-(-hi // align) * align, extent) - (lo - lo % align) for _j, lo, hi in chunk_pieces)
+                for _stop, chunk_pieces in _chunks(pieces, chunk)), default=0)
 
 
 class Engine:
