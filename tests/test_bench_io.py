@@ -41,6 +41,8 @@ def test_quick_run_reports_every_section_and_leaves_nothing_behind(tmp_path, cap
         assert_positive(row, "bytes_per_param_per_step", "params_per_second")
         if update["cores"] > 1 and name != io.UNCHECKED:  # the second column: the pass on several threads
             assert row["cores"] == update["cores"] and row["params_per_second_cores"] > 0
+        # the codec-free pass: every compressed format, and only those
+        assert ("params_per_second_codec_free" in row) == (name in io.FORMATS and name != "fp32")
     assert update["codecs"] == native.status()
     assert update["formats"]["fp32"]["bytes_per_param_per_step"] == update["formats"][io.UNCHECKED]["bytes_per_param_per_step"]
 

@@ -496,7 +496,10 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
         cases[name] = (fmt, coder, work, [0], memoryview(image.numpy()), spans, block)
 
     def one(name: str, count: int) -> None:
+        """One pass; ``count`` 0: one thread with the codecs left out (the kernel on whatever the
+        working copy holds, the checksums of the format's bytes), the most a faster codec could give."""
         fmt, coder, work, step, image, spans, block = cases[name]
+        codecs = count > 0
         step[0] += 1
 
         def update(pieces: list[tuple[int, int, int]], at: int, worker: int) -> None:
@@ -507,7 +510,7 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
                 a, b = (lo, hi) if fmt.is_identity else coder.span(lo, hi)
                 cut.append((a, b, lo if fmt.is_identity else at))
                 at += b - a
-            if not fmt.is_identity:
+            if not fmt.is_identity and codecs:
                 for a, b, where in cut:
                     coder.decode(a, b, where, spaces[worker])
 
@@ -516,7 +519,7 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
 
             kernels.update_(hyper, [part("master", *c) for c in cut], {k: [part(k, *c) for c in cut] for k in names[1:]},
                             [grad[a:b] for a, b, _w in cut], [step[0]] * len(cut), guards)
-            if not fmt.is_identity:
+            if not fmt.is_identity and codecs:
                 for a, b, where in cut:
                     coder.encode_(a, b, step[0], where, spaces[worker])
 
@@ -524,9 +527,10 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
             update([(0, 0, n)], 0, 0)
             return
         engine.checked_pass(image, aio.DEFAULT_BLOCK_BYTES, spans, n, [0], [(0, n)], engine.PASS_CHUNK, update,
-                            align=block, threads=pools[count])
+                            align=block, threads=pools[max(count, 1)])
 
     runs = [(name, count) for name in rows for count in counts if not (name == UNCHECKED and count > 1)]
+    runs += [(name, 0) for name in FORMATS if not cases[name][0].is_identity]
     for name, count in runs:
         one(name, count)  # warm-up
     times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
@@ -543,6 +547,8 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
         fmt = cases[name][0]
         out[name] = {"bytes_per_param_per_step": 2 * fmt.file_bytes(names, n) / n,
                      "params_per_second": n / statistics.median(times[(name, 1)]), "seconds": times[(name, 1)]}
+        if (name, 0) in times:
+            out[name]["params_per_second_codec_free"] = n / statistics.median(times[(name, 0)])
         if cores > 1 and (name, cores) in times:
             out[name]["cores"] = cores
             out[name]["params_per_second_cores"] = n / statistics.median(times[(name, cores)])
@@ -725,7 +731,9 @@ def _render(res: dict[str, Any]) -> str:
             f"  per state format (the device's pass: each chunk checksummed, decoded, updated, encoded, checksummed; "
             f"codecs: {up['codecs']};",
             "  fp32: the kernel on the image itself; the I/O side from the 'store' bandwidth above, checksums being in the pass):",
-            f"  {'format':<28}{'B/param/step':>13}{'M params/s':>12}{'vs fp32':>9}{'I/O-bound M params/s':>22}"
+            "  codec-free: the same pass with decode and encode left out, the most a faster codec could give;",
+            f"  {'format':<28}{'B/param/step':>13}{'M params/s':>12}{'vs fp32':>9}{'codec-free':>11}"
+            f"{'I/O-bound M params/s':>22}"
             + (f"{str(up['cores']) + ' cores':>10}{'vs fp32':>9}{'scaling':>9}" if up.get("cores", 1) > 1 else "")]
     def io_gbps(side: str) -> float:  # reads and writes of equal size, one after the other
         return 2 / (1 / bw["median_gbps"][f"{side}_read"] + 1 / bw["median_gbps"][f"{side}_write"])
@@ -734,7 +742,9 @@ def _render(res: dict[str, Any]) -> str:
     for name, f in up["formats"].items():
         line = (f"  {name:<28}{f['bytes_per_param_per_step']:>13.3f}{f['params_per_second'] / 1e6:>12.1f}"
                 f"{f['params_per_second'] / fp32_rate:>9.2f}"
-                f"{io_gbps('store') * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
+                + (f"{f['params_per_second_codec_free'] / fp32_rate:>11.2f}" if "params_per_second_codec_free" in f
+                   else f"{'':>11}")
+                + f"{io_gbps('store') * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
         if "params_per_second_cores" in f:
             line += (f"{f['params_per_second_cores'] / 1e6:>10.1f}"
                      f"{f['params_per_second_cores'] / up['formats']['fp32']['params_per_second_cores']:>9.2f}"
