@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,6 +194,35 @@ def test_without_a_compiler_the_torch_codecs_run_with_the_same_bytes(tmp_path):
     assert built.stdout.splitlines()[1] == off.stdout.splitlines()[1] == broken.stdout.splitlines()[1]
     assert list((tmp_path / "a" / "native").glob("codecs-*.so"))  # built into the cache
     assert not list((tmp_path / "a" / "native").glob(".build-*"))  # no half-written file left
+
+
+NARROW = """
+    import sys
+    from nearstep.formats import native
+    native._FLAGS = native._FLAGS + ("-mno-avx512f",)  # the AVX2 loops, as a machine without AVX-512 builds them
+    sys.path.insert(0, sys.argv[1])
+    import test_native as t
+    assert native.available(), native.status()
+    for name in ("8bit-b32", "bf16-sr+8bit", "fp8", "16bit", "bf16-kahan+8bit-linear-b64"):
+        fmt = t.StateFormat.parse(name)
+        for numel, seed in ((5 * 2048 + 77, 0), (31, 3)):
+            for specials in (False, True):
+                (a, wa, da), (b, wb, db) = t.encode_both(fmt, t.state(numel, seed, specials), numel, 99 + seed, True)
+                assert t.torch.equal(a, b), name
+                assert all(t.torch.equal(t.bits(da[k]), t.bits(db[k])) for k in t.NAMES), name
+    print("ok")
+"""
+
+
+@pytest.mark.skipif("avx512f" not in Path("/proc/cpuinfo").read_text(errors="replace") if Path("/proc/cpuinfo").exists()
+                    else True, reason="no AVX-512 here: the default build already is the AVX2 one")
+def test_the_avx2_loops_equal_torch_where_the_machine_has_avx512(tmp_path):
+    """[Note: codecs on 16 lanes]: on an AVX-512 machine the default build takes the 16-lane loops;
+    the 8-lane ones that machines without AVX-512 run are built here and checked too."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(NARROW), str(Path(__file__).parent)],
+                          capture_output=True, text=True, env={**os.environ, "NEARSTEP_CACHE": str(tmp_path)},
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", ["exp_avg", "exp_avg_sq"], ids=["e4m3", "e5m2"])

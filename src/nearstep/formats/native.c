@@ -18,6 +18,16 @@
 #if defined(__F16C__) && defined(__AVX2__)
 #include <immintrin.h>
 #endif
+/* [Note: codecs on 16 lanes] Where the compiler targets AVX-512 (-march=native on a machine
+ * that has it), the loops that gained from it run 16 elements at a time, with the selects in
+ * mask registers: the 8-bit and fp8 decodes, the signed 8-bit encode (1.6x), the E5M2 and
+ * unsigned bf16 encodes (1.1-1.2x). The compiler's own vectorised loops were as fast for the
+ * rest (the master's rounding, the E4M3 and unsigned 8-bit encodes), which are left to it.
+ * The loops after them finish a block's tail and are the definition; tests/test_native.py
+ * compares both with the torch codecs. */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NS_AVX512 1
+#endif
 
 static inline uint32_t f2u(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static inline float u2f(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
@@ -154,7 +164,18 @@ static inline __attribute__((always_inline)) void int8_decode_block(
     int64_t k = 0;
 #if defined(__F16C__) && defined(__AVX2__)
     if (mode == DYN_SIGNED || mode == DYN_UNSIGNED) {
-        /* The codes are fp16 patterns cut short (maps.py): widen, shift, convert 8 at once. */
+        /* The codes are fp16 patterns cut short (maps.py): widen, shift, convert 8 (16) at once. */
+#if NS_AVX512
+        const __m512 mul16 = _mm512_set1_ps(multiplier);
+        for (; k + 16 <= len; k += 16) {
+            __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + k)));
+            __m256i pattern = mode == DYN_SIGNED
+                ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8),
+                                  _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7F)), 7))
+                : _mm256_slli_epi16(c, 7);
+            _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtph_ps(pattern), mul16));
+        }
+#endif
         const __m256 mul = _mm256_set1_ps(multiplier);
         for (; k + 8 <= len; k += 8) {
             __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(codes + k)));
@@ -171,6 +192,20 @@ static inline __attribute__((always_inline)) void int8_decode_block(
          * so one rounded product either way, as torch's cast-then-multiply. */
         const __m256 mul = _mm256_set1_ps(mode == FP8_SIGNED ? multiplier * 256.0f : multiplier);
         int special = 0;
+#if NS_AVX512
+        const __m512 mul16 = _mm512_set1_ps(mode == FP8_SIGNED ? multiplier * 256.0f : multiplier);
+        for (; k + 16 <= len; k += 16) {
+            __m256i c = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(codes + k)));
+            __m256i low = _mm256_and_si256(c, _mm256_set1_epi16(0x7F));
+            __m256i pattern = mode == FP8_SIGNED
+                ? _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8),
+                                  _mm256_slli_epi16(low, 7))
+                : _mm256_slli_epi16(c, 8);
+            if (mode == FP8_SIGNED)
+                special |= _mm256_movemask_epi8(_mm256_cmpeq_epi16(low, _mm256_set1_epi16(0x7F)));
+            _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_cvtph_ps(pattern), mul16));
+        }
+#endif
         for (; k + 8 <= len; k += 8) {
             __m128i c = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(codes + k)));
             __m128i pattern = mode == FP8_SIGNED
@@ -275,6 +310,21 @@ static inline __attribute__((always_inline)) void int8_encode_block(
          * table's fp16 conversion rounds the same way), then rounded to 3 mantissa bits
          * half up, capped at the code of 1.0; tests/test_native.py checks all 4096
          * entries against the table. */
+#if NS_AVX512
+        {
+            const __m512 f16 = _mm512_set1_ps(f);
+            for (; k + 16 <= len; k += 16) {
+                __m512i bits = _mm512_add_epi32(_mm512_castps_si512(_mm512_mul_ps(_mm512_loadu_ps(x + k), f16)),
+                                                _mm512_set1_epi32(1 << 19));
+                __m512i sign = _mm512_srli_epi32(bits, 31);
+                __m512i v4 = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FF00000));
+                __m256i half = _mm512_cvtps_ph(_mm512_castsi512_ps(v4), _MM_FROUND_TO_NEAREST_INT);
+                __m512i mag = _mm512_srli_epi32(_mm512_add_epi32(_mm512_cvtepu16_epi32(half), _mm512_set1_epi32(64)), 7);
+                mag = _mm512_min_epu32(mag, _mm512_set1_epi32(120));
+                _mm_storeu_si128((__m128i *)(c + k), _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32(sign, 7), mag)));
+            }
+        }
+#endif
         const __m256i f_ = _mm256_castps_si256(_mm256_set1_ps(f));
         for (; k + 8 <= len; k += 8) {
             __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + k), _mm256_castsi256_ps(f_));
@@ -308,7 +358,28 @@ static inline __attribute__((always_inline)) void int8_encode_block(
             c[k] = (uint8_t)((y >> 24 & 0x80u) | e4m3_magnitude(y & 0x7FFFFFFFu));
         }
     } else if (mode == FP8_UNSIGNED) {
-        for (int64_t k = 0; k < len; k++) {
+        int64_t k = 0;
+#if NS_AVX512
+        {
+            const __m512 f16 = _mm512_set1_ps(f), zero = _mm512_setzero_ps();
+            for (; k + 16 <= len; k += 16) {
+                __m512 xv = _mm512_loadu_ps(x + k);
+                __m512 yv = _mm512_mul_ps(_mm512_mask_mov_ps(xv, _mm512_cmp_ps_mask(xv, zero, _CMP_LE_OQ), zero), f16);
+                __m512i m = _mm512_castps_si512(yv);
+                __m512i sub = _mm512_cvtps_epi32(_mm512_mul_ps(yv, _mm512_set1_ps(65536.0f)));
+                __m512i normal = _mm512_sub_epi32(
+                    _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(m, _mm512_set1_epi32(0xFFFFF)),
+                                                       _mm512_and_si512(_mm512_srli_epi32(m, 21), _mm512_set1_epi32(1))), 21),
+                    _mm512_set1_epi32(112 << 2));
+                __m512i code = _mm512_mask_mov_epi32(normal, _mm512_cmplt_epu32_mask(m, _mm512_set1_epi32(113 << 23)), sub);
+                /* a non-zero second moment never decodes to 0 */
+                __mmask16 lift = _mm512_cmpeq_epi32_mask(code, _mm512_setzero_si512()) & _mm512_cmp_ps_mask(yv, zero, _CMP_GT_OQ);
+                code = _mm512_mask_mov_epi32(code, lift, _mm512_set1_epi32(1));
+                _mm_storeu_si128((__m128i *)(c + k), _mm512_cvtepi32_epi8(code));
+            }
+        }
+#endif
+        for (; k < len; k++) {
             float w = x[k] <= 0.0f ? 0.0f : x[k];
             float y = w * f;
             uint32_t code = e5m2_magnitude(f2u(y));
@@ -359,17 +430,39 @@ static inline uint16_t bf16_round(uint32_t b) {
     return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
+#if NS_AVX512
+static inline __m256i bf16_round16(__m512i b) {
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(b, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                                                   _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))), 16);
+    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0xFFFF)));
+}
+#endif
+
 void ns_bf16m_encode(float *values, uint16_t *hi, int64_t n, int is_unsigned, int write_back) {
     uint32_t *v = (uint32_t *)values;
+    int64_t k = 0;
+#if NS_AVX512
     if (is_unsigned) {
-        for (int64_t k = 0; k < n; k++) {
+        const __m512 zero = _mm512_setzero_ps();
+        const __m512i smallest = _mm512_set1_epi32(1 << 16);
+        for (; k + 16 <= n; k += 16) {
+            __m512 x = _mm512_loadu_ps(values + k);
+            __m512i b = _mm512_castps_si512(_mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, zero, _CMP_LE_OQ), zero));
+            __mmask16 tiny = _mm512_test_epi32_mask(b, b) & _mm512_cmplt_epu32_mask(b, smallest);
+            _mm256_storeu_si256((__m256i *)(hi + k), bf16_round16(_mm512_mask_mov_epi32(b, tiny, smallest)));
+        }
+    }
+#endif
+    if (is_unsigned) {
+        for (; k < n; k++) {
             float w = values[k] <= 0.0f ? 0.0f : values[k];
             uint32_t b = f2u(w);
             b = (b != 0u && b < 1u << 16) ? 1u << 16 : b; /* max(w, 2**-133) for 0 < w; nan and inf keep */
             hi[k] = bf16_round(b);
         }
     } else {
-        for (int64_t k = 0; k < n; k++) hi[k] = bf16_round(v[k]);
+        for (; k < n; k++) hi[k] = bf16_round(v[k]);
     }
     if (write_back)
         for (int64_t k = 0; k < n; k++) v[k] = (uint32_t)hi[k] << 16;
