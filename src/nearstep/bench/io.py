@@ -81,6 +81,7 @@ class Options:
         queue_depth: blocks the ring keeps in flight (``DeviceConfig.queue_depth``).
         deepspeed: add DeepSpeed's async I/O to the bandwidth test where it is installed.
         cores: device cores of the per-format rows' second column (1: one column).
+        update_rounds: alternating rounds of the update-rate test (its rows are medians of these).
     """
 
     dir: pathlib.Path
@@ -97,6 +98,7 @@ class Options:
     queue_depth: int = DeviceConfig().queue_depth
     deepspeed: bool = True
     cores: int = 2
+    update_rounds: int = UPDATE_ROUNDS
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -121,15 +123,19 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--cores", type=int, default=min(2, len(os.sched_getaffinity(0))),
                         help="device cores (pass threads) of the per-format rows' second column, beside 1 "
                              "(default: 2 where the machine has them)")
+    parser.add_argument("--update-rounds", type=int, default=UPDATE_ROUNDS,
+                        help="alternating rounds of the update-rate rows, each a median of them (default: "
+                             "%(default)s; this VM's noise between rounds is about +-7%%, so 9 or more for ratios "
+                             "near 1)")
     parser.add_argument("--no-deepspeed", dest="deepspeed", action="store_false",
                         help="leave DeepSpeed's async I/O out of the bandwidth test even where it is installed")
     args = parser.parse_args(argv)
     if args.quick:
         args.gib, args.update_params, args.peak_params, args.repeats = 1 / 64, 1_000_000, 2_000_000, 1
     if not args.gib > 0 or args.repeats < 1 or args.update_params < 4 or args.peak_params < 8 or args.io_threads < 1 \
-            or args.queue_depth < 1 or args.cores < 1:
+            or args.queue_depth < 1 or args.cores < 1 or args.update_rounds < 1:
         parser.error("--gib must be > 0, --repeats >= 1, --io-threads >= 1, --queue-depth >= 1, --update-params >= 4, "
-                     "--peak-params >= 8 and --cores >= 1")
+                     "--peak-params >= 8, --cores >= 1 and --update-rounds >= 1")
     try:
         parse_bytes(args.budget)
     except ValueError as exc:
@@ -138,7 +144,7 @@ def _parse(argv: list[str] | None) -> Options:
                    update_params=args.update_params, peak_params=args.peak_params, budget=args.budget,
                    skip_peak=args.skip_peak, quick=args.quick, io_backend=args.io_backend,
                    io_threads=args.io_threads, queue_depth=args.queue_depth, deepspeed=args.deepspeed,
-                   cores=args.cores)
+                   cores=args.cores, update_rounds=args.update_rounds)
 
 
 def _split(total: int, parts: int) -> list[int]:
@@ -452,8 +458,9 @@ def _update_rate(opts: Options) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # per core: the emulated device runs its kernels on one pinned core
     try:
-        return _race_update(opts.update_params) | {"formats": _race_formats(opts.update_params, opts.cores),
-                                                    "codecs": native.status(), "cores": opts.cores}
+        return _race_update(opts.update_params, opts.update_rounds) | {
+            "formats": _race_formats(opts.update_params, opts.cores, opts.update_rounds),
+            "codecs": native.status(), "cores": opts.cores, "rounds": opts.update_rounds}
     finally:
         torch.set_num_threads(threads)
 
@@ -464,7 +471,7 @@ UNCHECKED = "fp32, no checksums"  # the fp32 row without the checksums of its pa
 TORCH_CODECS = "bf16-sr+8bit, torch codecs"  # the compressed row with formats.native off: what the native pass gives
 
 
-def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
+def _race_formats(n: int, cores: int = 1, rounds: int = UPDATE_ROUNDS) -> dict[str, Any]:
     """Per state format: bytes per parameter per step, and the device's update rate: the engine's pass
     (engine.checked_pass) over a state file image, each chunk checksummed, decoded, updated by the fused
     AdamW kernel, encoded and checksummed again (fp32: the kernel on the image itself), on 1 thread and,
@@ -535,7 +542,7 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
         one(name, count)  # warm-up
     times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
     try:
-        for _ in range(UPDATE_ROUNDS):
+        for _ in range(rounds):
             for name, count in runs:  # alternating, as everywhere
                 times[(name, count)].append(_timed(lambda: one(name, count)))
     finally:
@@ -556,7 +563,7 @@ def _race_formats(n: int, cores: int = 1) -> dict[str, Any]:
     return out
 
 
-def _race_update(n: int) -> dict[str, Any]:
+def _race_update(n: int, rounds: int = UPDATE_ROUNDS) -> dict[str, Any]:
     sizes = _split(n, 4)
     gen = torch.Generator().manual_seed(0)
     master, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen).mul_(1e-3)
@@ -575,7 +582,7 @@ def _race_update(n: int) -> dict[str, Any]:
 
     ours(), reference.step()  # warm-up: torch.optim allocates its moments in its first step
     times: dict[str, list[float]] = {"nearstep": [], "torch": []}
-    for _ in range(UPDATE_ROUNDS):  # alternating, for the same reason as the bandwidth rounds
+    for _ in range(rounds):  # alternating, for the same reason as the bandwidth rounds
         times["nearstep"].append(_timed(ours))
         times["torch"].append(_timed(reference.step))
     rates = {k: n / statistics.median(v) for k, v in times.items()}
@@ -724,7 +731,7 @@ def _render(res: dict[str, Any]) -> str:
                        f"{e2e['params'] / 1e6:.1f} M params, {statistics.median(e2e['step_seconds']):.3f} s/step, "
                        f"{e2e['state_gbps']:.3f} GB/s of state read + written"),
             "", f"2. update rate per core: 1 thread, {up['params'] / 1e6:.1f} M fp32 params in {up['segments']} "
-            f"segments, median of {UPDATE_ROUNDS}",
+            f"segments, median of {up.get('rounds', UPDATE_ROUNDS)}",
             table_line("nearstep kernels.update_", f"{up['nearstep_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("torch.optim.AdamW(fused=True)", f"{up['torch_params_per_second'] / 1e6:.1f} M params/s"),
             table_line("nearstep/torch", f"{up['ratio']:.3f}", verdict(up["pass"], target)), "",
