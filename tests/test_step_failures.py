@@ -11,8 +11,10 @@ after the committed step. See [Note: a failure after the commit point] in pipeli
 from __future__ import annotations
 
 import json
+import multiprocessing.reduction
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -178,6 +180,42 @@ def test_ctrl_c_while_step_waits_for_the_commit(mode: str, finished: bool, refer
         assert named == [FAULT_STEP]
     if mode != "delayed":
         assert same(weights(model), reference[STEPS])
+
+
+@pytest.mark.parametrize("what", ["apply", "prefetch"])  # a commit is sent inside the launch's held section
+def test_ctrl_c_while_a_request_is_written_to_the_device(what: str, reference: list[list[torch.Tensor]],
+                                                        tmp_path: Path) -> None:
+    """A SIGINT that arrives inside the send of a request, halfway through its bytes: the
+    request is written whole, then the interrupt is raised; the device never reads half a
+    message, and the run continues from the committed step to torch's numbers."""
+    path = tmp_path / "s"
+    model = make_model()
+    opt = optimizer(model, path, "emulated", "overlap")
+    conn = opt.device._conn
+    armed = [True]
+
+    class Interrupting:
+        def send(self, message: Any) -> None:
+            _rid, request = message
+            if not (armed[0] and protocol.describe(request).startswith(what) and opt._step >= FAULT_STEP - 1):
+                return conn.send(message)
+            armed[0] = False
+            data = bytes(multiprocessing.reduction.ForkingPickler.dumps(message))
+            half = len(data) // 2  # the framing of multiprocessing's Connection: a length, then the bytes
+            conn._send(struct.pack("!i", len(data)) + data[:half])
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # delivered by now, unless held
+            conn._send(data[half:])
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(conn, name)
+
+    opt.device._conn = Interrupting()
+    named = train_through_failures(model, opt, path, reference)
+    assert opt.device._conn.__class__ is Interrupting  # the same device throughout: nothing was cut
+    opt.close()
+    assert not armed[0] and len(named) == 1
+    assert same(weights(model), reference[STEPS])
 
 
 def test_a_stopped_device_is_detected_killed_and_replaced(reference: list[list[torch.Tensor]], tmp_path: Path,

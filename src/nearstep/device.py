@@ -38,6 +38,7 @@ from .engine import Engine, EngineConfig
 from .protocol import Commit, Completion, Device, DeviceInfo, DeviceMemory, MapMemory, Request, describe
 from .staging import SharedMemory
 from .errors import DeviceDiedError, DeviceError, DeviceStalledError, NearstepError
+from .interrupts import interrupts_deferred
 from .slicefiles import FD_MARGIN
 from .store import Store
 from .uring import DEFAULT_QUEUE_DEPTH
@@ -479,7 +480,10 @@ class EmulatedDevice(Device):
             if isinstance(request, Commit):
                 self._commit_ids.add(rid)
         try:
-            with self._send_lock:
+            # A Ctrl-C inside send() could leave half a request on the socket, which the device
+            # would read as the start of the next one: the request is written whole, then the
+            # interrupt is raised (its completion is registered, so settling the step finds it).
+            with self._send_lock, interrupts_deferred():
                 self._conn.send((rid, request))
         except (OSError, ValueError):
             pass  # the receiver thread sees the dead process and fails this completion

@@ -73,9 +73,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import itertools
-import os
-import signal
-import threading
 import time
 import warnings
 import weakref
@@ -89,6 +86,7 @@ from torch.overrides import TorchFunctionMode
 from . import rules
 from .protocol import Abort, Apply, Commit, Completion, Device, DeviceMemory, Lane, Prefetch, Stage
 from .errors import StaleWeightError
+from .interrupts import interrupts_deferred
 from .image import StagedSegment
 from .staging import StagedSlice, StagingLayout
 from .trace import Trace
@@ -363,12 +361,18 @@ class Pipeline:
         self._on_grad(p)
 
     def _on_grad(self, p: torch.Tensor) -> None:
-        if self.phase is not Phase.STAGING:
-            self._begin_staging()
-        i = self._ids[id(p)]
-        if self.staged[i] and self._early and any(staged.index in self._early for staged, _seg in self.segments[i]):
-            self._cancel_early(i)
-        self.stage(i, p)
+        try:
+            if self.phase is not Phase.STAGING:
+                self._begin_staging()
+            i = self._ids[id(p)]
+            if self.staged[i] and self._early and any(staged.index in self._early for staged, _seg in self.segments[i]):
+                self._cancel_early(i)
+            self.stage(i, p)
+        except KeyboardInterrupt as exc:
+            # A Ctrl-C in backward reaches Python in a hook, often this one (staging, an early
+            # apply's send): drop what was staged, so the loop can redo this batch.
+            self.settle(exc)
+            raise
         self.poll_lending()
 
     # -- staging -----------------------------------------------------------------
@@ -902,29 +906,6 @@ class Pipeline:
                 self.restore_gradients()  # offloaded gradients go back to p.grad: a retry stages them again
                 self.abort()
             tell_committed_step(exc, self._on_failure(False, None), None)
-
-
-@contextlib.contextmanager
-def interrupts_deferred(reraise: bool = True) -> Any:
-    """Hold Ctrl-C (SIGINT) while a section that must run whole runs; then deliver it (to the
-    handler that was installed: Python's raises KeyboardInterrupt), or, with ``reraise``
-    False, drop it where that handler is Python's (an exception is on its way already).
-
-    Only the main thread receives signals; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[Any] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous) and (reraise or previous is not signal.default_int_handler):
-            previous(signal.SIGINT, held[0])
-        elif held and previous == signal.SIG_DFL:
-            os.kill(os.getpid(), signal.SIGINT)  # the default action (the process ends), now that it may
 
 
 def tell_committed_step(exc: BaseException, committed: int | None, launched: int | None) -> None:
