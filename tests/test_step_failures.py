@@ -218,6 +218,29 @@ def test_ctrl_c_while_a_request_is_written_to_the_device(what: str, reference: l
     assert same(weights(model), reference[STEPS])
 
 
+@pytest.mark.parametrize("mode", ["sync", "overlap"])
+def test_ctrl_c_in_the_loops_own_code_between_backward_and_step(mode: str, reference: list[list[torch.Tensor]],
+                                                                tmp_path: Path) -> None:
+    """Outside nearstep no note can be added; redoing the batch after zero_grad() is still the
+    uninterrupted run: the next backward stages the gradients again over what was staged."""
+    model = make_model()
+    opt = optimizer(model, tmp_path / "s", "emulated", mode)
+    data, i, fired = batches(STEPS), 0, False
+    while i < STEPS:
+        try:
+            loss_of(model, data[i]).backward()
+            if i == FAULT_STEP and not fired:
+                fired = True
+                raise KeyboardInterrupt
+            opt.step()
+            opt.zero_grad()
+            i += 1
+        except KeyboardInterrupt:
+            opt.zero_grad()
+    opt.close()
+    assert fired and same(weights(model), reference[STEPS])
+
+
 def test_a_stopped_device_is_detected_killed_and_replaced(reference: list[list[torch.Tensor]], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # SIGSTOP inside the commit of step 3: without a liveness check the loop would wait forever.
