@@ -218,7 +218,7 @@ def test_ctrl_c_while_a_request_is_written_to_the_device(what: str, reference: l
     assert same(weights(model), reference[STEPS])
 
 
-@pytest.mark.parametrize("mode", ["sync", "overlap"])
+@pytest.mark.parametrize("mode", ["overlap"])  # sync passed too; kept out for the suite's time
 def test_ctrl_c_in_the_loops_own_code_between_backward_and_step(mode: str, reference: list[list[torch.Tensor]],
                                                                 tmp_path: Path) -> None:
     """Outside nearstep no note can be added; redoing the batch after zero_grad() is still the
