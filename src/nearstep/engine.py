@@ -517,7 +517,7 @@ class Engine:
                 # Every slice is verified in the kernel's pass (see [Note: checksums in the kernel's pass]).
                 checksum = False
                 ticket.future = self._timed(
-                    self._io(self.pool.read, k, gen, slot.buffer.memoryview(0, nbytes), checksum=checksum),
+                    self._io(k, gen, slot.buffer.memoryview(0, nbytes), write=False, checksum=checksum),
                     Lane.DEVICE_IO, f"read s{k}",
                 )
             except BaseException as exc:  # surfaced by the apply that waits on this ticket
@@ -566,11 +566,11 @@ class Engine:
             self._free.append(slot)
             self._cv.notify_all()
 
-    def _io(self, op: Callable[..., Future[aio.IOResult]], k: int, gen: int, view: memoryview, *,
-            checksum: bool) -> Future[aio.IOResult]:
-        """Read into or write from ``view`` the whole of slice ``k``'s generation ``gen`` (``op``:
-        the pool's read or write); its file stays open until the request is done."""
-        wrote = op == self.pool.write
+    def _io(self, k: int, gen: int, view: memoryview, *, write: bool, checksum: bool) -> Future[aio.IOResult]:
+        """Read into (``write`` False) or write from ``view`` the whole of slice ``k``'s generation
+        ``gen``; its file stays open until the request is done (and is synced before it may close,
+        when written: see [Note: closing a file with a write in it] in slicefiles.py)."""
+        op, wrote = (self.pool.write, True) if write else (self.pool.read, False)
         f = self.files.acquire(k, gen)
         try:
             future = op(f, view, 0, checksum=checksum)
@@ -797,7 +797,7 @@ class Engine:
         gen = self.manifest.committed[k].generation ^ 1
         nbytes = self.images[k].file_bytes
         future = self._timed(
-            self._io(self.pool.write, k, gen, slot.buffer.memoryview(0, nbytes), checksum=crcs is None),
+            self._io(k, gen, slot.buffer.memoryview(0, nbytes), write=True, checksum=crcs is None),
             Lane.DEVICE_IO, f"write s{k}",
         )
         # The slot is free only once the write has read its bytes.
@@ -823,7 +823,7 @@ class Engine:
         buf = aio.AlignedBuffer(nbytes)
         self.images[k].encode(values, buf, rounding_seed(m, m.step + 1, k))
         gen = m.committed[k].generation ^ 1
-        future = self._io(self.pool.write, k, gen, buf.memoryview(0, nbytes), checksum=True)
+        future = self._io(k, gen, buf.memoryview(0, nbytes), write=True, checksum=True)
         future.add_done_callback(lambda _f, buf=buf: buf.close())
         self._writes[k] = (future, gen, None)
         self.step_state = StepState.OPEN
