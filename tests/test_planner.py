@@ -23,8 +23,8 @@ def by_hand(params, compute, fmt_bytes, rate, *, ranks=1, nodes=1, cores=1, link
     node = generation * ranks // nodes
     io = node / (p.drives_per_node * p.drive.read_gbps * 1e9) + node / (p.drives_per_node * p.drive.write_gbps * 1e9)
     update = per_rank / (rate * min(cores, 1 + (cores - 1) * (p.second_core_gain - 1)))
-    device = (max(io, update) if p.pass_overlaps_io else io + update) + p.commit_s
     link = 2 * per_rank * link_bytes / (p.link_gbps * 1e9)
+    device = (max(io, update) if p.pass_overlaps_io else io + update) + link + p.commit_s
     return {"sync": compute + link + device, "overlap": max(compute + link, compute / 3 + device) + device / slices,
             "delayed": max(compute + link, device)}, io, update, node / p.drives_per_node
 
@@ -169,6 +169,15 @@ def test_a_drive_that_needs_the_device_cores_adds_its_time_to_the_pass() -> None
     serial = dataclasses.replace(PROFILE, pass_overlaps_io=False)
     a = plan(PlanInputs(params=10**9, compute_s=0.1, profile=PROFILE))
     b = plan(PlanInputs(params=10**9, compute_s=0.1, profile=serial))
-    assert a.device_s == pytest.approx(max(a.io_s, a.update_s) + PROFILE.commit_s)
-    assert b.device_s == pytest.approx(a.io_s + a.update_s + PROFILE.commit_s)
+    assert a.device_s == pytest.approx(max(a.io_s, a.update_s) + a.link_s + PROFILE.commit_s)
+    assert b.device_s == pytest.approx(a.io_s + a.update_s + a.link_s + PROFILE.commit_s)
     assert b.step_s["sync"] - a.step_s["sync"] == pytest.approx(min(a.io_s, a.update_s))
+
+
+def test_the_device_copies_the_links_bytes_too() -> None:
+    # The loop stages gradients and lands weights; the device reads the same gradients and posts the
+    # same weights, at the link's rate, after each slice's pass: a slower link lengthens the device's step.
+    fast = plan(PlanInputs(params=10**9, compute_s=0.1, profile=PROFILE))
+    slow = plan(PlanInputs(params=10**9, compute_s=0.1, profile=dataclasses.replace(PROFILE, link_gbps=2.0)))
+    assert slow.device_s - fast.device_s == pytest.approx(slow.link_s - fast.link_s)
+    assert fast.device_s == pytest.approx(max(fast.io_s, fast.update_s) + fast.link_s + PROFILE.commit_s)

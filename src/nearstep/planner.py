@@ -13,12 +13,19 @@ One step of one rank, from the rates of its parts:
   the measured gain of a second core (extrapolated linearly, never above the
   core count);
 - the device overlaps its reads, pass and writes slice by slice (the engine's
-  slot pipeline), so ``device = max(io, update) + commit`` (the fdatasyncs and
-  the manifest) where the drive moves the bytes by itself, and ``io + update +
-  commit`` where moving them takes the device's own cores (``pass_overlaps_io``,
-  which calibration finds out);
-- the host link: gradients in and new weights out, ``2 x params/rank x
-  bytes/element / link_bw``;
+  slot pipeline), so the drive's and the pass's times enter as ``max(io,
+  update)`` (plus the commit: the fdatasyncs and the manifest) where the drive
+  moves the bytes by itself, and as ``io + update`` where moving them takes the
+  device's own cores (``pass_overlaps_io``, which calibration finds out);
+- the host link: gradients in and new weights out, ``link = 2 x params/rank x
+  bytes/element / link_bw``. Every such byte is copied twice, once by each side:
+  the loop copies the gradients into staging and the weights out of it, and the
+  device reads the gradients there and posts each slice's weights after its pass.
+  The device's copies run on its own cores, so they add ``link`` to its step,
+  ``device = max(io, update) + link + commit`` (``io + update + link + commit``
+  without ``pass_overlaps_io``): the link's copy rate is the profile's, measured
+  on the same shared memory (docs/planner.md, "Validation on this machine",
+  says what this term does and does not explain);
 - ``sync = compute + link + device``: the loop waits for all of it;
   ``overlap = max(compute + link, forward + device) + device / slices``: the
   link's copies run on the loop's thread; a slice's update starts when
@@ -230,9 +237,11 @@ def plan(inputs: PlanInputs) -> Plan:
     drives = p.drives_per_node
     io_s = node_bytes / (drives * p.drive.read_gbps * GB) + node_bytes / (drives * p.drive.write_gbps * GB)
     update_s = per_rank / p.rate(fmt.name, inputs.device_cores)
-    device_s = (max(io_s, update_s) if p.pass_overlaps_io else io_s + update_s) + p.commit_s
     link_bytes = 2 * per_rank * inputs.link_bytes
     link_s = link_bytes / (p.link_gbps * GB)
+    # The device copies every staged byte too: it reads the gradients out of staging and posts the new
+    # weights into it, on its own cores, after each slice's pass (see [Note: the planner's step model]).
+    device_s = (max(io_s, update_s) if p.pass_overlaps_io else io_s + update_s) + link_s + p.commit_s
     c = inputs.compute_s
     # The link's copies run on the loop's thread (staging in the gradient hooks, landing in the
     # forward pre-hooks), so in overlap and delayed they add to the loop's side, not the device's.
@@ -254,7 +263,7 @@ def plan(inputs: PlanInputs) -> Plan:
         if c + link_s >= device_side:
             bound[mode] = "compute" if c >= link_s else "host link"
         else:
-            bound[mode] = max(("drives", "device cores"), key=device_terms.__getitem__)
+            bound[mode] = max(device_terms, key=device_terms.__getitem__)  # the link's copies are the device's too
     per_drive_write = node_bytes / drives  # each step writes one generation, spread over the node's drives
     written = {m: per_drive_write * SECONDS_PER_DAY / step[m] for m in MODES}
     capacity = p.drive.capacity_tb * TB
