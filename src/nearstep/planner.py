@@ -18,9 +18,10 @@ One step of one rank, from the rates of its parts:
   moves the bytes by itself, and as ``io + update`` where moving them takes the
   device's own cores (``pass_overlaps_io``, which calibration finds out);
 - the host link: gradients in and new weights out, ``link = 2 x params/rank x
-  bytes/element / link_bw``. Every such byte is copied twice, once by each side:
-  the loop copies the gradients into staging and the weights out of it, and the
-  device reads the gradients there and posts each slice's weights after its pass.
+  bytes/element / link_bw``. Every such byte passes through memory twice, once
+  on each side: the loop copies the gradients into staging and the weights out
+  of it, and the device reads the gradients there (fp32 ones in place, the
+  others copied) and posts each slice's weights after its pass.
   The device's copies run on its own cores, so they add ``link`` to its step,
   ``device = max(io, update) + link + commit`` (``io + update + link + commit``
   without ``pass_overlaps_io``): the link's copy rate is the profile's, measured
