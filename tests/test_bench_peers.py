@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_positive
 from nearstep.bench import peers
-from nearstep.bench.peers import NEARSTEP_VARIANTS, main
+from nearstep.bench.peers import DEEPSPEED_VARIANTS, main
 
 
 @pytest.fixture
@@ -26,14 +26,17 @@ def no_deepspeed(monkeypatch):
 def test_without_deepspeed_it_says_how_to_install_it_and_runs_the_nearstep_rows(no_deepspeed, tmp_path, capsys):
     scratch, out = tmp_path / "b", tmp_path / "out.json"
 
-    assert main(["--quick", "--warmup", "2", "--dir", str(scratch), "--json", str(out)]) == 0
+    # delayed is left out for the suite's time (its row is sync's and overlap's code with a one-step delay)
+    variants = (*DEEPSPEED_VARIANTS, "none", "sync", "overlap", "overlap-lend", "overlap-own")
+    assert main(["--quick", "--warmup", "2", "--variants", ",".join(variants), "--dir", str(scratch),
+                 "--json", str(out)]) == 0
 
     captured = capsys.readouterr()
     assert "bench/peers-setup.sh" in captured.err and "DeepSpeed rows skipped" in captured.err
     res = json.loads(out.read_text())
     assert res["deepspeed"]["available"] is False and "does not import" in res["deepspeed"]["why"]
     assert res["deepspeed"]["install"] == "bash bench/peers-setup.sh"
-    assert list(res["variants"]) == ["none", *NEARSTEP_VARIANTS]
+    assert list(res["variants"]) == list(variants[len(DEEPSPEED_VARIANTS):])
     for name, v in res["variants"].items():
         assert_positive(v, "ms_per_iteration", "forward_ms", "backward_ms", "exposed_step_ms", "peak_rss_bytes")
         assert v["read_bytes_per_step"] >= 0 and v["write_bytes_per_step"] >= 0
@@ -61,11 +64,11 @@ def test_without_deepspeed_it_says_how_to_install_it_and_runs_the_nearstep_rows(
     assert derived["loss_reference"] == "sync" and derived["overlap_max_loss_rel_diff"] == 0
     assert derived["overlap-lend_max_loss_rel_diff"] < 1e-5 and derived["overlap-own_max_loss_rel_diff"] < 1e-5
     assert "none_max_loss_rel_diff" not in derived  # it does not train
-    assert_positive(derived, "sync_hidden", "overlap_hidden", "delayed_hidden")
+    assert_positive(derived, "sync_hidden", "overlap_hidden")
     assert not any(key.endswith("_over_ds_nvme") for key in derived)  # no ratio without DeepSpeed
 
     table = captured.out
-    for label in ("machine:", "DeepSpeed: not run:", "none", "sync", "overlap", "delayed", "ms/iter", "exposed",
+    for label in ("machine:", "DeepSpeed: not run:", "none", "sync", "overlap", "ms/iter", "exposed",
                   "none / overlap ms/iter",
                   "peak RSS MiB", "overlap losses == sync", "losses, round 1"):
         assert label in table, label
