@@ -315,10 +315,18 @@ def test_a_variable_without_gradient_is_refused(tmp_path) -> None:
     (lambda: nk.Adam(beta_1=lambda: 0.9), "beta_1 as a number"),
     (lambda: nk.SGD(nesterov=True), "needs a momentum"),
     (lambda: nk.AdamW(weight_decay=None), "weight_decay"),
+    (lambda: nk.SGD(mode="delayed"), "'sync' or 'overlap'.*one step stale"),
 ])
 def test_bad_arguments_are_refused(make, match) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_overlap_is_refused_on_tensorflow_with_why_and_what_to_do() -> None:
+    # Overlap on Keras' torch backend: tests/test_keras_overlap.py.
+    with pytest.raises(ValueError, match="torch backend") as caught:
+        nk.AdamW(mode="overlap")
+    assert "compiled graph" in str(caught.value) and "mode='sync'" in str(caught.value)
 
 
 def test_config_round_trips_and_nearstep_is_importable_without_keras() -> None:

@@ -62,6 +62,27 @@ def test_overlap_on_the_emulated_device_is_bitwise_equal_to_sync(tmp_path) -> No
         assert torch.equal(a, b)
 
 
+def test_a_learning_rate_set_between_backward_and_step_is_the_one_applied(tmp_path) -> None:
+    # The slices applied speculatively during backward used the old learning rate: step() sees
+    # that it changed and applies them again (a loop that sets lr right before step()).
+    def train(run_mode: str) -> list[torch.Tensor]:
+        model = make_model()
+        opt = nearstep.AdamW(model.named_parameters(), lr=1e-2, store=tmp_path / f"lr-{run_mode}", device="inline",
+                             slice_mb=SLICE_MB, mode=run_mode, model=model)
+        with opt:
+            for i, batch in enumerate(batches(6)):
+                loss_of(model, batch).backward()
+                for group in opt.param_groups:
+                    group["lr"] = 1e-2 / (1 + i)
+                opt.step()
+                opt.zero_grad()
+            opt.synchronize()
+            return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(train("sync"), train("overlap")):
+        assert torch.equal(a, b)
+
+
 def test_overlap_needs_the_model(tmp_path) -> None:
     with pytest.raises(ValueError, match="model=model"):
         nearstep.AdamW(make_model().parameters(), store=tmp_path / "s", mode="overlap")

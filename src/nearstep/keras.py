@@ -32,16 +32,56 @@ or a skipped step):
   the host and torch's ``lr`` 1, ``b = -u`` at every step, also when the learning rate
   changes (Nesterov likewise); the decay is decoupled (``SGD(decoupled_weight_decay=True)``).
 - Lion: the same rule; ``lr``, betas and decay pass through.
+
+[Note: landing at Keras' reads]
+``mode="overlap"`` (torch backend) returns from the update once the device has it queued,
+as the torch front end's overlap mode does; each variable's new weights land when
+something first uses that variable. The torch front end lands in a module's forward
+pre-hook, but Keras uses its variables outside any layer call (``get_weights``,
+``model.save`` and ``ModelCheckpoint``, the constraints the base optimizer applies right
+after the update, ``set_weights`` and ``assign``, callbacks, metrics, ``evaluate``,
+``predict``, regularization losses), so here the landing is at the variable itself: the
+optimizer's variables get a subclass of their class (:class:`_LandsBeforeUse`) whose
+``value`` lands the variable's slices first. On the torch backend every use of a
+Keras variable's value goes through ``value``: ops (``Variable.__torch_function__``,
+``convert_to_tensor``), ``numpy()`` and ``__array__``, ``assign``/``assign_add``/
+``assign_sub`` (``_direct_assign`` copies into ``value``), and only ``__repr__`` reads
+``_value`` itself (guarded as well). So a read sees the new weights and a write lands
+the update before it writes, as in sync mode; a layer's call lands its kernel at its
+first op, so the early layers of step t+1 run while the device updates the later ones.
+What it does not see are torch's own reads of the tensors behind the variables, which
+Keras itself does not make in ``fit``/``evaluate``/``predict``/saving:
+
+- torch modules inside the model (``TorchModuleWrapper``): a forward pre-hook on each
+  Keras layer that holds one lands that module's parameters before the layer's call;
+- ``model.state_dict()`` / ``load_state_dict()`` (torch's API on a Keras model): pre-hooks
+  synchronise, as the torch front end's do;
+- a torch tensor taken from ``variable.value`` earlier and read after an update, or
+  ``model.parameters()`` read directly: the user's to order (``optimizer.synchronize()``;
+  ``NEARSTEP_CHECK_READS=1`` makes such a read raise while testing).
+
+The model is found without being passed in: a global forward pre-hook (torch's
+``register_module_forward_pre_hook``, removed once found) notes the Keras models called
+while the optimizer is open, and the first update refuses to go on, with what to do,
+when none of them holds every variable the optimizer updates. ``jit_compile=True`` is
+refused: a compiled graph would read the weights without passing through ``value``.
+The end of ``fit`` (``finalize_variable_values``), ``save_own_variables``,
+``get_config`` and ``close()`` synchronise. Keras' ``iterations`` and learning rate are
+read by the update as in sync mode, and the device receives them with the step, so the
+numbers are sync's bit for bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import pathlib
 import time
 import warnings
+import weakref
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import keras
@@ -54,9 +94,10 @@ from .errors import StoreError, StoreLockedError, StoreMismatchError, Unsupporte
 from .store import MANIFEST, read_manifest
 from .rules import Guards
 
-__all__ = ["AdamW", "Adam", "SGD", "Lion", "DeviceOptimizer"]
+__all__ = ["AdamW", "Adam", "SGD", "Lion", "DeviceOptimizer", "MODES"]
 
 BACKENDS = ("tensorflow", "torch")
+MODES = ("sync", "overlap")
 _STATE_PREFIX = "nearstep."  # keys of the nearstep state in a Keras weights store, beside Keras' "0", "1", ...
 
 
@@ -67,6 +108,20 @@ def _backend() -> str:
             f"nearstep.keras runs with the TensorFlow and torch backends of Keras; this Keras uses {name!r}. "
             f"Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=torch before importing keras.")
     return name
+
+
+def _check_mode(mode: Any, backend: str) -> str:
+    if mode not in MODES:
+        why = (" (delayed mode leaves the weights one step stale, which is another optimizer than Keras')"
+               if mode == "delayed" else "")
+        raise ValueError(f"nearstep.keras mode must be 'sync' or 'overlap', got {mode!r}{why}")
+    if mode == "overlap" and backend != "torch":
+        raise ValueError(
+            "mode='overlap' needs Keras' torch backend (KERAS_BACKEND=torch). On TensorFlow, model.fit runs each "
+            "step as one call of a compiled graph that reads the weights inside it, with no point where one "
+            "layer's new weights could arrive while the next batch starts; returning early would let the next "
+            "step read the old weights. Use mode='sync' (the default) there; docs/keras.md says what it costs.")
+    return mode
 
 
 def _number(value: Any, name: str) -> float:
@@ -96,6 +151,179 @@ class _HostSide:
         self.groups: list[list[int]] = []  # engine param group -> variable indices
         self.group_decay: list[bool] = []  # engine param group -> whether its variables decay
         self.shadow = True  # TensorFlow: torch copies of the weights; torch backend: the weights themselves
+        self.landing: _ReadLanding | None = None  # overlap mode: lands each variable where it is used
+
+
+class _LandsBeforeUse:
+    """Mixed into the class of an overlap-mode optimizer's variables: their value lands first.
+
+    See [Note: landing at Keras' reads]. The variable's ``_nearstep_landing`` says by whom. (No
+    ``__slots__``: with them CPython refuses to assign the class to an existing variable.)
+    """
+
+    @property
+    def value(self) -> Any:
+        _land_variable(self)
+        return super().value  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        _land_variable(self)
+        return super().__repr__()
+
+
+# Kept out of dynamo's tracing: whether a variable waits depends on the step in flight, which a
+# compiled graph would freeze at trace time (jit_compile=True is refused in overlap mode anyway).
+@torch.compiler.disable
+def _land_variable(variable: Any) -> None:
+    landing = variable.__dict__.get("_nearstep_landing")
+    if landing is not None:
+        landing.land(variable)
+
+
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def _guarded_class(cls: type) -> type:
+    """``cls`` with :class:`_LandsBeforeUse` in front (one per Keras variable class; the same name)."""
+    if issubclass(cls, _LandsBeforeUse):
+        return cls
+    guarded = _GUARDED_CLASSES.get(cls)
+    if guarded is None:
+        guarded = type(cls.__name__, (_LandsBeforeUse, cls), {"__module__": __name__})
+        _GUARDED_CLASSES[cls] = guarded
+    return guarded
+
+
+class _ReadLanding:
+    """Overlap mode on the torch backend: each variable's new weights land where it is used.
+
+    Owns the three landing points of [Note: landing at Keras' reads]: the variables' value,
+    forward pre-hooks on the Keras layers that hold torch modules, and ``state_dict`` hooks on
+    the model, which it finds by a global forward pre-hook while none holds the variables.
+    """
+
+    def __init__(self) -> None:
+        self.engine: _optim.NearstepOptimizer | None = None
+        self.variables: list[Any] = []
+        self._tracked: frozenset[int] = frozenset()  # id() of the torch tensors behind the variables
+        self._models: list[weakref.ref[Any]] = []  # Keras models called while no model is hooked
+        self._model: weakref.ref[Any] | None = None  # the model hooked
+        self._handles: list[Any] = []
+        ref = weakref.ref(self)
+
+        @torch.compiler.disable
+        def note_model(module: torch.nn.Module, _args: Any) -> None:
+            landing = ref()
+            if landing is not None and isinstance(module, keras.Model):
+                landing._note_model(module)
+
+        self._finder = torch.nn.modules.module.register_module_forward_pre_hook(note_model)
+        weakref.finalize(self, self._finder.remove)
+
+    # -- the variables ---------------------------------------------------------------------------
+
+    def watch(self, engine: _optim.NearstepOptimizer, variables: Sequence[Any]) -> None:
+        """Land ``engine``'s updates into these variables (its parameters are their tensors)."""
+        self.engine = engine
+        self.variables = list(variables)
+        self._tracked = frozenset(id(v._value) for v in self.variables)
+        for v in self.variables:
+            other = v.__dict__.get("_nearstep_landing")
+            if other is not None and other is not self:
+                other.synchronize()  # a variable given to a new optimizer: the old one's update first
+            v._nearstep_landing = self
+            v.__class__ = _guarded_class(type(v))
+        for ref in self._models:
+            model = ref()
+            if model is not None and self._model is None:
+                self._hook_model(model)
+
+    def land(self, variable: Any) -> None:
+        """Before ``variable``'s value is used: its new weights, if they are still on their way."""
+        engine = self.engine
+        if engine is not None:
+            tensor = variable._value
+            if engine.weights_pending(tensor):
+                engine.land_weights((tensor,))
+
+    def synchronize(self) -> None:
+        engine = self.engine
+        if engine is not None and not engine._closed:
+            engine.synchronize()
+
+    def release(self) -> None:
+        """The optimizer is closed (its last update landed): the variables and the model as they were."""
+        self.engine = None
+        for v in self.variables:
+            if v.__dict__.get("_nearstep_landing") is self:
+                del v._nearstep_landing
+                v.__class__ = type(v).__bases__[1]  # (_LandsBeforeUse, the class it had)
+        self.variables = []
+        self._model = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._finder.remove()
+
+    # -- the model -------------------------------------------------------------------------------
+
+    def _note_model(self, model: Any) -> None:
+        if self._model is not None:
+            return
+        if self.engine is not None:
+            self._hook_model(model)
+        elif not any(ref() is model for ref in self._models):
+            self._models = [ref for ref in self._models if ref() is not None][-7:] + [weakref.ref(model)]
+
+    def _hook_model(self, model: Any) -> None:
+        """Hook ``model`` if it holds every variable: its torch modules and its ``state_dict``."""
+        held = {id(p) for p in model.parameters()}
+        if not self._tracked <= held:
+            return
+        ref = weakref.ref(self)
+        for layer in model.modules():
+            if not isinstance(layer, keras.layers.Layer):
+                continue
+            # A torch module inside a Keras layer (TorchModuleWrapper) reads its parameters
+            # itself, not through the variables' value: they land before the layer's call.
+            inner = [p for name, child in layer.named_children()
+                     if name != "_torch_params" and not isinstance(child, keras.layers.Layer)
+                     for p in child.parameters() if id(p) in self._tracked]
+            if inner:
+                self._handles.append(layer.register_forward_pre_hook(_land_torch_module(ref, inner)))
+
+        def synchronize(*_args: Any, **_kwargs: Any) -> None:
+            landing = ref()
+            if landing is not None:
+                landing.synchronize()
+
+        # torch's state_dict() on a Keras model reads the tensors directly.
+        self._handles.append(model.register_state_dict_pre_hook(synchronize))
+        self._handles.append(model.register_load_state_dict_pre_hook(synchronize))
+        self._model = weakref.ref(model)
+        self._models = []
+        self._finder.remove()
+
+    def check_model(self) -> None:
+        """At an update: refuse to launch it unless a model holding every variable is hooked."""
+        if self._model is not None and self._model() is not None:
+            return
+        raise UnsupportedUsageError(
+            "mode='overlap' found no Keras model holding all of this optimizer's variables among the models called "
+            "since it was made: it hooks that model to land the new weights where torch reads them directly "
+            "(torch modules inside it, model.state_dict()). Train through model.fit or call the keras.Model before "
+            "the first update, or use mode='sync'.")
+
+
+def _land_torch_module(ref: weakref.ref[_ReadLanding], params: list[torch.Tensor]) -> Any:
+    @torch.compiler.disable
+    def pre_hook(_layer: Any, _args: Any) -> None:
+        landing = ref()
+        engine = None if landing is None else landing.engine
+        if engine is not None and any(engine.weights_pending(p) for p in params):
+            engine.land_weights(params)
+
+    return pre_hook
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -118,19 +346,27 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         slice_mb: slice size in MiB (default: automatic).
         guards: nearstep's error reduction (:class:`nearstep.Guards`). Its default skips a step
             whose gradients are not finite, where Keras' own optimizers would write NaN.
+        mode: ``"sync"`` (default): the update is done when Keras' step returns. ``"overlap"``
+            (torch backend only): the step returns once the device has the update, and each
+            variable's new weights land where it is next used, so the device's update runs while
+            the next batch is prepared and its forward starts; the same numbers as sync (see
+            [Note: landing at Keras' reads]). Refused on TensorFlow and with ``jit_compile=True``.
 
-    ``use_ema`` is refused (the average would be a second copy of the weights in Keras). The
-    update runs in ``sync`` mode: see docs/keras.md for why and what it costs.
+    ``use_ema`` is refused (the average would be a second copy of the weights in Keras). See
+    docs/keras.md for what each mode costs.
     """
 
     _kind: ClassVar[str]
 
     def __init__(self, learning_rate: Any, *, store: str | os.PathLike | None = None,
                  device: DeviceConfig | str | dict | None = None, state_format: str | None = None,
-                 slice_mb: float | None = None, guards: Guards | dict | None = None, **kwargs: Any) -> None:
+                 slice_mb: float | None = None, guards: Guards | dict | None = None, mode: str = "sync",
+                 **kwargs: Any) -> None:
         backend = _backend()  # before Keras' __init__, which refuses attributes set earlier
+        mode = _check_mode(mode, backend)
         super().__init__(learning_rate=learning_rate, **kwargs)
         self._nearstep_backend = backend
+        self._nearstep_mode = mode
         if self.use_ema:
             raise UnsupportedUsageError(
                 "nearstep.keras does not support use_ema=True: Keras would keep the moving average as a second "
@@ -141,6 +377,9 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         self._nearstep_slice_mb = slice_mb
         self._nearstep_guards = Guards(**guards) if isinstance(guards, dict) else guards
         self._host = _HostSide()
+        if mode == "overlap":
+            # From now on, to see the model's first call (see [Note: landing at Keras' reads]).
+            self._host.landing = _ReadLanding()
 
     # -- what each optimizer maps to (see [Note: Keras' update rules on torch's kernels]) -------
 
@@ -186,7 +425,14 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             seen.add(name)
             names.append(name)
         decays = [self._weight_decay_for(v) for v in variables]
-        split = [(True, [i for i, d in enumerate(decays) if d]), (False, [i for i, d in enumerate(decays) if not d])]
+        if self._nearstep_mode == "overlap":
+            # The device updates in the order of the nearstep parameters, and a layer's forward waits
+            # for its own variables only: groups of consecutive variables keep the model's order
+            # (two groups, decaying and not, would put every bias after every kernel).
+            split = [(d, [i for i, _ in run]) for d, run in itertools.groupby(enumerate(decays), key=lambda e: e[1])]
+        else:
+            split = [(True, [i for i, d in enumerate(decays) if d]),
+                     (False, [i for i, d in enumerate(decays) if not d])]
         host.groups = [idx for _decay, idx in split if idx]
         host.group_decay = [decay for decay, idx in split if idx]
         host.positions = [0] * len(variables)
@@ -207,6 +453,10 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
                     f"BackupAndRestore), which puts the saved state into the store.")
         options = dict(mode="sync", device=self._nearstep_device, state_format=self._nearstep_format,
                        slice_mb=self._nearstep_slice_mb, guards=self._nearstep_guards)
+        if self._nearstep_mode == "overlap":
+            # No hooks: Keras sets the gradients and the step's hyperparameters after backward, and
+            # the landing is at the variables (see [Note: landing at Keras' reads]).
+            options.update(mode="overlap", hooks=False)
         try:
             engine = cls(groups, **defaults, store=path, **options)
         except (StoreLockedError, StoreMismatchError) as exc:
@@ -222,6 +472,8 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
                           f"its state in {path!r}", UserWarning, stacklevel=3)
             engine = cls(groups, **defaults, store=path, **options)
         host.engine = engine
+        if host.landing is not None:
+            host.landing.watch(engine, variables)
         return engine
 
     # -- the update ------------------------------------------------------------------------------
@@ -248,14 +500,24 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         if self._nearstep_backend == "tensorflow":
             self._tf_update(ordered, learning_rate)
         else:
-            self._torch_update(ordered, learning_rate)
+            # Known here, where dynamo traces (jit_compile=True); inside _torch_update it is not.
+            self._torch_update(ordered, learning_rate, torch.compiler.is_compiling())
 
     # Kept out of torch.compile (Keras' jit_compile=True on the torch backend): the update goes to
     # the device, which no graph can hold.
     @torch.compiler.disable
-    def _torch_update(self, grads: list[Any], learning_rate: Any) -> None:
+    def _torch_update(self, grads: list[Any], learning_rate: Any, compiled: bool = False) -> None:
+        landing = self._host.landing
+        if landing is not None and compiled:
+            raise UnsupportedUsageError(
+                "mode='overlap' lands each variable's new weights when Keras reads its value, which a graph "
+                "compiled by torch.compile reads without asking: use model.compile(..., jit_compile=False), "
+                "or mode='sync' with jit_compile=True.")
         with torch.no_grad():
             k = int(keras.ops.convert_to_numpy(self.iterations)) + 1
+            if landing is not None:
+                self._open(None)
+                landing.check_model()  # before anything is in flight
             self._host_update(_Step(k, float(learning_rate)), grads, None)
 
     def _tf_update(self, grads: list[Any], learning_rate: Any) -> None:
@@ -337,8 +599,14 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
 
     # -- state in Keras' checkpoints -------------------------------------------------------------
 
+    def finalize_variable_values(self, var_list: Any) -> None:
+        # The end of fit (Keras calls it before on_train_end): the last update lands and commits.
+        self.synchronize()
+        super().finalize_variable_values(var_list)
+
     def save_own_variables(self, store: Any) -> None:
         """Keras' own variables, then the nearstep state (moments, masters, steps) read from the store."""
+        self.synchronize()  # the weights Keras saves beside this state are the last step's
         for i, variable in enumerate(self.variables):
             store[str(i)] = variable.numpy()
         engine = self._host.engine
@@ -381,9 +649,11 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             engine._pipeline.note_weights()
 
     def get_config(self) -> dict[str, Any]:
+        self.synchronize()  # model.save asks for it with the weights: they are the last step's
         config = super().get_config()
         device = self._nearstep_device
         config.update({
+            "mode": self._nearstep_mode,
             "store": self._nearstep_store,
             "device": dataclasses.asdict(device) if isinstance(device, DeviceConfig) else device,
             "state_format": self._nearstep_format,
@@ -410,11 +680,33 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         engine = self._host.engine
         return {} if engine is None else engine.stats()
 
-    def close(self) -> None:
-        """Stop the device and release the store (the store keeps the last step). Idempotent."""
-        engine, self._host.engine = self._host.engine, None
+    @property
+    def mode(self) -> str:
+        """``"sync"`` or ``"overlap"``: see :class:`DeviceOptimizer`."""
+        return self._nearstep_mode
+
+    def synchronize(self) -> None:
+        """Land the update in flight (overlap mode) into every variable and wait for its commit.
+
+        Keras' own reads need it not (each variable lands when it is used); call it before
+        reading the torch tensors behind the variables directly (``model.parameters()``).
+        """
+        engine = self._host.engine
         if engine is not None:
-            engine.close()
+            engine.synchronize()
+
+    def close(self) -> None:
+        """Land the last update, stop the device and release the store (the store keeps the last
+        step). Idempotent."""
+        host = self._host
+        engine = host.engine
+        try:
+            if engine is not None:
+                engine.close()
+        finally:
+            host.engine = None
+            if host.landing is not None:
+                host.landing.release()
 
 
 def _refuse_xla() -> None:

@@ -22,7 +22,7 @@ import os
 import time
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -146,15 +146,19 @@ class NearstepOptimizer(torch.optim.Optimizer):
         sharding: ShardingConfig | None = None,
         check_reads: bool | None = None,
         keep_snapshots: int = checkpoint.DEFAULT_KEEP_SNAPSHOTS,
+        hooks: bool = True,
     ) -> None:
         if mode not in tuple(Mode):
             raise ValueError(f"mode must be 'sync', 'overlap' or 'delayed', got {mode!r}")
         mode = Mode(mode)
-        if mode is Mode.OVERLAP and model is None:
+        if mode is Mode.OVERLAP and model is None and hooks:
             raise ValueError(
                 "mode='overlap' needs the model, to wait for each module's new weights just before its "
                 "forward: pass model=model (or use mode='sync')"
             )
+        if not hooks and mode is Mode.DELAYED:
+            raise ValueError("hooks=False is for sync and overlap mode (delayed mode lands at step(), so there is "
+                             "nothing for the caller to land): use hooks=True")
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not (isinstance(warmup_steps, int) and warmup_steps >= 0):
@@ -218,9 +222,13 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._store.close()
             raise UnsupportedUsageError("with many ranks, the store must hold exactly the parameters given; "
                                         "add_param_group is not supported there")
+        if not hooks and not self._ranks.alone:
+            self._store.close()
+            raise UnsupportedUsageError("hooks=False works on one rank; with many ranks use hooks=True and model=")
         self._closed = False
         self._device_config = device
         self._model = model
+        self._hooks = hooks
         self._offload = offload_gradients and mode is not Mode.SYNC
         if self._offload and max_grad_norm is None:
             # Not an error: a loop that clips nothing is right as it is. But clip_grad_norm_
@@ -236,7 +244,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
         if check_reads is None:
             check_reads = os.environ.get("NEARSTEP_CHECK_READS", "") not in ("", "0")
         self._read_check: ReadCheck | None = None
-        self._want_read_check = bool(check_reads) and mode is Mode.OVERLAP and model is not None
+        self._want_read_check = bool(check_reads) and mode is Mode.OVERLAP and (model is not None or not hooks)
         try:
             manifest = self._store.manifest
             # Param groups an earlier run added with add_param_group and this one has not yet:
@@ -297,11 +305,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
                                   step_inputs=self._step_inputs, on_failure=self._rollback)
         if self._device_config.lend_idle_cores:
             self._pipeline.lending = CoreLending(self._device.info.cores)
-        if mode is not Mode.SYNC:
+        if mode is not Mode.SYNC and self._hooks:
             self._pipeline.attach_grad_hooks()
             self._ranks.attach_grad_hooks(self._pipeline)
         if model is not None:
-            if mode is Mode.OVERLAP:
+            if mode is Mode.OVERLAP and self._hooks:
                 self._ranks.attach_forward_hooks(model, self._pipeline)
             # Whatever reads the weights through model.state_dict() sees the updated ones, and
             # whatever loads weights writes them after the last update landed.
@@ -587,6 +595,11 @@ class NearstepOptimizer(torch.optim.Optimizer):
                     pipeline.missed()
                 pipeline.abort()
                 return self._end_step(t0, loss)
+        if pipeline.speculated and pipeline.speculated_with_other_inputs(self._step_inputs()):
+            # The learning rate (or another hyperparameter, or a guard) was set between backward and
+            # step(): the slices applied during backward used the old one. See [Note: speculation
+            # then validation] in pipeline.py.
+            pipeline.drop_early()
         scale = 1.0
         if pipeline.config.need_norms:
             norms = [pipeline.grad_norm(i) for i in present]
@@ -629,7 +642,7 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._step += 1
         if self.mode is Mode.SYNC or (self.mode is Mode.DELAYED and self._step <= self.warmup_steps):
             self._account(self._finish())
-        if self.mode is not Mode.SYNC and self._ranks.alone:
+        if self.mode is not Mode.SYNC and self._ranks.alone and self._hooks:
             pipeline.attach_grad_hooks()  # parameters unfrozen since get theirs
         return self._end_step(t0, loss)
 
@@ -721,6 +734,27 @@ class NearstepOptimizer(torch.optim.Optimizer):
             self._account(self._finish())
         except KeyboardInterrupt as exc:
             self._pipeline.settle(exc)
+            raise
+
+    def weights_pending(self, p: torch.Tensor) -> bool:
+        """Overlap mode: whether parameter ``p`` still waits for its new weights from the step in flight."""
+        return not self._closed and self._pipeline.pending(p)
+
+    def land_weights(self, params: Sequence[torch.Tensor]) -> None:
+        """Overlap mode: wait for these parameters' new weights from the step in flight and copy them in now.
+
+        For a front end that sees reads the forward pre-hooks cannot (``hooks=False``):
+        nearstep.keras calls it when a Keras variable's value is read. Parameters that wait
+        for nothing are skipped; the others' slices land whole (with any other parameter in
+        them), the rest of the step keeps landing where it is read.
+        """
+        if self._closed:
+            return
+        pipeline = self._pipeline
+        try:
+            pipeline.land_params(pipeline.indices(params))
+        except KeyboardInterrupt as exc:
+            pipeline.settle(exc)
             raise
 
     def telemetry(self) -> list[ParamTelemetry]:
@@ -1081,6 +1115,12 @@ class AdamW(NearstepOptimizer):
         keep_snapshots: how many store snapshots ``state_dict()`` keeps (a checkpoint refers
             to one; older ones are deleted). At least the number of checkpoints your
             framework keeps. See ``nearstep/checkpoint.py``.
+        hooks: False: no hooks on the parameters or the model. Every gradient is staged at
+            ``step()``, and in ``overlap`` mode the caller lands each parameter's new weights
+            with :meth:`land_weights` before anything reads them (``model=`` is then optional;
+            its ``state_dict()`` still synchronises). For front ends that set gradients or
+            hyperparameters between backward and ``step()`` and see every read themselves:
+            nearstep.keras.
 
     Example::
 

@@ -33,6 +33,8 @@ weight it read was written by the user. A staged gradient counts as changed when
 ``p.grad`` is another tensor or its version counter moved *and* its values differ
 from the staged copy: ``clip_grad_norm_`` multiplies by exactly 1.0 when it does
 not clip, which moves the counter but changes no bit, and the speculation stands.
+It is dropped too when the hyperparameters or guards of the step differ from those
+the speculative applies used (a learning rate set after backward, before ``step()``).
 After two misses in a row the pipeline stops speculating for ten steps (the redo
 reads the state a second time), then tries again; when that first try misses
 too, the pause doubles (up to 160 steps), and a speculation that stands resets it.
@@ -224,6 +226,7 @@ class Pipeline:
         # then validation]) until gradient accumulation shows up.
         self._speculate = config.speculate
         self._early: dict[int, Completion] = {}
+        self._early_inputs: tuple[Any, ...] | None = None  # the hyperparameters and guards they used
         self._launches = 0
         self._miss_streak = 0
         self._paused_until = 0
@@ -456,7 +459,17 @@ class Pipeline:
         staged = {i for i in self.slice_params[k] if self.staged[i]}
         adopt = self._adopt_flags(k, self.edited_weights(self.slice_params[k]))
         self._device_busy()
-        self._early[k] = self.device.submit(self._apply_request(k, self._step_inputs(), staged, 1.0, adopt))
+        inputs = self._step_inputs()
+        self._early[k] = self.device.submit(self._apply_request(k, inputs, staged, 1.0, adopt))
+        if self._early_inputs is None:
+            self._early_inputs = (inputs.hypers, inputs.guards)
+        elif self._early_inputs != (inputs.hypers, inputs.guards):
+            self._early_inputs = ("mixed",)  # changed during backward: never matches step()'s
+
+    def speculated_with_other_inputs(self, inputs: StepInputs) -> bool:
+        """Whether the speculative applies of this step used other hyperparameters or guards than
+        ``inputs`` (the step's, at ``step()``): then they are dropped and redone."""
+        return bool(self._early) and self._early_inputs != (inputs.hypers, inputs.guards)
 
     def _cancel_early(self, i: int) -> None:
         warnings.warn(
@@ -478,6 +491,7 @@ class Pipeline:
             except BaseException:
                 pass  # dropped below either way
         self._early.clear()
+        self._early_inputs = None
         for i in self._adopted_early:
             self._weights_seen[i] = (0, -1)  # the adoption was dropped with the apply: adopt again
         self._adopted_early.clear()
@@ -749,6 +763,7 @@ class Pipeline:
         self._remaining = self._trainable_counts()
         self._prefetched = False
         self._early = {}
+        self._early_inputs = None
         self._adopted_early = set()
         self._adopting = set()
 
@@ -819,6 +834,26 @@ class Pipeline:
     def pending(self, p: torch.Tensor) -> bool:
         """Whether parameter ``p`` waits for new weights of the launched step (not landed yet)."""
         return id(p) in self._pending
+
+    def indices(self, params: Sequence[torch.Tensor]) -> list[int]:
+        """The positions of these tensors among the pipeline's parameters (ValueError for another tensor)."""
+        try:
+            return [self._ids[id(p)] for p in params]
+        except KeyError:
+            raise ValueError("a tensor that is not one of this optimizer's parameters") from None
+
+    def land_params(self, params: Sequence[int]) -> None:
+        """Land the launched step's slices that hold these parameters (the rest land where they are read).
+
+        For reads no forward pre-hook sees: see :meth:`NearstepOptimizer.land_weights`.
+        """
+        inflight = self.inflight
+        if inflight is None:
+            return
+        for k in sorted({staged.index for i in params for staged, _seg in self.segments[i]}):
+            if k not in inflight.landed and k in inflight.applies:
+                self.land(k)
+        self.poll_lending()
 
     def finish(self) -> InFlight | None:
         """Land every slice of the launched step and wait for its commit.

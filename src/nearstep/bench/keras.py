@@ -1,12 +1,15 @@
 """``nearstep bench keras``: ``model.fit`` with nearstep.keras.AdamW against keras.optimizers.AdamW.
 
-The same Keras MLP, data and seed under two optimizers, alternating in rounds
+The same Keras MLP, data and seed under each optimizer, alternating in rounds
 (A B A B ...) in one process: Keras' own AdamW (moments in host memory as Keras
 variables) and nearstep.keras.AdamW (moments in a store, the update on the
-emulated device pinned to the last core). The Keras update runs inside the
-compiled training step; nearstep's runs in sync mode, so its cost is what the
-device's update adds to each step (see docs/keras.md for why Keras cannot
-overlap it). Prints a table and writes JSON.
+emulated device pinned to the last core) in sync mode; with ``--backend torch``
+also nearstep.keras.AdamW in overlap mode, whose update runs while Keras goes on
+to the next batch (TensorFlow cannot overlap it: docs/keras.md says why). On
+TensorFlow a step is timed from Keras' ``on_train_batch_begin`` to its
+``on_train_batch_end``; on torch from one ``on_train_batch_end`` to the next, so
+that the time between batches, where the overlapped update runs, is counted
+too. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 class _Clock:
-    """Wall time of each training batch (Keras callbacks around train_on_batch)."""
+    """Wall time of each training batch: inside it (``ms``: Keras' callbacks around the step) and
+    from the end of the batch before (``wall_ms``: what the loop takes per step, all included)."""
 
     def __init__(self, keras: Any) -> None:
         outer = self
@@ -57,12 +61,19 @@ class _Clock:
         class Callback(keras.callbacks.Callback):
             def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
                 outer.t0 = time.perf_counter()
+                if outer.last_end is None:
+                    outer.last_end = outer.t0
 
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-                outer.ms.append((time.perf_counter() - outer.t0) * 1e3)
+                now = time.perf_counter()
+                outer.ms.append((now - outer.t0) * 1e3)
+                outer.wall_ms.append((now - (outer.last_end or outer.t0)) * 1e3)
+                outer.last_end = now
 
         self.t0 = 0.0
+        self.last_end: float | None = None
         self.ms: list[float] = []
+        self.wall_ms: list[float] = []
         self.callback = Callback()
 
 
@@ -80,7 +91,8 @@ def _run(args: argparse.Namespace, which: str, store: pathlib.Path, keras: Any, 
         opt = keras.optimizers.AdamW(**kwargs)
     else:
         cores = sorted(os.sched_getaffinity(0))
-        opt = nk.AdamW(**kwargs, store=store, device=nearstep.DeviceConfig(cores=(cores[-1],)))
+        opt = nk.AdamW(**kwargs, store=store, device=nearstep.DeviceConfig(cores=(cores[-1],)),
+                       mode="overlap" if which == "nearstep-overlap" else "sync")
     model.compile(optimizer=opt, loss="mse")
     rng = np.random.default_rng(1)
     n = args.batch * (args.warmup + args.steps)
@@ -88,14 +100,18 @@ def _run(args: argparse.Namespace, which: str, store: pathlib.Path, keras: Any, 
     y = rng.normal(size=(n, args.width)).astype("float32")
     clock = _Clock(keras)
     history = model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0, shuffle=False, callbacks=[clock.callback])
-    timed = clock.ms[args.warmup:]
+    timed = (clock.wall_ms if args.backend == "torch" else clock.ms)[args.warmup:]
     result = {"optimizer": which, "ms_per_step": statistics.median(timed), "step_ms": timed,
+              "in_batch_ms": clock.ms[args.warmup:], "wall_ms": clock.wall_ms[args.warmup:],
               "loss": float(history.history["loss"][-1]),
               "params": int(sum(np.prod(w.shape) for w in model.trainable_weights)),
               "optimizer_variable_bytes": int(sum(np.prod(v.shape) * 4 for v in opt.variables))}
-    if which == "nearstep":
+    if which != "keras":
         stats = opt.stats()
-        result |= {"host_step_ms": stats["step_ms"], "store_bytes_per_step": stats["store_bytes_per_step"]}
+        result |= {"host_step_ms": stats["step_ms"], "store_bytes_per_step": stats["store_bytes_per_step"],
+                   "overlap_fraction": stats["overlap_fraction"],
+                   "device_busy_ms_per_step": 1e3 * opt.nearstep_optimizer.trace.summary()["device_busy_seconds"]
+                   / max(stats["host_steps"], 1)}
         opt.close()
     return result
 
@@ -119,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nearstep bench keras: keras was imported with the {keras.backend.backend()} backend already",
               file=sys.stderr)
         return 2
-    runs: dict[str, list[dict[str, Any]]] = {"keras": [], "nearstep": []}
+    names = ("keras", "nearstep", "nearstep-overlap") if args.backend == "torch" else ("keras", "nearstep")
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with scratch(args.dir) as work:
         for r in range(args.rounds):
             for which in runs:  # A B A B: the VM drifts; side by side, both see it
-                res = _run(args, which, work / f"store-{r}", keras, np)
+                res = _run(args, which, work / f"store-{which}-{r}", keras, np)
                 runs[which].append(res)
                 print(f"nearstep bench keras: round {r + 1}/{args.rounds} {which}: {res['ms_per_step']:.1f} ms/step",
                       file=sys.stderr, flush=True)
@@ -134,20 +151,37 @@ def main(argv: list[str] | None = None) -> int:
            "ms_per_step": med, "nearstep_over_keras": med["nearstep"] / med["keras"],
            "host_step_ms": statistics.median(r["host_step_ms"] for r in runs["nearstep"]),
            "runs": runs}
+    if args.backend == "torch":
+        import torch
+
+        out["torch"] = torch.__version__
+        out["overlap_over_keras"] = med["nearstep-overlap"] / med["keras"]
+        out["overlap_over_sync"] = med["nearstep-overlap"] / med["nearstep"]
+        out["overlap_fraction"] = statistics.median(r["overlap_fraction"] for r in runs["nearstep-overlap"])
+    timing = ("from one on_train_batch_end to the next" if args.backend == "torch"
+              else "on_train_batch_begin to on_train_batch_end")
     lines = [f"nearstep bench keras --backend {args.backend}", f"machine: {out['machine']}, {out['date']}",
              f"model: {args.layers} Dense {args.width}x{args.width} (gelu), {first['params'] / 1e6:.1f} M params, batch "
-             f"{args.batch}, fp32, AdamW lr 1e-4 wd 0.01; Keras {keras.__version__}; {args.steps} timed steps after "
-             f"{args.warmup} warm-up, {args.rounds} round(s) alternating; nearstep: sync, emulated device on the "
-             f"last core", "",
+             f"{args.batch}, fp32, AdamW lr 1e-4 wd 0.01; Keras {keras.__version__}"
+             f"{', torch ' + out['torch'] if 'torch' in out else ''}; {args.steps} timed steps after "
+             f"{args.warmup} warm-up, {args.rounds} round(s) alternating; a step timed {timing}; nearstep: "
+             f"emulated device on the last core", "",
              table_line("keras.optimizers.AdamW ms/step", f"{med['keras']:.1f}",
                         f"rounds {_rounds(runs['keras'])}; moments in Keras "
                         f"variables: {runs['keras'][0]['optimizer_variable_bytes'] / 2**20:.0f} MiB"),
              table_line("nearstep.keras.AdamW ms/step", f"{med['nearstep']:.1f}",
-                        f"rounds {_rounds(runs['nearstep'])}; moments in the "
-                        f"store, Keras holds {first['optimizer_variable_bytes'] / 2**20:.2f} MiB"),
-             table_line("nearstep / keras", f"{out['nearstep_over_keras']:.3f}", "what sync costs on this machine"),
-             table_line("nearstep step() ms", f"{out['host_step_ms']:.1f}",
-                        "inside the device's update, per step (stats()['step_ms'])")]
+                        f"sync; rounds {_rounds(runs['nearstep'])}; moments in the "
+                        f"store, Keras holds {first['optimizer_variable_bytes'] / 2**20:.2f} MiB")]
+    if args.backend == "torch":
+        lines.append(table_line("nearstep.keras overlap ms/step", f"{med['nearstep-overlap']:.1f}",
+                                f"mode='overlap'; rounds {_rounds(runs['nearstep-overlap'])}; device busy "
+                                f"{out['overlap_fraction']:.0%} of its time while Keras worked"))
+    lines += [table_line("nearstep / keras", f"{out['nearstep_over_keras']:.3f}", "what sync costs on this machine"),
+              table_line("nearstep step() ms", f"{out['host_step_ms']:.1f}",
+                         "sync: inside the device's update, per step (stats()['step_ms'])")]
+    if args.backend == "torch":
+        lines += [table_line("nearstep overlap / keras", f"{out['overlap_over_keras']:.3f}", "what overlap costs"),
+                  table_line("nearstep overlap / sync", f"{out['overlap_over_sync']:.3f}", "what overlap saves")]
     print("\n".join(lines))
     args.json.write_text(json.dumps(out, indent=2))
     return 0
