@@ -342,12 +342,9 @@ class Pipeline:
             if key not in pipeline._called:
                 pipeline._called.add(key)
                 pipeline._landing_sets.clear()
-            inflight = pipeline.inflight
-            if inflight is not None:
+            if pipeline.inflight is not None:
                 try:
-                    for k in pipeline._landing_set(mod):
-                        if k not in inflight.landed and k in inflight.applies:
-                            pipeline.land(k)
+                    pipeline._land_slices(pipeline._landing_set(mod))
                 except KeyboardInterrupt as exc:
                     pipeline.settle(exc)
                     raise
@@ -847,13 +844,17 @@ class Pipeline:
 
         For reads no forward pre-hook sees: see :meth:`NearstepOptimizer.land_weights`.
         """
-        inflight = self.inflight
-        if inflight is None:
+        if self.inflight is None:
             return
-        for k in sorted({staged.index for i in params for staged, _seg in self.segments[i]}):
-            if k not in inflight.landed and k in inflight.applies:
-                self.land(k)
+        self._land_slices(sorted({staged.index for i in params for staged, _seg in self.segments[i]}))
         self.poll_lending()
+
+    def _land_slices(self, slices: Sequence[int]) -> None:
+        """Land those of ``slices`` that the launched step updates and that have not landed yet."""
+        inflight = self.inflight
+        for k in slices:
+            if inflight is not None and k not in inflight.landed and k in inflight.applies:
+                self.land(k)
 
     def finish(self) -> InFlight | None:
         """Land every slice of the launched step and wait for its commit.
