@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -49,6 +49,8 @@ __all__ = [
     "checked_pass",
     "PassThreads",
     "PASS_CHUNK",
+    "fusable",
+    "fused_pass",
 ]
 
 _IO_NICE = 10
@@ -298,6 +300,58 @@ def checked_pass(image: memoryview, block: int, spans: Sequence[tuple[int, int, 
     return verify.result(), written.result()
 
 
+def fusable(steps: Sequence[int], guards: rules.Guards, work: list[tuple[rules.Hyper, list[int], list[torch.Tensor]]],
+            adopted: Container[int] = ()) -> dict[int, tuple[int, Any, int]]:
+    """The segments whose pieces the codecs' fused Adam pass may update ([Note: Adam in the codecs'
+    pass] in native.c): Adam and AdamW without the spike guard and without ``maximize`` (see
+    :func:`formats.native.adam_constants`), whose masters are not taken from the host. Segment -> (address of its gradient's first element, the pass's constants, its flags).
+    ``work``: (hyper, segments, their fp32 gradients) per group; ``steps``: each segment's step."""
+    if guards.spike_clip is not None:
+        return {}
+    out: dict[int, tuple[int, Any, int]] = {}
+    for hyper, members, grads in work:
+        if not isinstance(hyper, (rules.AdamWHyper, rules.AdamHyper)) or hyper.maximize:
+            continue
+        made: dict[int, tuple[Any, int]] = {}
+        for j, g in zip(members, grads):
+            if j in adopted:
+                continue
+            step = steps[j]
+            if step not in made:
+                made[step] = formats.native.adam_constants(
+                    hyper.lr, hyper.beta1, hyper.beta2, hyper.eps, hyper.weight_decay,
+                    decoupled=isinstance(hyper, rules.AdamWHyper), step=step)
+            out[j] = (g.data_ptr(), *made[step])
+    return out
+
+
+def fused_pass(coder: formats.SliceCoder, fused: dict[int, tuple[int, Any, int]], lanes: int,
+               bounds: Sequence[tuple[int, int]], pieces: list[tuple[int, int, int]], seed: int,
+               work: torch.Tensor, collected: list[tuple[int, int, rules.SegmentReport]]) -> list[tuple[int, int, int]]:
+    """Update the pieces (segment, first element, stop) of :func:`fusable` segments with the fused
+    pass, appending their reports to ``collected``; returns what is left for the torch kernel: the
+    other segments' pieces, and the end of each piece that torch's kernel computes in its scalar loop
+    (the last ``(hi - lo) % lanes`` elements, with the rest of their block), where it rounds
+    otherwise. ``work``: ``3 * formats.native.ADAM_TILE`` floats of this thread's own."""
+    rest = []
+    block, address = coder.block, work.data_ptr()
+    for j, lo, hi in pieces:
+        entry = fused.get(j)
+        tail = (hi - lo) % lanes
+        cut = hi - tail if tail == 0 or block == 1 else (hi - tail) - (hi - tail) % block
+        if entry is None or cut <= lo or (cut - lo) % lanes:
+            rest.append((j, lo, hi))
+            continue
+        grad, constants, flags = entry
+        first = bounds[j][0]
+        a, b = coder.span(lo, hi)
+        coder.adam.run(a, b if cut == hi else cut, lo, cut, grad + 4 * (lo - first), constants, flags, seed, address)
+        collected.append((j, lo - first, rules.UNWATCHED))
+        if cut < hi:
+            rest.append((j, cut, hi))
+    return rest
+
+
 def _cuts(segments: list[int], bounds: list[tuple[int, int]], extent: int, threads: int, step: int) -> list[int]:
     """Where the threads' element ranges of a slice begin: 0, then up to ``threads - 1`` cuts near equal
     shares of the updated elements, each a multiple of ``step`` from its segment's start (or a segment's
@@ -392,6 +446,7 @@ class Engine:
         # The threads of the pass (cores=N) and each one's scratch for the torch codecs.
         self._threads = PassThreads(config.threads) if config.threads > 1 else None
         self._workspaces = [formats.Workspace() for _ in range(config.threads)]
+        self._adam_work = [torch.empty(3 * formats.native.ADAM_TILE) for _ in range(config.threads)]
         self.counters = {
             "link_in_bytes": 0,
             "link_out_bytes": 0,
@@ -678,13 +733,20 @@ class Engine:
             # element to decode bf16-sr+8bit, measured). Only the segments with work are decoded
             # and encoded; the bytes of the others are left as they are, which is what
             # re-encoding their decoded values would write (every codec maps what it decodes to
-            # the same bytes). The moments' fp32 copies die with the chunk.
+            # the same bytes). The moments' fp32 copies die with the chunk. Adam's and AdamW's
+            # pieces go through the native fused pass instead, a tile at a time with no Python
+            # between the steps ([Note: Adam in the codecs' pass] in native.c; fused_pass), except
+            # for the few last elements of a segment that torch's kernel rounds in its scalar loop.
             coder = image.coder(slot.buffer, regions, self._workspaces[0])
             packed = [coder.packed[name] for name in m.state_names]
             seed = rounding_seed(m, m.step + 1, req.slice)
+            fused = fusable(req.steps, req.guards, work, adopted) if elementwise and coder.adam is not None else {}
+            lanes = formats.native.adam_lanes() if fused else 0
 
             def update(pieces: list[tuple[int, int, int]], at: int, worker: int) -> None:
                 spans, shift = [], {}
+                if fused:
+                    pieces = fused_pass(coder, fused, lanes, bounds, pieces, seed, self._adam_work[worker], collected)
                 for j, lo, hi in pieces:
                     a, b = coder.span(lo, hi)
                     spans.append((a, b, at))

@@ -468,6 +468,7 @@ def _update_rate(opts: Options) -> dict[str, Any]:
 FORMATS = ("fp32", "bf16-kahan", "bf16-sr", "8bit", "bf16-kahan+8bit", "bf16-sr+8bit", "16bit", "bf16-sr+16bit",
            "fp8", "bf16-sr+fp8")
 UNCHECKED = "fp32, no checksums"  # the fp32 row without the checksums of its pass: what they cost
+UNFUSED = -1  # a run's thread count for one thread without the fused Adam pass (native.unfused)
 TORCH_CODECS = "bf16-sr+8bit, torch codecs"  # the compressed row with formats.native off: what the native pass gives
 
 
@@ -506,12 +507,17 @@ def _race_formats(n: int, cores: int = 1, rounds: int = UPDATE_ROUNDS) -> dict[s
         """One pass; ``count`` 0: one thread with the codecs left out (the kernel on whatever the
         working copy holds, the checksums of the format's bytes), the most a faster codec could give."""
         fmt, coder, work, step, image, spans, block = cases[name]
-        codecs = count > 0
+        codecs = count != 0
         step[0] += 1
+        lanes = native.adam_lanes() if count > 0 and coder.adam is not None else 0
+        fuse = engine.fusable([step[0]], guards, [(hyper, [0], [grad])]) if lanes else {}
 
         def update(pieces: list[tuple[int, int, int]], at: int, worker: int) -> None:
-            # As the engine does ([Note: one pass per chunk]): a compressed chunk is decoded to the
-            # start of the working state (this share's part of it), updated there and encoded back.
+            # As the engine does ([Note: one pass per chunk]): a compressed chunk goes through the
+            # fused Adam pass where it may (count >= 1 and native.adam_lanes()), else is decoded to
+            # the start of the working state (this share's part of it), updated there and encoded back.
+            if fuse:
+                pieces = engine.fused_pass(coder, fuse, lanes, [(0, n)], pieces, step[0], adam_work[worker], [])
             cut = []
             for _j, lo, hi in pieces:
                 a, b = (lo, hi) if fmt.is_identity else coder.span(lo, hi)
@@ -536,8 +542,11 @@ def _race_formats(n: int, cores: int = 1, rounds: int = UPDATE_ROUNDS) -> dict[s
         engine.checked_pass(image, aio.DEFAULT_BLOCK_BYTES, spans, n, [0], [(0, n)], engine.PASS_CHUNK, update,
                             align=block, threads=pools[max(count, 1)])
 
+    adam_work = [torch.empty(3 * native.ADAM_TILE) for _ in range(max(counts))]
+    fused = [name for name in FORMATS if cases[name][1].adam is not None and native.adam_lanes()]
     runs = [(name, count) for name in rows for count in counts if not (name == UNCHECKED and count > 1)]
     runs += [(name, 0) for name in FORMATS if not cases[name][0].is_identity]
+    runs += [(name, UNFUSED) for name in fused]  # the codecs and torch's kernel one after the other
     for name, count in runs:
         one(name, count)  # warm-up
     times: dict[tuple[str, int], list[float]] = {run: [] for run in runs}
@@ -556,6 +565,8 @@ def _race_formats(n: int, cores: int = 1, rounds: int = UPDATE_ROUNDS) -> dict[s
                      "params_per_second": n / statistics.median(times[(name, 1)]), "seconds": times[(name, 1)]}
         if (name, 0) in times:
             out[name]["params_per_second_codec_free"] = n / statistics.median(times[(name, 0)])
+        if (name, UNFUSED) in times:
+            out[name]["params_per_second_unfused"] = n / statistics.median(times[(name, UNFUSED)])
         if cores > 1 and (name, cores) in times:
             out[name]["cores"] = cores
             out[name]["params_per_second_cores"] = n / statistics.median(times[(name, cores)])
@@ -739,7 +750,8 @@ def _render(res: dict[str, Any]) -> str:
             f"codecs: {up['codecs']};",
             "  fp32: the kernel on the image itself; the I/O side from the 'store' bandwidth above, checksums being in the pass):",
             "  codec-free: the same pass with decode and encode left out, the most a faster codec could give;",
-            f"  {'format':<28}{'B/param/step':>13}{'M params/s':>12}{'vs fp32':>9}{'codec-free':>11}"
+            "  unfused: the codecs and torch's kernel one after the other per chunk, without the fused Adam pass;",
+            f"  {'format':<28}{'B/param/step':>13}{'M params/s':>12}{'vs fp32':>9}{'codec-free':>11}{'unfused':>9}"
             f"{'I/O-bound M params/s':>22}"
             + (f"{str(up['cores']) + ' cores':>10}{'vs fp32':>9}{'scaling':>9}" if up.get("cores", 1) > 1 else "")]
     def io_gbps(side: str) -> float:  # reads and writes of equal size, one after the other
@@ -751,6 +763,8 @@ def _render(res: dict[str, Any]) -> str:
                 f"{f['params_per_second'] / fp32_rate:>9.2f}"
                 + (f"{f['params_per_second_codec_free'] / fp32_rate:>11.2f}" if "params_per_second_codec_free" in f
                    else f"{'':>11}")
+                + (f"{f['params_per_second_unfused'] / fp32_rate:>9.2f}" if "params_per_second_unfused" in f
+                   else f"{'':>9}")
                 + f"{io_gbps('store') * 1e9 / f['bytes_per_param_per_step'] / 1e6:>22.1f}")
         if "params_per_second_cores" in f:
             line += (f"{f['params_per_second_cores'] / 1e6:>10.1f}"

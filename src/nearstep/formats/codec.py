@@ -92,7 +92,7 @@ class SliceCoder:
         work: per state name, a contiguous 1-D float32 tensor of ``numel`` elements (the working state).
     """
 
-    __slots__ = ("fmt", "names", "numel", "block", "regions", "work", "workspace", "_parts", "packed")
+    __slots__ = ("fmt", "names", "numel", "block", "regions", "work", "workspace", "_parts", "packed", "adam")
 
     def __init__(self, fmt: StateFormat | str, regions: Mapping[str, Tensor], state_names: Sequence[str],
                  work: Sequence[Tensor], numel: int, workspace: Workspace | None = None) -> None:
@@ -118,6 +118,8 @@ class SliceCoder:
             if not in_place:
                 self._parts.append((name, codec, [(r, per_block(r)) for r, _d, _c in codec.layout(name, 1)],
                                     native.plan(codec, name, regions), self.work[name].data_ptr()))
+        #: the fused Adam pass over this file (see [Note: Adam in the codecs' pass] in native.c), or None
+        self.adam = native.adam_pass(master, moments, regions, self.names) if self._parts else None
 
     def span(self, start: int, stop: int) -> tuple[int, int]:
         """``[start, stop)`` widened to whole blocks (and cut at the file's end)."""

@@ -467,3 +467,137 @@ void ns_bf16m_encode(float *values, uint16_t *hi, int64_t n, int is_unsigned, in
     if (write_back)
         for (int64_t k = 0; k < n; k++) v[k] = (uint32_t)hi[k] << 16;
 }
+
+/* ---- the fused Adam pass (engine.py, [Note: one pass per chunk]) -------------------- */
+
+/* [Note: Adam in the codecs' pass] For Adam and AdamW without per-tensor guards, the device's
+ * pass over a compressed slice decodes a tile of each state tensor into L1-sized fp32 buffers,
+ * updates it and encodes it back, in one C call per piece of a segment: the fp32 copies never
+ * leave the cache and no Python runs between the steps. The update is torch's fused CPU kernel
+ * (torch._fused_adam_/_fused_adamw_) element for element: the same IEEE operations in the same
+ * order, with a fused multiply-add exactly where torch's vector loop has one (the lerp of the
+ * first moment, written as one in torch's source, and the second moment's
+ * beta2 * v + (1 - beta2) * g * g, which torch's build contracts). Every element here is one
+ * that torch computes in its vector loop: torch's scalar tail (the last n % lanes elements of
+ * each tensor it is given) rounds differently, and the engine gives those to torch itself.
+ * Lanes are independent, so the width this loop is compiled for does not change a bit.
+ * native.py checks the result against torch on first use and does not use this pass where
+ * they differ (another torch build); tests/test_native.py compares it on fresh random inputs. */
+
+enum { PART_FP32 = 0, PART_BF16_SR = 1, PART_KAHAN = 2, PART_INT8 = 3, PART_BF16M = 4 };
+
+typedef struct {
+    int32_t kind;           /* PART_* */
+    int32_t mode;           /* PART_INT8: the codec's mode; PART_BF16M: 1 for an unsigned moment */
+    int64_t block;          /* PART_INT8: elements per scale */
+    char *data;             /* element 0 of the file's region (values or codes) */
+    char *aux;              /* PART_KAHAN: the low bytes; PART_INT8: the scales */
+    const void *table;      /* PART_INT8: the decode table; masters: the noise table */
+    const void *signed_lut; /* PART_INT8: the signed encode table */
+} ns_part;
+
+/* constants, as torch's kernel casts them to float: see native.py, _adam_constants */
+enum { C_DECAY, C_L2, C_COEFF, C_BETA2, C_SQ_WEIGHT, C_BIAS2_SQRT, C_EPS, C_NEG_STEP, C_COUNT };
+enum { F_DECAY = 1, F_L2 = 2, F_SMALL_LERP = 4 };
+
+static inline __attribute__((always_inline)) void adam_elements(
+        float *restrict p, float *restrict m, float *restrict v, const float *restrict g, int64_t n,
+        const float *restrict c, const int flags) {
+    const float decay = c[C_DECAY], l2 = c[C_L2], coeff = c[C_COEFF], beta2 = c[C_BETA2], sq = c[C_SQ_WEIGHT],
+                bias2 = c[C_BIAS2_SQRT], eps = c[C_EPS], neg_step = c[C_NEG_STEP];
+    for (int64_t i = 0; i < n; i++) {
+        float pi = p[i], gi = g[i], mi = m[i];
+        if (flags & F_DECAY) pi = pi * decay;
+        if (flags & F_L2) gi = fmaf(pi, l2, gi);
+        mi = fmaf(coeff, gi - mi, (flags & F_SMALL_LERP) ? mi : gi);
+        float vi = fmaf(sq * gi, gi, v[i] * beta2);
+        float denom = sqrtf(vi) / bias2 + eps;
+        p[i] = pi + (neg_step * mi) / denom;
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+#define ADAM_CASE(F) case F: adam_elements(p, m, v, g, n, c, F); break;
+#define ADAM_CASES(F) ADAM_CASE(F) ADAM_CASE(F | F_SMALL_LERP)
+
+/* one loop per combination of flags (each compiled with its branches taken out) */
+static void adam_dispatch(float *p, float *m, float *v, const float *g, int64_t n, const float *c, int flags) {
+    switch (flags) {
+    ADAM_CASES(0) ADAM_CASES(F_DECAY) ADAM_CASES(F_L2)
+    default: adam_elements(p, m, v, g, n, c, flags); break;
+    }
+}
+
+/* The fp32 values of elements [t0, t0 + n) of a part: the file's own memory, or `work` decoded. */
+static float *part_decode(const ns_part *part, int64_t t0, int64_t n, float *work) {
+    switch (part->kind) {
+    case PART_FP32: return (float *)part->data + t0;
+    case PART_BF16_SR: case PART_BF16M: ns_bf16_decode((const uint16_t *)part->data + t0, work, n); return work;
+    case PART_KAHAN:
+        ns_kahan_decode((const uint16_t *)part->data + t0, (const uint8_t *)part->aux + t0, work, n);
+        return work;
+    default:
+        ns_int8_decode((const uint8_t *)part->data + t0, (const float *)part->aux + t0 / part->block, work, n,
+                       part->block, part->mode, (const float *)part->table);
+        return work;
+    }
+}
+
+static void part_encode(const ns_part *part, int64_t t0, int64_t n, float *values, uint64_t seed) {
+    switch (part->kind) {
+    case PART_FP32: return;
+    case PART_BF16_SR:
+        ns_master_encode(values, (uint16_t *)part->data + t0, NULL, n, seed, t0, (const uint16_t *)part->table, 16);
+        return;
+    case PART_KAHAN:
+        ns_master_encode(values, (uint16_t *)part->data + t0, (uint8_t *)part->aux + t0, n, seed, t0,
+                         (const uint16_t *)part->table, 8);
+        return;
+    case PART_BF16M: ns_bf16m_encode(values, (uint16_t *)part->data + t0, n, part->mode, 0); return;
+    default:
+        ns_int8_encode(values, (uint8_t *)part->data + t0, (float *)part->aux + t0 / part->block, n, part->block,
+                       part->mode, (const uint8_t *)part->signed_lut, (const float *)part->table, 0);
+    }
+}
+
+/* Ask for the next tile's bytes while this one is worked on: between the decodes, the update
+ * and the encodes no stream stays long enough for the hardware prefetcher, and the gradient
+ * comes from memory (the pass's checksums brought the state's bytes into cache, not it). */
+static void prefetch_tile(const ns_part *parts, const float *grad, int64_t lo, int64_t hi, int64_t t0, int64_t b) {
+    if (t0 >= b) return;
+    int64_t n = b - t0 < 2048 ? b - t0 : 2048;
+    int64_t u0 = lo > t0 ? lo : t0, u1 = hi < t0 + n ? hi : t0 + n;
+    for (int64_t e = u0; e < u1; e += 16) __builtin_prefetch(grad + (e - lo), 0, 3);
+    for (int k = 0; k < 3; k++) {
+        const ns_part *part = parts + k;
+        if (part->kind == PART_FP32) continue; /* read and written in place in one stream: the hardware's */
+        int64_t size = part->kind == PART_INT8 ? 1 : 2;
+        for (int64_t e = t0; e < t0 + n; e += 64 / size) __builtin_prefetch(part->data + e * size, 1, 3);
+        if (part->kind == PART_KAHAN)
+            for (int64_t e = t0; e < t0 + n; e += 64) __builtin_prefetch(part->aux + e, 1, 3);
+    }
+}
+
+/* Decode elements [a, b) of the three parts (master, exp_avg, exp_avg_sq) a tile at a time,
+ * update elements [lo, hi) with the gradient `grad` (its element 0 is element lo) and encode
+ * [a, b) back. a and the tile are on the parts' blocks; b is on one or the file's end. `work`
+ * holds 3 * tile floats. */
+void ns_adam_pass(const ns_part *parts, int64_t a, int64_t b, int64_t lo, int64_t hi, const float *grad,
+                  const float *c, int flags, uint64_t seed, float *work, int64_t tile) {
+    for (int64_t t0 = a; t0 < b; t0 += tile) {
+        int64_t n = b - t0 < tile ? b - t0 : tile;
+        prefetch_tile(parts, grad, lo, hi, t0 + tile, b);
+        float *x[3];
+        for (int k = 0; k < 3; k++) x[k] = part_decode(parts + k, t0, n, work + k * tile);
+        int64_t u0 = lo > t0 ? lo : t0, u1 = hi < t0 + n ? hi : t0 + n;
+        if (u0 < u1)
+            adam_dispatch(x[0] + (u0 - t0), x[1] + (u0 - t0), x[2] + (u0 - t0), grad + (u0 - lo), u1 - u0, c, flags);
+        for (int k = 0; k < 3; k++) part_encode(parts + k, t0, n, x[k], seed);
+    }
+}
+
+/* The fused element loop alone, on fp32 arrays: native.py's check against torch, and the tests. */
+void ns_adam_elements(float *p, float *m, float *v, const float *g, int64_t n, const float *c, int flags) {
+    adam_dispatch(p, m, v, g, n, c, flags);
+}

@@ -23,6 +23,12 @@ special values). Where no C compiler is present, or ``NEARSTEP_NATIVE=0``, the
 torch codecs run, with the same numbers, only slower; :func:`status` says
 which, and ``nearstep bench io`` prints it.
 
+For Adam and AdamW the device's pass goes one step further: :class:`AdamPass` decodes a tile
+of each state tensor, runs the update in C and encodes it back in one call
+([Note: Adam in the codecs' pass] in ``native.c``). That loop is torch's fused CPU kernel,
+operation for operation, so it is checked against torch itself on first use
+(:func:`adam_lanes`) and left out where they differ; :func:`unfused` leaves it out on request.
+
 The library is built once per source, compiler and CPU into
 ``$NEARSTEP_CACHE/native`` (default ``~/.cache/nearstep/native``), written under
 a temporary name and renamed into place, so processes building it at once do
@@ -34,6 +40,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
+import math
 import os
 import platform
 import shutil
@@ -52,7 +60,8 @@ from .master import Bf16KahanMaster, Bf16SrMaster, Fp32Master, MasterCodec
 from .moments import Bf16Moments, Fp8Moments, Fp32Moments, Int8Moments, MomentCodec, _unsigned
 from .rounding import _noise_table
 
-__all__ = ["available", "status", "disabled", "decode", "encode_", "plan", "Plan", "library_path"]
+__all__ = ["available", "status", "disabled", "decode", "encode_", "plan", "Plan", "library_path",
+           "AdamPass", "adam_pass", "adam_constants", "adam_lanes", "unfused", "ADAM_TILE"]
 
 _SOURCE = Path(__file__).with_name("native.c")
 _FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract=off",
@@ -60,6 +69,7 @@ _FLAGS = ("-O3", "-march=native", "-std=c11", "-fPIC", "-shared", "-ffp-contract
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "lib": the loaded library or None, "why": why not
 _disabled: list[bool] = [False]  # set by disabled(), for the whole process
+_unfused: list[bool] = [False]  # set by unfused()
 
 
 def _cache_dir() -> Path:
@@ -129,6 +139,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         "ns_int8_decode": [p, p, p, i64, i64, c_int, p],
         "ns_int8_encode": [p, p, p, i64, i64, c_int, p, p, c_int],
         "ns_bf16m_encode": [p, p, i64, c_int, c_int],
+        "ns_adam_pass": [p, i64, i64, i64, i64, p, p, c_int, u64, p, i64],
+        "ns_adam_elements": [p, p, p, p, i64, p, c_int],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -174,6 +186,18 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _disabled[0] = before
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Leave the fused Adam pass out while the block runs (the native codecs and torch's kernel
+    run one after the other, as before it): the reference of tests and ``bench io``'s A/B rows."""
+    before = _unfused[0]
+    _unfused[0] = True
+    try:
+        yield
+    finally:
+        _unfused[0] = before
 
 
 # The 256 code values of the 8-bit maps before a block's multiplier, by mode.
@@ -335,3 +359,158 @@ def plan(codec: MasterCodec | MomentCodec, name: str, regions: Mapping[str, Tens
                     lambda start, count, values, seed: int8_encode(
                         values, codes + start, scales + 4 * (start // block), count, block, mode, signed_lut, lut, 0))
     return None
+
+
+# ---- the fused Adam pass ([Note: Adam in the codecs' pass] in native.c) ----------------------------
+
+#: Elements per tile of :class:`AdamPass`: three fp32 tiles and the gradient's are 32 KiB, which
+#: stay in the core's cache from decoding to encoding. A multiple of every block (at most 2**16).
+ADAM_TILE = 2048
+
+_PART_FP32, _PART_BF16_SR, _PART_KAHAN, _PART_INT8, _PART_BF16M = 0, 1, 2, 3, 4
+_F_DECAY, _F_L2, _F_SMALL_LERP = 1, 2, 4
+_ADAM_NAMES = ("master", "exp_avg", "exp_avg_sq")
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("mode", ctypes.c_int32), ("block", ctypes.c_int64),
+                ("data", ctypes.c_void_p), ("aux", ctypes.c_void_p), ("table", ctypes.c_void_p),
+                ("signed_lut", ctypes.c_void_p)]
+
+
+def _f32(x: float) -> float:
+    return ctypes.c_float(x).value
+
+
+def adam_constants(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, *, decoupled: bool,
+                   step: int) -> tuple[ctypes.Array, int]:
+    """The constants and flags of ``ns_adam_pass`` for one step of Adam (``decoupled``: AdamW),
+    computed as torch's fused CPU kernel computes them: in double from the step as a float32, then
+    cast to float (the bias corrections use the C library's ``pow``, as ``**`` does).
+
+    Not for ``maximize=True``: there torch's own kernel gives a nan gradient's second moment one
+    sign on one thread and the other on several (its build folds the two negations of
+    ``(c * -g) * -g`` in one copy of the loop and not in the other), so no fixed loop equals it;
+    the engine leaves maximizing groups to torch's kernel."""
+    t = _f32(float(step))
+    bias1, bias2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    lerp = _f32(1.0 - beta1)
+    small = abs(lerp) < 0.5
+    flags = _F_SMALL_LERP if small else 0
+    if weight_decay != 0.0:
+        flags |= _F_DECAY if decoupled else _F_L2
+    values = (_f32(1.0 - lr * weight_decay), _f32(weight_decay), lerp if small else _f32(lerp - 1.0), _f32(beta2),
+              _f32(1.0 - beta2), _f32(math.sqrt(bias2)), _f32(eps), _f32(-(lr / bias1)))
+    return (ctypes.c_float * len(values))(*values), flags
+
+
+def adam_lanes() -> int:
+    """The vector length of torch's fused Adam kernel on this CPU where :class:`AdamPass` computes
+    what it computes (checked once per process against torch), else 0 (the pass is not used).
+
+    torch's kernel computes the last ``n % lanes`` elements of each tensor in a scalar loop that
+    rounds differently; the caller gives those elements to torch."""
+    if "lanes" not in _state:
+        _library()  # built outside the lock below, which _library takes too
+        with _lock:
+            if "lanes" not in _state:
+                _state["lanes"], _state["adam_why"] = _check_adam()
+    return 0 if _disabled[0] or _unfused[0] else int(_state["lanes"])  # type: ignore[call-overload]
+
+
+def _check_adam() -> tuple[int, str]:
+    lib = _library()
+    if lib is None:
+        return 0, "no native library"
+    lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability(), 0)
+    if lanes == 0:
+        return 0, f"torch's CPU kernels are {torch.backends.cpu.get_cpu_capability()}, not checked against"
+    generator = torch.Generator().manual_seed(1234)
+    n = 64 * lanes
+    specials = torch.tensor([0x7FC00000, 0xFFC00001, 0x7FC12345, 0x7F800000, 0xFF800000, 0x80000000, 0, 1,
+                             0x7F7FFFFF], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    cases = [(1e-3, 0.9, 0.999, 1e-8, 0.01, True, 1), (3e-2, 0.2, 0.95, 1e-6, 0.1, True, 7),
+             (1e-3, 0.9, 0.999, 1e-8, 0.05, False, 1000), (1e-2, 0.5, 0.9, 1e-3, 0.0, False, 2)]
+    threads = torch.get_num_threads()
+    # torch's kernel runs its loop inline on one thread and through its pool on several, two
+    # copies that its compiler may have built differently: both must agree with this one.
+    for count, (lr, beta1, beta2, eps, decay, decoupled, step) in itertools.product(sorted({1, threads}), cases):
+        p, g = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
+        m, v = torch.randn(n, generator=generator) * 0.1, torch.rand(n, generator=generator) * 0.01
+        g[::37] = 0.0
+        for t in (p, g, m, v):  # nans of both signs with payloads, infinities, signed zeros, the largest
+            t[torch.randperm(n, generator=generator)[: len(specials)]] = specials
+        ref = [p.clone(), m.clone(), v.clone()]
+        fused = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        torch.set_num_threads(count)
+        try:
+            fused([ref[0]], [g.clone()], [ref[1]], [ref[2]], [], [torch.tensor(float(step))], lr=lr, beta1=beta1,
+                  beta2=beta2, weight_decay=decay, eps=eps, amsgrad=False, maximize=False)
+        finally:
+            torch.set_num_threads(threads)
+        constants, flags = adam_constants(lr, beta1, beta2, eps, decay, decoupled=decoupled, step=step)
+        lib.ns_adam_elements(p.data_ptr(), m.data_ptr(), v.data_ptr(), g.data_ptr(), n, constants, flags)
+        if not all(torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip((p, m, v), ref)):
+            return 0, "differs from this torch's fused Adam kernel: the torch kernel runs between the codecs"
+    return lanes, f"fused with the codecs ({lanes} lanes, checked against torch)"
+
+
+class AdamPass:
+    """Decode, update with Adam and encode element ranges of one compressed file image in one C
+    call each (``ns_adam_pass``), bound to the file's memory once (:func:`adam_pass`).
+
+    ``run(a, b, lo, hi, grad_address, constants, flags, seed, work_address)`` decodes elements
+    ``[a, b)`` of the master and both moments (``a`` on a block, ``b`` on one or at the file's
+    end), applies one step to elements ``[lo, hi)`` with the fp32 gradient at ``grad_address``
+    (its element ``lo``), and encodes ``[a, b)`` back, as the torch path (decode, the fused
+    kernel, encode) would, where ``hi - lo`` is a multiple of :func:`adam_lanes`.
+    ``work_address``: ``3 * ADAM_TILE`` floats of the calling thread's own.
+    """
+
+    __slots__ = ("_parts", "_run", "_keep")
+
+    def __init__(self, parts: ctypes.Array, run: Callable[..., None], keep: tuple[object, ...]) -> None:
+        self._parts, self._run, self._keep = parts, run, keep
+
+    def run(self, a: int, b: int, lo: int, hi: int, grad_address: int, constants: ctypes.Array, flags: int,
+            seed: int, work_address: int) -> None:
+        self._run(self._parts, a, b, lo, hi, grad_address, constants, flags, seed & (2**64 - 1), work_address,
+                  ADAM_TILE)
+
+
+def adam_pass(master: MasterCodec, moments: MomentCodec, regions: Mapping[str, Tensor],
+              state_names: tuple[str, ...]) -> AdamPass | None:
+    """The :class:`AdamPass` over ``regions`` (whole-file views that must outlive it); None where
+    the state is not Adam's, the library is unavailable, or :func:`adam_lanes` is 0."""
+    if tuple(state_names) != _ADAM_NAMES or adam_lanes() == 0:
+        return None
+    lib = _library()
+    if lib is None:
+        return None
+    parts = (_Part * 3)()
+    keep: list[object] = []
+    for part, name in zip(parts, _ADAM_NAMES):
+        codec = master if name == "master" else moments
+        part.data = _ptr(regions[name])
+        if isinstance(codec, (Fp32Master, Fp32Moments)):
+            part.kind = _PART_FP32
+        elif isinstance(codec, (Bf16SrMaster, Bf16KahanMaster)):
+            kahan = isinstance(codec, Bf16KahanMaster)
+            noise = _narrow_noise(8 if kahan else 16)
+            part.kind, part.table = (_PART_KAHAN if kahan else _PART_BF16_SR), _ptr(noise)
+            if kahan:
+                part.aux = _ptr(regions[name + ".lo"])
+            keep.append(noise)
+        elif isinstance(codec, Bf16Moments):
+            part.kind, part.mode = _PART_BF16M, int(_unsigned(name))
+        elif isinstance(codec, (Int8Moments, Fp8Moments)):
+            mode = _int8_mode(codec, name)
+            lut, signed_lut = _lut(mode), _signed_encode_lut()
+            part.kind, part.mode, part.block = _PART_INT8, mode, codec.block
+            part.aux, part.table, part.signed_lut = _ptr(regions[name + ".scale"]), _ptr(lut), _ptr(signed_lut)
+            keep.extend((lut, signed_lut))
+        else:
+            return None
+        if ADAM_TILE % max(int(part.block), 1):
+            return None
+    return AdamPass(parts, lib.ns_adam_pass, tuple(keep))
