@@ -111,6 +111,83 @@ def test_gradient_accumulation_matches_keras(case, tmp_path) -> None:
     my_opt.close()
 
 
+class _Lockstep(keras.callbacks.Callback):
+    """Records the weights before and after each batch; with ``feed``, sets them before each batch."""
+
+    def __init__(self, feed=None) -> None:
+        super().__init__()
+        self.feed, self.before, self.after = feed, [], []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.feed is not None:
+            self.model.set_weights(self.feed[len(self.before)])
+        self.before.append(self.model.get_weights())
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.after.append(self.model.get_weights())
+
+
+@pytest.mark.parametrize("policy, loss_scale", [
+    ("mixed_float16", None),  # compile wraps both optimizers in a LossScaleOptimizer
+    ("mixed_bfloat16", None),
+    ("mixed_float16", dict(initial_scale=2.0**12, dynamic_growth_steps=3)),  # wrapped by hand, overflowing often
+], ids=["mixed_float16", "mixed_bfloat16", "loss-scale-optimizer"])
+def test_mixed_precision_matches_keras_in_lockstep(policy, loss_scale, tmp_path) -> None:
+    # A half-precision forward turns fp32 rounding in the weights into half-precision rounding in
+    # the gradients, so freely run the two part by 1e-5 within a few steps without any error in
+    # the update. In lockstep nearstep's run starts each batch from the weights Keras' run had
+    # there (set_weights, adopted by the store): the same gradients, so the weights after each
+    # batch agree within fp32 rounding, over the whole run, as in float32. Overlap mode (torch
+    # backend): tests/test_keras_overlap.py.
+    x, y = data()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        ref_opt, my_opt = pair("adamw", tmp_path)
+        if loss_scale is not None:
+            ref_opt, my_opt = (keras.optimizers.LossScaleOptimizer(o, **loss_scale) for o in (ref_opt, my_opt))
+        ref, mine = model(), model()
+        ref.compile(optimizer=ref_opt, loss="mse")
+        mine.compile(optimizer=my_opt, loss="mse")
+        recorded = _Lockstep()
+        ref.fit(x, y, batch_size=16, epochs=EPOCHS, verbose=0, shuffle=False, callbacks=[recorded])
+        lockstep = _Lockstep(recorded.before)
+        mine.fit(x, y, batch_size=16, epochs=EPOCHS, verbose=0, shuffle=False, callbacks=[lockstep])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    wrapped = {type(m.optimizer).__name__ for m in (ref, mine)}
+    assert wrapped == {"AdamW" if policy == "mixed_bfloat16" else "LossScaleOptimizer"}
+    for after_ref, after_mine in zip(recorded.after, lockstep.after, strict=True):
+        for a, b in zip(after_ref, after_mine, strict=True):
+            np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-6)
+    skipped = sum(all(np.array_equal(a, b) for a, b in zip(before, after))
+                  for before, after in zip(recorded.before, recorded.after))
+    assert skipped >= (0 if policy == "mixed_bfloat16" else 2)  # loss-scale overflows: no update
+    inner = getattr(mine.optimizer, "inner_optimizer", mine.optimizer)
+    assert int(mine.optimizer.iterations.numpy()) == int(ref.optimizer.iterations.numpy()) == \
+        inner.stats()["step"] == STEPS_PER_EPOCH * EPOCHS - skipped
+    if loss_scale is not None or policy == "mixed_float16":
+        assert float(mine.optimizer.dynamic_scale.numpy()) == float(ref.optimizer.dynamic_scale.numpy())
+    inner.close()
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16"])
+def test_half_precision_variables_are_refused_with_what_to_do(policy, tmp_path) -> None:
+    # Not a mixed policy: the variables themselves are half precision, which Keras' optimizers
+    # update in half-precision arithmetic (bf16 updates round away, fp16 moments overflow).
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        m = model()
+        opt = nk.AdamW(store=tmp_path / "run", device="inline")
+        m.compile(optimizer=opt, loss="mse")
+        x, y = data()
+        with pytest.raises(UnsupportedUsageError, match=f"mixed_bfloat16.*float32 variables|{policy}") as caught:
+            m.fit(x, y, epochs=1, verbose=0)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert policy in str(caught.value) and "set_global_policy('mixed_bfloat16')" in str(caught.value)
+    opt.close()
+
+
 def test_weights_set_between_fits_are_adopted(tmp_path) -> None:
     ref_opt, my_opt = pair("adamw", tmp_path)
     ref, mine, _, _ = fit_both(ref_opt, my_opt, epochs=1)
@@ -164,6 +241,33 @@ def test_model_save_and_load_model_resume_bit_for_bit(tmp_path) -> None:
     loaded.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
     assert_same_weights(m, loaded, exact=True)
     opt.close()
+    loaded.optimizer.close()
+
+
+def test_a_constrained_model_resumes_from_load_model_bit_for_bit(tmp_path) -> None:
+    # A constraint changes the weights after the update, so the checkpoint's weights are not the
+    # masters saved beside them; the run that saved them adopts them at its next update, and so
+    # must the resumed one.
+    def constrained() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((8,)), keras.layers.Dense(
+            16, activation="tanh", kernel_constraint=keras.constraints.NonNeg(), name="hidden"),
+            keras.layers.Dense(1, name="head")])
+
+    x, y = data()
+    runs = []
+    for name in ("straight", "saved"):
+        m = constrained()
+        m.compile(optimizer=nk.AdamW(learning_rate=schedule(), store=tmp_path / name, device="inline"), loss="mse")
+        m.fit(x, y, batch_size=16, epochs=2 if name == "saved" else 4, verbose=0, shuffle=False)
+        runs.append(m)
+    straight, saved = runs
+    saved.save(tmp_path / "m.keras")
+    saved.optimizer.close()
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    loaded.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+    assert_same_weights(straight, loaded, exact=True)
+    straight.optimizer.close()
     loaded.optimizer.close()
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("keras")
 pytest.importorskip("torch")
 
 SCRIPT = textwrap.dedent('''
-    import json, os, sys, traceback
+    import json, os, sys, time, traceback
     os.environ["KERAS_BACKEND"] = "torch"
     os.environ["NEARSTEP_CHECK_READS"] = "1"  # a torch read of weights still in flight raises
     import numpy as np, keras, torch
@@ -45,19 +45,31 @@ SCRIPT = textwrap.dedent('''
     CASES = {"AdamW": dict(weight_decay=0.05, global_clipnorm=0.5),
              "SGD": dict(momentum=0.9, nesterov=True, weight_decay=0.01, clipnorm=0.3)}
 
-    def optimizer(name, mode, device="inline"):
-        opt = getattr(nk, name)(learning_rate=keras.optimizers.schedules.ExponentialDecay(2e-2, 5, 0.6),
-                                **CASES[name], mode=mode, device=device, slice_mb=SLICE_MB,
-                                store=os.path.join(WORK, f"{name}-{mode}-{next(stores)}"))
-        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
+    def optimizer(name, mode, device="inline", exclude=("gamma", "beta", "bias"), **extra):
+        """nearstep's optimizer, or Keras' own (mode="keras") with the same arguments and exclusions."""
+        kwargs = dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(2e-2, 5, 0.6),
+                      **{**CASES[name], **extra})
+        opt = getattr(keras.optimizers, name)(**kwargs) if mode == "keras" else getattr(nk, name)(
+            **kwargs, mode=mode, device=device, slice_mb=SLICE_MB,
+            store=os.path.join(WORK, f"{name}-{mode}-{next(stores)}"))
+        opt.exclude_from_weight_decay(var_names=list(exclude))
         return opt
 
     class Reads(keras.callbacks.Callback):
-        """What a callback sees in the middle of training: Keras' reads and torch's state_dict."""
+        """What a callback sees in the middle of training: Keras' reads and torch's state_dict.
 
-        def __init__(self):
+        With ``feed`` (a list of weights per batch) it sets the model's weights before each batch:
+        a run in lockstep with the run that recorded them (see the mixed-precision cases).
+        """
+
+        def __init__(self, feed=None):
             super().__init__()
-            self.weights, self.state, self.predictions = [], [], []
+            self.weights, self.state, self.predictions, self.before, self.feed = [], [], [], [], feed
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.feed is not None:
+                self.model.set_weights(self.feed[len(self.before)])
+            self.before.append(self.model.get_weights())
 
         def on_train_batch_end(self, batch, logs=None):
             self.weights.append(self.model.get_weights())
@@ -69,21 +81,35 @@ SCRIPT = textwrap.dedent('''
     def same(a, b):
         return len(a) == len(b) and all(np.array_equal(u, v) for u, v in zip(a, b))
 
-    def fit(name, mode, torch_module=False, epochs=3):
-        m, opt, reads = model(torch_module), optimizer(name, mode), Reads()
-        m.compile(optimizer=opt, loss="mse")
-        history = m.fit(x, y, batch_size=16, epochs=epochs, verbose=0, shuffle=False, callbacks=[reads])
+    def close_to_keras(a, b):
+        # The tolerance of sync against Keras' own optimizers in tests/test_keras.py: fp32 rounding.
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(u, v, rtol=2e-5, atol=2e-6)
+
+    def fit(name, mode, torch_module=False, epochs=3, batch_size=16, feed=None, loss_scale=None, **extra):
+        m, opt, reads = model(torch_module), optimizer(name, mode, **extra), Reads(feed)
+        m.compile(optimizer=opt if loss_scale is None else keras.optimizers.LossScaleOptimizer(opt, **loss_scale),
+                  loss="mse")
+        history = m.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=False, callbacks=[reads])
+        outer = m.optimizer  # a LossScaleOptimizer around opt when Keras or the caller wrapped it
         out = dict(weights=m.get_weights(), reads=reads, loss=history.history["loss"],
-                   iterations=int(opt.iterations.numpy()), lr=float(opt.learning_rate), step=opt.stats()["step"])
-        opt.close()
+                   iterations=int(outer.iterations.numpy()), lr=float(opt.learning_rate),
+                   micro_steps=int(opt._iterations.numpy()), wrapped=type(outer).__name__,
+                   scale=float(outer.dynamic_scale.numpy()) if hasattr(outer, "dynamic_scale") else None,
+                   step=opt.stats()["step"] if mode != "keras" else None)
+        if mode != "keras":
+            opt.close()
         return out
 
     def case(name):
         def run(fn):
+            start = time.perf_counter()
             try:
                 results[name] = {"ok": True, **(fn() or {})}
             except Exception:
                 results[name] = {"ok": False, "detail": traceback.format_exc()[-3000:]}
+            results[name]["seconds"] = round(time.perf_counter() - start, 2)
         return run
 
     SYNC = {}
@@ -173,6 +199,109 @@ SCRIPT = textwrap.dedent('''
         finally:
             opt.close()
 
+    @case("gradient-accumulation")
+    def _():
+        # Keras accumulates the micro-batches' gradients in its own variables and calls the update at
+        # every Nth with their average (clipped after averaging); iterations counts updates, and the
+        # schedule and the bias correction follow it. The overlapped update of an Nth micro-batch
+        # lands during the next micro-batches, which only read the weights.
+        runs = {mode: fit("AdamW", mode, batch_size=8, gradient_accumulation_steps=3, clipnorm=0.3,
+                          global_clipnorm=None) for mode in ("keras", "sync", "overlap")}
+        ref, sync, over = runs["keras"], runs["sync"], runs["overlap"]
+        assert same(sync["weights"], over["weights"]), "final weights differ"
+        assert same(sum(sync["reads"].weights, []), sum(over["reads"].weights, [])), "get_weights() differ"
+        assert same(sum(sync["reads"].state, []), sum(over["reads"].state, [])), "state_dict() differs"
+        assert sync["loss"] == over["loss"], (sync["loss"], over["loss"])
+        counts = [(r["iterations"], r["micro_steps"]) for r in runs.values()]
+        assert counts == [(8, 24)] * 3 and sync["step"] == over["step"] == 8, (counts, sync["step"], over["step"])
+        assert sync["lr"] == over["lr"] == ref["lr"]
+        close_to_keras(sync["weights"], ref["weights"])
+        # Between updates the weights stay as they are (only the accumulators change).
+        assert same(sync["reads"].weights[0], sync["reads"].weights[1])
+        assert not same(sync["reads"].weights[1], sync["reads"].weights[2])
+
+    # [Mixed precision] A policy's half-precision forward turns differences of fp32 rounding in the
+    # weights (1e-7) into differences of half-precision rounding in the gradients wherever a weight
+    # crosses a rounding boundary of its cast: run freely, Keras' AdamW and nearstep's part by 1e-5
+    # after a few steps without any error in the update, and a step-count or scaling error would
+    # hide in that noise. So Keras' optimizer and nearstep's are compared in lockstep: nearstep's
+    # run starts each batch from the weights Keras' run had there (set_weights, adopted by the
+    # store), so both see the same gradients and their moments only differ by fp32 rounding, and
+    # the weights after each batch must agree within fp32 rounding over the whole run. Overlap
+    # is compared with sync freely, bit for bit.
+    PRECISION = {
+        "mixed_float16": ("mixed_float16", None),  # compile wraps the optimizer in a LossScaleOptimizer
+        "mixed_bfloat16": ("mixed_bfloat16", None),  # no loss scaling
+        # Wrapped by hand, growing every 3 steps: the scale overflows again and again, the skipped
+        # steps fall between updates of the moments.
+        "loss-scale-optimizer": ("mixed_float16", dict(initial_scale=2.0**12, dynamic_growth_steps=3)),
+    }
+    for label, (policy, loss_scale) in PRECISION.items():
+        @case(f"precision-{label}")
+        def _(policy=policy, loss_scale=loss_scale):
+            keras.mixed_precision.set_global_policy(policy)
+            try:
+                ref = fit("AdamW", "keras", loss_scale=loss_scale)
+                lockstep = fit("AdamW", "sync", loss_scale=loss_scale, feed=ref["reads"].before)
+                sync, over = fit("AdamW", "sync", loss_scale=loss_scale), fit("AdamW", "overlap", loss_scale=loss_scale)
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+            assert {r["wrapped"] for r in (ref, lockstep, sync, over)} == \
+                {"AdamW" if policy == "mixed_bfloat16" else "LossScaleOptimizer"}
+            for after_ref, after_mine in zip(ref["reads"].weights, lockstep["reads"].weights, strict=True):
+                close_to_keras(after_mine, after_ref)
+            skipped = sum(same(b, a) for b, a in zip(ref["reads"].before, ref["reads"].weights))
+            assert (lockstep["iterations"], lockstep["scale"]) == (ref["iterations"], ref["scale"])
+            assert lockstep["step"] == ref["iterations"] == 12 - skipped
+            assert skipped >= (0 if policy == "mixed_bfloat16" else 2), skipped
+            assert same(sync["weights"], over["weights"]), "final weights differ"
+            assert same(sum(sync["reads"].weights, []), sum(over["reads"].weights, [])), "get_weights() differ"
+            assert same(sync["reads"].predictions, over["reads"].predictions), "predict() differs"
+            assert (sync["loss"], sync["iterations"], sync["scale"], sync["step"]) == \
+                (over["loss"], over["iterations"], over["scale"], over["step"])
+            return {"skipped": skipped}
+
+    @case("precision-save-load-continue")
+    def _():
+        # mixed_float16 in overlap mode: the nearstep state is saved by the inner optimizer of
+        # Keras' LossScaleOptimizer, the dynamic scale by the wrapper; the resumed run is the straight one.
+        # No decay exclusions: Keras does not save them (its own optimizers lose them in load_model too).
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        try:
+            straight = fit("AdamW", "overlap", epochs=4, exclude=())
+            m, opt = model(), optimizer("AdamW", "overlap", exclude=())
+            m.compile(optimizer=opt, loss="mse")
+            m.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+            path = os.path.join(WORK, "mixed-overlap.keras")
+            m.save(path)
+            opt.close()
+            again = keras.saving.load_model(path)
+            assert type(again.optimizer).__name__ == "LossScaleOptimizer", again.optimizer
+            again.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+            resumed = (again.get_weights(), int(again.optimizer.iterations.numpy()),
+                       float(again.optimizer.dynamic_scale.numpy()))
+            again.optimizer.inner_optimizer.close()
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+        assert resumed[1:] == (straight["iterations"], straight["scale"]), (resumed[1:], straight["iterations"])
+        assert same(resumed[0], straight["weights"])
+
+    @case("half-precision-variables-refused")
+    def _():
+        # A "bfloat16" policy (not a mixed one) stores the variables in bf16: refused at the first step.
+        keras.mixed_precision.set_global_policy("bfloat16")
+        try:
+            m, opt = model(), optimizer("AdamW", "overlap")
+            m.compile(optimizer=opt, loss="mse")
+            m.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        except UnsupportedUsageError as exc:
+            assert "mixed_bfloat16" in str(exc) and "float32" in str(exc), str(exc)
+        else:
+            raise AssertionError("bfloat16 variables were accepted")
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+            opt.close()
+
     @case("jit-compile-refused")
     def _():
         m, opt = model(), optimizer("AdamW", "overlap")
@@ -227,6 +356,28 @@ def test_the_device_update_overlaps_keras_work(torch_backend) -> None:
 
 def test_a_torch_read_of_weights_in_flight_is_caught_by_check_reads(torch_backend) -> None:
     _check(torch_backend, "raw-read-caught")
+
+
+def test_gradient_accumulation_overlap_equals_sync_and_sync_matches_keras(torch_backend) -> None:
+    # gradient_accumulation_steps=3 with a schedule and clipnorm: overlap == sync bit for bit
+    # (weights after fit and at every batch end, state_dict, losses, iterations), sync == Keras'
+    # AdamW(gradient_accumulation_steps=3) within fp32 rounding.
+    _check(torch_backend, "gradient-accumulation")
+
+
+@pytest.mark.parametrize("case", ["mixed_float16", "mixed_bfloat16", "loss-scale-optimizer"])
+def test_mixed_precision_matches_keras_and_overlap_equals_sync(torch_backend, case) -> None:
+    # Sync against Keras' AdamW under the same policy (and LossScaleOptimizer), in lockstep (see
+    # [Mixed precision] in SCRIPT); overlap against sync, bit for bit.
+    _check(torch_backend, f"precision-{case}")
+
+
+def test_mixed_precision_checkpoint_resumes_bit_for_bit_in_overlap(torch_backend) -> None:
+    _check(torch_backend, "precision-save-load-continue")
+
+
+def test_half_precision_variables_are_refused_with_what_to_do(torch_backend) -> None:
+    _check(torch_backend, "half-precision-variables-refused")
 
 
 def test_jit_compile_is_refused_in_overlap_mode(torch_backend) -> None:

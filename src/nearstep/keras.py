@@ -408,6 +408,7 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         if host.engine is not None:
             return host.engine
         variables = list(self._trainable_variables)
+        _refuse_half_precision_variables(variables)
         if self._nearstep_backend == "torch":
             host.params, host.shadow = [v.value for v in variables], False
         else:
@@ -630,6 +631,9 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             variable.assign(np.asarray(store[str(i)]))
         if f"{_STATE_PREFIX}step" not in keys:
             return  # saved before any update: the state is zero
+        # Keras loaded the model's weights before this (layers come first). Taken now: opening the
+        # store and loading its state put the store's masters into the weights on the torch backend.
+        loaded = [torch.from_numpy(np.array(v.numpy())) for v in self._trainable_variables]
         engine = self._open(None, restoring=True)
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key in keys:
@@ -641,12 +645,19 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
         engine.load_state_dict({"state": state, "param_groups": pack_param_groups(engine.param_groups),
                                 "nearstep": {"layout": FULL_LAYOUT, "kind": engine.kind,
                                              "step": int(np.asarray(store[f"{_STATE_PREFIX}step"]))}})
-        if self._host.shadow:
-            # The model's weights are the truth (loaded with the model); the masters match them.
-            with torch.no_grad():
-                for p, v in zip(self._host.params, self._trainable_variables):
-                    p.copy_(torch.from_numpy(np.array(v.numpy())))
-            engine._pipeline.note_weights()
+        # The model's weights are the truth (loaded with the model). They can differ from the masters
+        # saved beside them: a variable constraint applies after the update, and the run that saved
+        # them would have adopted the constrained weights into the store at its next update. So
+        # would this one: those weights go back into the parameters, marked as edited.
+        host = self._host
+        edited = []
+        with torch.no_grad():
+            for i, (p, weights) in enumerate(zip(host.params, loaded)):
+                if not torch.equal(p, weights):
+                    p.copy_(weights)
+                    edited.append(host.positions[i])
+        engine._pipeline.note_weights()
+        engine._pipeline.mark_edited(edited)
 
     def get_config(self) -> dict[str, Any]:
         self.synchronize()  # model.save asks for it with the weights: they are the last step's
@@ -707,6 +718,28 @@ class DeviceOptimizer(keras.optimizers.Optimizer):
             host.engine = None
             if host.landing is not None:
                 host.landing.release()
+
+
+_HALF_PRECISION = ("float16", "bfloat16")
+
+
+def _refuse_half_precision_variables(variables: Sequence[Any]) -> None:
+    """Refuse variables stored in half precision (a ``"float16"``/``"bfloat16"`` policy, not a mixed one).
+
+    Keras' own optimizers update such a variable in its own precision (bf16 updates of 1e-3 often
+    round to nothing; fp16 moments overflow), the device against an fp32 master: the numbers would
+    differ from Keras' without a word. Mixed policies keep the variables in float32 and are Keras'.
+    """
+    half = [v for v in variables if keras.backend.standardize_dtype(v.dtype) in _HALF_PRECISION]
+    if half:
+        names = ", ".join(f"{v.path!r} ({keras.backend.standardize_dtype(v.dtype)})" for v in half[:3])
+        raise UnsupportedUsageError(
+            f"nearstep.keras updates float32 variables; {names}{' ...' if len(half) > 3 else ''} "
+            f"{'is' if len(half) == 1 else 'are'} stored in half precision, which Keras' own optimizers update "
+            f"in half-precision arithmetic and the device in float32: the numbers would differ from Keras'. Keep "
+            f"the variables in float32 with a mixed policy (keras.mixed_precision.set_global_policy("
+            f"'mixed_bfloat16') or 'mixed_float16': half-precision compute, float32 variables), or use Keras' "
+            f"own optimizer for half-precision variables.")
 
 
 def _refuse_xla() -> None:
