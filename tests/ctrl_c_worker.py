@@ -4,6 +4,11 @@
 interrupts (the reference) and once while a thread sends this process SIGINT every 2-30 ms.
 The loop does what nearstep's notes ask of a loop that catches KeyboardInterrupt: it checks
 that model, optimizer and store agree, and continues from the batch after the committed step.
+
+An interrupt is raised only inside the loop's ``try`` bodies (training and the checks): Python
+delivers a signal at any bytecode, and one landing on the loop's own bookkeeping between two
+``try`` statements (the ``while`` test, the jump back) would escape any loop, not show a fault of
+nearstep's. The handler disarms itself as it raises, so the ``except`` clause is never hit twice.
 Prints one JSON line: interrupts caught, disagreements found, whether the final weights equal
 the reference bit for bit.
 """
@@ -44,11 +49,22 @@ def run(path: Path, mode: str, seed: int | None, reference: list[list[torch.Tens
             if not stop.is_set():
                 os.kill(os.getpid(), signal.SIGINT)
 
+    armed = [False]
+
+    def interrupt(signum: int, frame: object) -> None:
+        if armed[0]:
+            armed[0] = False
+            raise KeyboardInterrupt
+        # else: the loop is between two try statements; this interrupt is dropped (the storm goes on)
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    pesterer = threading.Thread(target=pester, args=(random.Random(seed),), daemon=True)
     if seed is not None:
-        threading.Thread(target=pester, args=(random.Random(seed),), daemon=True).start()
+        pesterer.start()
     caught, problems, i = 0, [], 0
     while i < STEPS:
         try:
+            armed[0] = True
             loss_of(model, data[i]).backward()
             opt.step()
             opt.zero_grad()
@@ -56,10 +72,12 @@ def run(path: Path, mode: str, seed: int | None, reference: list[list[torch.Tens
             if seed is None:
                 opt.synchronize()
                 reference.append([p.detach().clone() for p in model.parameters()])
+            armed[0] = False
         except KeyboardInterrupt as exc:
             caught += 1
             while True:  # the checks themselves may be interrupted: redo them
                 try:
+                    armed[0] = True
                     opt.synchronize()
                     weights = [p.detach().clone() for p in model.parameters()]
                     _, masters = read_masters(path)
@@ -71,16 +89,22 @@ def run(path: Path, mode: str, seed: int | None, reference: list[list[torch.Tens
                         problems.append(f"diverged at step {step}: " + "".join(traceback.format_exception(exc)[-3:]))
                     opt.zero_grad()
                     i = step
+                    armed[0] = False
                     break
                 except KeyboardInterrupt:
                     continue
     stop.set()
+    if seed is not None:
+        pesterer.join()  # its last SIGINT (sent as stop was set) lands under the handler above
     while True:
         try:
+            armed[0] = True
             opt.close()
+            armed[0] = False
             break
         except KeyboardInterrupt:
             continue
+    signal.signal(signal.SIGINT, previous)
     return [p.detach().clone() for p in model.parameters()], caught, problems
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_positive
 from nearstep.bench import step
-from nearstep.bench.step import DEFAULT_VARIANTS, VARIANTS, main
+from nearstep.bench.step import DEFAULT_VARIANTS, main
 
 
 def test_quick_mlp_run_reports_every_variant_and_leaves_nothing_behind(tmp_path, capsys):

@@ -413,12 +413,12 @@ def test_demo_names_the_real_committed_step_and_replaces_its_default_store(tiny_
     assert rc == 0, err
     assert read_manifest(store).step == 2 and read_manifest(store).store_id != first_id
     assert sorted(p.name for p in (tiny_demo / ".nearstep").iterdir() if p.is_dir()) == ["demo"]  # no pile-up
-    assert f"(committed step 2)" in out.strip().splitlines()[-1]
+    assert "(committed step 2)" in out.strip().splitlines()[-1]
 
     rc, out, err = _run_demo(capsys, "--compare-steps", "0", "--store", str(store))  # --store continues it
     assert rc == 0, err
     last = out.strip().splitlines()[-1]
-    assert read_manifest(store).step == 4 and f"(committed step 4)" in last and "replaces" not in last
+    assert read_manifest(store).step == 4 and "(committed step 4)" in last and "replaces" not in last
 
 
 def test_demo_refuses_to_replace_a_store_in_use(tiny_demo: Path, capsys) -> None:
