@@ -3,14 +3,19 @@ each source in fresh processes, alternating A B B A ...; prints a table and writ
 
     python bench/codec_ab.py OLD_native.c src/nearstep/formats/native.c ROUNDS OUT.json
 
-(`git show REV:src/nearstep/formats/native.c > OLD_native.c` gives an earlier source.) Each process
-builds its source's library once (cached by its hash) before it times anything."""
-import json, subprocess, sys, statistics
+    python bench/codec_ab.py OLD_TREE/src src ROUNDS OUT.json
+
+(`git show REV:src/nearstep/formats/native.c > OLD_native.c` gives an earlier source; a directory
+instead of a .c file is a whole source tree, put first on the child's PYTHONPATH, for changes that
+reach past native.c: `git worktree add /tmp/old REV` gives /tmp/old/src.) Each process builds its
+source's library once (cached by its hash) before it times anything."""
+import json, os, subprocess, sys, statistics
 child = r'''
 import sys, json, torch
 from pathlib import Path
 from nearstep.formats import native
-native._SOURCE = Path(sys.argv[1])
+if sys.argv[1].endswith(".c"):
+    native._SOURCE = Path(sys.argv[1])
 from nearstep.bench import io
 torch.set_num_threads(1)
 io.FORMATS = ("fp32","bf16-kahan","bf16-sr","8bit","bf16-kahan+8bit","bf16-sr+8bit","16bit","bf16-sr+16bit","fp8","bf16-sr+fp8")
@@ -22,7 +27,11 @@ sources = {"before": sys.argv[1], "after": sys.argv[2]}
 res = {k: [] for k in sources}
 for i in range(int(sys.argv[3])):
     for k, src in (list(sources.items()) if i % 2 == 0 else list(sources.items())[::-1]):  # A B B A ...
-        out = subprocess.run([sys.executable, "-c", child, src], capture_output=True, text=True, check=True).stdout
+        env = dict(os.environ)
+        if os.path.isdir(src):
+            env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
+        out = subprocess.run([sys.executable, "-c", child, src], capture_output=True, text=True, check=True,
+                             env=env).stdout
         res[k].append(json.loads(out.strip().splitlines()[-1]))
 names = list(res["before"][0])
 print(f"{'format':28s} {'before':>9s} {'vs fp32':>8s} {'after':>9s} {'vs fp32':>8s} {'after/before':>12s}")

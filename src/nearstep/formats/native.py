@@ -139,7 +139,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         "ns_int8_decode": [p, p, p, i64, i64, c_int, p],
         "ns_int8_encode": [p, p, p, i64, i64, c_int, p, p, c_int],
         "ns_bf16m_encode": [p, p, i64, c_int, c_int],
-        "ns_adam_pass": [p, i64, i64, i64, i64, p, p, c_int, u64, p, i64],
+        "ns_adam_pass": [p, i64, i64, i64, i64, p, p, c_int, u64, p, i64, i64],
         "ns_adam_elements": [p, p, p, p, i64, p, c_int],
     }
     for name, argtypes in signatures.items():
@@ -363,9 +363,13 @@ def plan(codec: MasterCodec | MomentCodec, name: str, regions: Mapping[str, Tens
 
 # ---- the fused Adam pass ([Note: Adam in the codecs' pass] in native.c) ----------------------------
 
-#: Elements per tile of :class:`AdamPass`: three fp32 tiles and the gradient's are 32 KiB, which
-#: stay in the core's cache from decoding to encoding. A multiple of every block (at most 2**16).
+#: Elements per tile of :class:`AdamPass` at most, the working buffer's size (``3 * ADAM_TILE``
+#: floats): a blocked moment (8-bit, fp8) is decoded and encoded a tile at a time, whole blocks of
+#: at most this many elements. Formats with larger blocks are left to the unfused pass.
 ADAM_TILE = 2048
+#: Elements the other parts are decoded, updated and encoded in at a time, within a tile: see
+#: ns_adam_pass in native.c for why smaller than a tile.
+ADAM_PIECE = 512
 
 _PART_FP32, _PART_BF16_SR, _PART_KAHAN, _PART_INT8, _PART_BF16M = 0, 1, 2, 3, 4
 _F_DECAY, _F_L2, _F_SMALL_LERP = 1, 2, 4
@@ -467,15 +471,16 @@ class AdamPass:
     ``work_address``: ``3 * ADAM_TILE`` floats of the calling thread's own.
     """
 
-    __slots__ = ("_parts", "_run", "_keep")
+    __slots__ = ("_parts", "_run", "_keep", "tile", "piece")
 
-    def __init__(self, parts: ctypes.Array, run: Callable[..., None], keep: tuple[object, ...]) -> None:
-        self._parts, self._run, self._keep = parts, run, keep
+    def __init__(self, parts: ctypes.Array, run: Callable[..., None], keep: tuple[object, ...], tile: int,
+                 piece: int) -> None:
+        self._parts, self._run, self._keep, self.tile, self.piece = parts, run, keep, tile, piece
 
     def run(self, a: int, b: int, lo: int, hi: int, grad_address: int, constants: ctypes.Array, flags: int,
             seed: int, work_address: int) -> None:
         self._run(self._parts, a, b, lo, hi, grad_address, constants, flags, seed & (2**64 - 1), work_address,
-                  ADAM_TILE)
+                  self.tile, self.piece)
 
 
 def adam_pass(master: MasterCodec, moments: MomentCodec, regions: Mapping[str, Tensor],
@@ -511,6 +516,10 @@ def adam_pass(master: MasterCodec, moments: MomentCodec, regions: Mapping[str, T
             keep.extend((lut, signed_lut))
         else:
             return None
-        if ADAM_TILE % max(int(part.block), 1):
-            return None
-    return AdamPass(parts, lib.ns_adam_pass, tuple(keep))
+    block = max(max(int(part.block), 1) for part in parts)
+    if ADAM_TILE % block:
+        return None
+    # Blocked moments keep the whole tile for all three parts: cutting the master into pieces
+    # beside them was 3-4% slower on the development VM (docs/benchmarks.md).
+    tile = max(block, ADAM_PIECE)
+    return AdamPass(parts, lib.ns_adam_pass, tuple(keep), tile, ADAM_PIECE if block == 1 else tile)
