@@ -19,8 +19,11 @@ from nearstep.formats import FORMAT_NAMES, SliceCoder, StateFormat, encode_, nat
 pytestmark = pytest.mark.skipif(native.adam_lanes() == 0, reason=f"no fused Adam pass here: {native.status()}")
 
 NAMES = ("master", "exp_avg", "exp_avg_sq")
+# Blocks below, at and above the pass's piece (native.ADAM_PIECE): tiles of one piece holding
+# many blocks, of two pieces (b1024) and of four (the default 2048).
 FORMATS = [f for f in FORMAT_NAMES if not StateFormat.parse(f).is_identity] + ["bf16-sr+8bit-b32", "fp8-b64",
-                                                                               "bf16-kahan+8bit-linear-b64"]
+                                                                               "bf16-kahan+8bit-linear-b64",
+                                                                               "bf16-sr+fp8-b1024"]
 # (lr, beta1, beta2, eps, weight_decay, decoupled, step)
 HYPERS = [(1e-3, 0.9, 0.999, 1e-8, 0.01, True, 1), (3e-2, 0.3, 0.95, 1e-6, 0.2, True, 9),
           (1e-3, 0.9, 0.999, 1e-8, 0.05, False, 1000), (1e-2, 0.6, 0.9, 1e-3, 0.0, False, 2),
@@ -97,6 +100,9 @@ def fused(fmt, image, n, pieces, grads, hyper, seed):
     work = [torch.zeros(n) for _ in NAMES]
     coder = SliceCoder(fmt, views(fmt, image, NAMES, n), NAMES, work, n)
     assert coder.adam is not None
+    # whole blocks per tile, at least one piece; pieces of ADAM_PIECE within it
+    assert coder.adam.tile == max(fmt.block if fmt.block_aligned else 1, native.ADAM_PIECE)
+    assert coder.adam.piece == native.ADAM_PIECE and coder.adam.tile <= native.ADAM_TILE
     c, flags = constants(hyper)
     entries = {j: (grads[j].data_ptr(), c, flags) for j, _lo, _hi in pieces}  # each piece is a whole segment
     bounds = [(lo, hi) for _j, lo, hi in pieces]

@@ -561,7 +561,7 @@ static void part_encode(const ns_part *part, int64_t t0, int64_t n, float *value
     }
 }
 
-/* Ask for the next tile's bytes while this one is worked on: between the decodes, the update
+/* Ask for the bytes of elements [t0, t0 + tile) ahead of their use: between the decodes, the update
  * and the encodes no stream stays long enough for the hardware prefetcher, and the gradient
  * comes from memory (the pass's checksums brought the state's bytes into cache, not it). */
 static void prefetch_tile(const ns_part *parts, const float *grad, int64_t lo, int64_t hi, int64_t t0, int64_t b,
@@ -581,13 +581,15 @@ static void prefetch_tile(const ns_part *parts, const float *grad, int64_t lo, i
 }
 
 /* Decode elements [a, b) of the three parts (master, exp_avg, exp_avg_sq), update elements
- * [lo, hi) with the gradient `grad` (its element 0 is element lo) and encode [a, b) back, a tile
- * of `tile` elements at a time: a blocked part (8-bit or fp8 codes with a scale per block) is
- * decoded and encoded a whole tile at once, since a block's scale comes from all its elements;
- * the others `sub` elements at a time within it, in one small buffer each. Smaller pieces of
- * fp32 keep more of the working set in L1 beside the gradient and the codes: on the development
- * VM (48 KiB L1) a 512-element piece made the pass 10-15% faster than 2048 for the unblocked
- * formats (docs/benchmarks.md). a and the tile are on the parts' blocks; b is on one or the
+ * [lo, hi) with the gradient `grad` (its element 0 is element lo) and encode [a, b) back. A
+ * blocked part (8-bit or fp8 codes with a scale per block) is decoded and encoded `tile` elements
+ * at a time, whole blocks, since a block's scale comes from all its elements; the others `sub`
+ * elements at a time within that, in one small buffer each, and before each such piece the
+ * same piece of the next tile is prefetched. Small pieces of fp32 keep more of the working set
+ * in L1 beside the gradient and the codes, and spread the prefetches out: on the development VM
+ * (48 KiB L1), 512-element pieces made the pass 10-22% faster than whole 2,048-element tiles for
+ * the unblocked formats and, with the prefetches spread per piece, 12-16% for the blocked ones
+ * (docs/benchmarks.md, 2026-12-04). a and the tile are on the parts' blocks; b is on one or the
  * file's end; `tile` is a multiple of `sub` and of every block. `work` holds 3 * tile floats. */
 void ns_adam_pass(const ns_part *parts, int64_t a, int64_t b, int64_t lo, int64_t hi, const float *grad,
                   const float *c, int flags, uint64_t seed, float *work, int64_t tile, int64_t sub) {
@@ -595,12 +597,12 @@ void ns_adam_pass(const ns_part *parts, int64_t a, int64_t b, int64_t lo, int64_
     for (int k = 0; k < 3; k++) blocked[k] = parts[k].kind == PART_INT8;
     for (int64_t t0 = a; t0 < b; t0 += tile) {
         int64_t n = b - t0 < tile ? b - t0 : tile;
-        prefetch_tile(parts, grad, lo, hi, t0 + tile, b, tile);
         float *x[3];
         for (int k = 0; k < 3; k++)
             if (blocked[k]) x[k] = part_decode(parts + k, t0, n, work + k * tile);
         for (int64_t s0 = t0; s0 < t0 + n; s0 += sub) {
             int64_t m = t0 + n - s0 < sub ? t0 + n - s0 : sub;
+            prefetch_tile(parts, grad, lo, hi, s0 + tile, b, sub);
             float *y[3];
             for (int k = 0; k < 3; k++)
                 y[k] = blocked[k] ? x[k] + (s0 - t0) : part_decode(parts + k, s0, m, work + k * tile);

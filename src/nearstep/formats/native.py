@@ -519,7 +519,4 @@ def adam_pass(master: MasterCodec, moments: MomentCodec, regions: Mapping[str, T
     block = max(max(int(part.block), 1) for part in parts)
     if ADAM_TILE % block:
         return None
-    # Blocked moments keep the whole tile for all three parts: cutting the master into pieces
-    # beside them was 3-4% slower on the development VM (docs/benchmarks.md).
-    tile = max(block, ADAM_PIECE)
-    return AdamPass(parts, lib.ns_adam_pass, tuple(keep), tile, ADAM_PIECE if block == 1 else tile)
+    return AdamPass(parts, lib.ns_adam_pass, tuple(keep), max(block, ADAM_PIECE), ADAM_PIECE)
