@@ -44,7 +44,7 @@ import nearstep
 from nearstep.bench.report import WorkerError, machine, run_worker, scratch, table_line, verdict
 from nearstep.bench.workload import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
                                      WORKER_TIMEOUT, WorkerSpec, build_workload, cores, missing_packages,
-                                     source_digest, to_cuda)
+                                     source_digest, steady_allocator, to_cuda, FirstModule)
 from nearstep.device import parse_bytes
 
 __all__ = ["main"]
@@ -81,6 +81,8 @@ class Options:
         nproc: with more than 1, compare one rank with this many gloo ranks (``bench/ranks.py``).
         state_formats: the nearstep variants run once per state format; a format other than
             fp32 shows up as ``variant@format`` (e.g. ``overlap@bf16-sr+8bit``).
+        allocator: ``steady`` (every worker's allocator keeps and reuses freed blocks, see
+            :func:`~nearstep.bench.workload.steady_allocator`) or ``default`` (the platform's).
     """
 
     model: str
@@ -100,6 +102,7 @@ class Options:
     device: str = "cpu"
     nproc: int = 1
     state_formats: tuple[str, ...] = ("fp32",)
+    allocator: str = "steady"
 
 
 def _parse(argv: list[str] | None) -> Options:
@@ -123,6 +126,10 @@ def _parse(argv: list[str] | None) -> Options:
     parser.add_argument("--trace-dir", type=pathlib.Path, default=None,
                         help="save Chrome/Perfetto traces of the last round's nearstep workers here")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 steps, 1 round (and mlp width 512)")
+    parser.add_argument("--allocator", choices=("steady", "default"), default="steady",
+                        help="steady (default): each worker's allocator reuses what it frees, so every variant's "
+                             "forward and backward cost the same; default: the platform's, whose page faults vary "
+                             "between processes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model computes (default cpu; cuda: the model on the GPU, the state on the store)")
     parser.add_argument("--nproc", type=int, default=1,
@@ -163,7 +170,7 @@ def _parse(argv: list[str] | None) -> Options:
                    warmup=args.warmup, rounds=args.rounds, variants=tuple(v for v in VARIANTS if v in variants),
                    memory_budget=args.memory_budget, slice_mb=args.slice_mb, dir=args.dir, json=args.json,
                    trace_dir=args.trace_dir, quick=args.quick, device=args.device, nproc=args.nproc,
-                   state_formats=state_formats)
+                   state_formats=state_formats, allocator=args.allocator)
 
 
 # ---------------------------------------------------------------------------
@@ -172,6 +179,7 @@ def _parse(argv: list[str] | None) -> Options:
 
 def _worker(spec: WorkerSpec) -> dict[str, Any]:
     started = time.perf_counter()
+    allocator = steady_allocator() if spec.allocator == "steady" else "the platform's default"
     source = source_digest()
     # Made before the training loop pins itself to its own core: a DeviceConfig may check
     # its cores against this process's affinity.
@@ -209,10 +217,12 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
             opt.zero_grad()
         return loss.detach()
 
+    first = FirstModule(model)
     try:
         torch.manual_seed(SEED)  # the same dropout masks in every variant
         for batch in work.warm:
             one_step(batch)
+        first.close()
         before: dict[str, Any] = {}
         if ours:
             opt.synchronize()  # the timed steps start with nothing in flight, and end so
@@ -233,7 +243,8 @@ def _worker(spec: WorkerSpec) -> dict[str, Any]:
             "ms_per_step": (end - marks[0]) * 1e3 / spec.steps,
             "step_ms": [(b - a) * 1e3 for a, b in zip(marks, marks[1:])], "tail_ms": (end - marks[-1]) * 1e3,
             "losses": [float(x) for x in losses], "torch_threads": torch.get_num_threads(),
-            "affinity": sorted(os.sched_getaffinity(0)), "source": source,
+            "affinity": sorted(os.sched_getaffinity(0)), "source": source, "allocator": allocator,
+            "first_module": first.name, "first_share": first.share,
         }
         if ours:
             result |= _nearstep_numbers(opt, before, spec)
@@ -395,6 +406,7 @@ def _render(res: dict[str, Any]) -> str:
            f"workload: {first['describe']}; {first['params'] / 1e6:.1f} M params",
            f"{o['steps']} timed steps after {warm}, {o['rounds']} round(s) alternating, each variant in a fresh process",
            f"{core_line}; memory budget {o['memory_budget']}, {'automatic' if o['slice_mb'] is None else format(o['slice_mb'], 'g') + ' MiB'} slices",
+           f"allocator in each worker: {first.get('allocator', 'the platform default')}",
            f"code: nearstep {src['version']} at {src['path']}, sources sha1 {src['sha1']}"]
     if src["workers_sha1"] != [src["sha1"]]:
         out.append(f"WARNING: the nearstep sources changed during the run (workers saw {', '.join(src['workers_sha1'])}): "
@@ -479,7 +491,7 @@ def _run_rounds(opts: Options, runs: dict[str, list[dict[str, Any]]], work: path
                               memory_budget=opts.memory_budget, slice_mb=opts.slice_mb,
                               store=str((work / f"store-{key.replace('@', '-')}-{r + 1}").resolve()),
                               compute_core=compute_core, device_core=device_core, trace=trace,
-                              device=opts.device, state_format=fmt)
+                              device=opts.device, state_format=fmt, allocator=opts.allocator)
             result = _run_worker(spec, work)
             runs[key].append(result)
             _progress(f"round {r + 1}/{opts.rounds} {key}: {result['ms_per_step']:.1f} ms/step "

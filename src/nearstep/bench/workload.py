@@ -7,6 +7,8 @@ every benchmark times the same model on the same batches.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.util
 import os
@@ -19,7 +21,7 @@ import torch
 
 from nearstep import workloads
 
-__all__ = ["MODELS", "DEFAULT_BATCH", "DEFAULT_SEQ_LEN", "DELAYED_WARMUP_STEPS", "LR", "SEED", "WORKER_TIMEOUT", "PACKAGES", "INSTALL", "WorkerSpec", "Workload", "build_workload", "missing_packages", "source_digest", "cores", "to_cuda"]
+__all__ = ["MODELS", "DEFAULT_BATCH", "DEFAULT_SEQ_LEN", "DELAYED_WARMUP_STEPS", "LR", "SEED", "WORKER_TIMEOUT", "PACKAGES", "INSTALL", "WorkerSpec", "Workload", "build_workload", "missing_packages", "source_digest", "cores", "to_cuda", "steady_allocator", "FirstModule"]
 
 MODELS = ("mlp", "minilm", "smollm2")
 DEFAULT_BATCH = {"mlp": 32, "minilm": 16, "smollm2": 4}
@@ -64,6 +66,7 @@ class WorkerSpec:
     trace: str | None
     device: str = "cpu"
     state_format: str = "fp32"
+    allocator: str = "steady"
 
 
 def missing_packages(model: str) -> list[str]:
@@ -140,3 +143,62 @@ def to_cuda(obj: Any) -> Any:
     return obj
 
 
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def steady_allocator() -> str:
+    """Make this process's allocator keep and reuse what it frees, and say what was done.
+
+    Under glibc's defaults a buffer above the mmap threshold (32 MiB at most) is mapped
+    fresh for every allocation and unmapped when freed, so a loop that frees its
+    gradients each step (``zero_grad(set_to_none=True)``, as every variant here does)
+    page-faults and zeroes them anew in the next backward: 60 of the 50M MLP's 170 ms
+    of forward and backward on this project's VM. Worse for a benchmark, glibc raises
+    the threshold by itself after some frees, so two processes running the same loop can
+    differ by a third in their forward and backward (found comparing the planner's
+    predictions with ``bench step``'s rows). Taking big blocks from the heap and
+    never trimming it gives every variant the same, steady compute: what a long run
+    with a caching allocator (jemalloc, tcmalloc) sees.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:
+        return "the platform's default (no glibc mallopt)"
+    if mallopt(_M_MMAP_MAX, 0) != 1 or mallopt(_M_TRIM_THRESHOLD, 1 << 30) != 1:
+        return "glibc's default (mallopt refused)"
+    return "glibc, big blocks from the heap, never trimmed (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=1GiB)"
+
+
+class FirstModule:
+    """Which parameters a model's forward needs first, found in its next forward: the share of the
+    model's parameters held by the first module that runs and has parameters of its own.
+
+    The planner's overlap tail (see [Note: the planner's step model]): backward finishes with these
+    gradients, so the device updates them last, and the next forward starts by waiting for them.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.share: float | None = None
+        self.name: str | None = None
+        total = sum(p.numel() for p in model.parameters())
+        names = {m: n for n, m in model.named_modules()}
+
+        def first(module: torch.nn.Module, _args: Any) -> None:
+            if self.share is None:
+                self.share = sum(p.numel() for p in module.parameters(recurse=False)) / total
+                self.name = names[module]
+                self.close()
+
+        self._hooks = [m.register_forward_pre_hook(first) for m in model.modules()
+                       if any(True for _ in m.parameters(recurse=False))]
+
+    def close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
