@@ -27,15 +27,30 @@ One step of one rank, from the rates of its parts:
   without ``pass_overlaps_io``): the link's copy rate is the profile's, measured
   on the same shared memory (docs/planner.md, "Validation on this machine",
   says what this term does and does not explain);
-- ``sync = compute + link + device``: the loop waits for all of it;
-  ``overlap = max(compute + link, forward + device) + device / slices``: the
+- where the device's cores share the machine's caches and memory bandwidth
+  with the loop's (the emulated device on host cores), each side computes
+  slower while the other computes beside it: ``loop = compute + staging +
+  loop_slowdown x beside`` (``staging``: the link's bytes at the loop's
+  measured rate, copies and gradient norms) and ``device' = device +
+  device_slowdown x beside``, ``beside = min(compute, update + link)`` (the
+  device's own work);
+  both slowdowns are measured by calibration (a dense layer's forward and
+  backward alone and beside the fused AdamW kernel on the other core), 0 for a
+  device of its own;
+- ``sync = compute + staging + device``: the loop waits for all of it
+  (nothing runs beside);
+  ``overlap = max(loop + first x device', forward + device')``: the
   link's copies run on the loop's thread; a slice's update starts when
-  backward has its gradients, and the next forward needs the first layers,
-  whose gradients come last, so the device's window opens a forward
-  (a third of the compute) into the step; the first slice of the next forward
-  waits for its update. ``delayed = max(compute + link, device)``: its weights
-  land at the next ``step()``. The bound is the larger side: compute (or the
-  link), else the drives or the device's cores.
+  backward has its gradients, so the device's window opens a forward (a third
+  of the compute) into the step; and the next forward needs the first
+  module's weights first, whose gradients come last in backward, so it waits
+  for their update after the loop's own side: ``first`` is that module's
+  share of the parameters (a transformer's embeddings; one slice where not
+  known; ``bench step`` records it, ``first_share``, for ``--validate``).
+  ``delayed = max(loop, device' + link / 2)``: its weights land at the next
+  ``step()``, all at once, and the next step's applies reach the device only
+  after that landing (the link's outbound half). The bound is the larger
+  side: compute (or the link), else the drives or the device's cores.
 
 The rates come from a profile that ``nearstep plan --calibrate`` measures on
 this machine (``nearstep.bench.io``'s store pass and per-format pass), or from
@@ -55,8 +70,8 @@ from typing import Any
 
 from . import formats, rules
 
-__all__ = ["Drive", "Profile", "PlanInputs", "Plan", "plan", "params_from_config", "default_profile_path",
-           "load_profile", "MODES"]
+__all__ = ["Drive", "Profile", "PlanInputs", "Plan", "plan", "params_from_config", "first_share_from_config",
+           "default_profile_path", "load_profile", "calibrate", "contention", "validate", "MODES"]
 
 MODES = ("sync", "overlap", "delayed")
 FORWARD_SHARE = 1 / 3  # of forward + backward: backward computes about twice the forward's FLOPs
@@ -100,6 +115,12 @@ class Profile:
     ``update_rate``: parameters per second on one device core, by state format name (AdamW's pass).
     ``pass_overlaps_io``: the drive moves the bytes while the cores run the pass (DMA, as an SSD does);
     False where moving them takes the same cores (a VM's disk, page-cache copies): then they add up.
+    ``link_gbps``: plain copies into and out of the staging memory (the device's side);
+    ``staging_gbps``: the loop's side of the same bytes, which also takes each gradient's norm
+    (clipping, the non-finite guard) as it stages it; ``link_gbps`` where not measured.
+    ``loop_slowdown``, ``device_slowdown``: how much slower the loop's compute and the device's pass
+    run while the other computes beside it (0.5: half as long again), where the two share a machine's
+    caches and memory bandwidth (the emulated device on host cores); 0 for a device of its own.
     """
 
     drive: Drive
@@ -107,14 +128,21 @@ class Profile:
     update_rate: dict[str, float] = field(default_factory=lambda: {"fp32": 300e6})
     second_core_gain: float = 1.15
     link_gbps: float = 10.0
+    staging_gbps: float | None = None
     commit_s: float = 0.005
     pass_overlaps_io: bool = True
+    loop_slowdown: float = 0.0
+    device_slowdown: float = 0.0
     source: str = "defaults"
 
     def __post_init__(self) -> None:
         _positive(self, "drives_per_node", "second_core_gain", "link_gbps")
-        if self.commit_s < 0:
-            raise ValueError(f"commit_s must be >= 0, got {self.commit_s!r}")
+        if self.staging_gbps is not None:
+            _positive(self, "staging_gbps")
+        for name in ("commit_s", "loop_slowdown", "device_slowdown"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not self.update_rate:
             raise ValueError("update_rate needs at least one state format's rate")
 
@@ -174,7 +202,10 @@ class PlanInputs:
         device_cores: cores of each rank's device.
         link_bytes: bytes per element crossing the host link each way (gradients in, weights out):
             4 for fp32 parameters, 2 for bf16.
-        slices: slices of each rank's store (for the overlap's one-slice tail).
+        slices: slices of each rank's store.
+        first_share: the share of the parameters the forward needs first (its first module with
+            parameters: a transformer's embeddings), whose update the next forward waits for in
+            overlap; None: one slice's worth (``1 / slices``).
     """
 
     params: int
@@ -187,9 +218,12 @@ class PlanInputs:
     device_cores: int = 1
     link_bytes: int = 4
     slices: int = 16
+    first_share: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "params", "compute_s", "ranks", "nodes", "device_cores", "link_bytes", "slices")
+        if self.first_share is not None and not 0.0 < self.first_share <= 1.0:
+            raise ValueError(f"first_share must be in (0, 1], got {self.first_share!r}")
         if self.optimizer not in _HYPERS:
             raise ValueError(f"optimizer must be one of {', '.join(_HYPERS)}, got {self.optimizer!r}")
         if self.ranks % self.nodes:
@@ -244,25 +278,36 @@ def plan(inputs: PlanInputs) -> Plan:
     # weights into it, on its own cores, after each slice's pass (see [Note: the planner's step model]).
     device_s = (max(io_s, update_s) if p.pass_overlaps_io else io_s + update_s) + link_s + p.commit_s
     c = inputs.compute_s
+    # Where the device's cores share the machine with the loop's (the emulated device), the two slow
+    # each other down while both compute: for as long as the shorter of the loop's compute and the
+    # device's own work (its pass and its copies) in overlap and delayed; never in sync, where the
+    # loop waits while the device works.
+    beside = min(c, update_s + link_s)
+    staging_s = link_bytes / ((p.staging_gbps or p.link_gbps) * GB)  # the loop's copies and norms
+    loop_side = c + staging_s + p.loop_slowdown * beside
+    device_side = device_s + p.device_slowdown * beside
     # The link's copies run on the loop's thread (staging in the gradient hooks, landing in the
     # forward pre-hooks), so in overlap and delayed they add to the loop's side, not the device's.
-    # Overlap: a slice's update starts once backward has its gradients, and the next forward needs the
-    # first layers' weights first, whose gradients come last: the device's window opens when backward
-    # starts (a third into the step: backward costs about twice the forward) and closes at the next
-    # forward. Delayed lands at the next step(): the device has the whole next forward and backward.
+    # Overlap has two limits. The device's whole step, whose window opens when backward starts (a
+    # third into the step: backward costs about twice the forward). And the chain through the first
+    # module: its gradients come last in backward, the next forward needs its weights first, so the
+    # loop waits for their update after its own side. Delayed lands the whole step in step(), after
+    # the device's last slice: the next step's applies reach the device only once the loop has
+    # copied the weights out (the link's outbound half).
     forward = c * FORWARD_SHARE
-    step = {"sync": c + link_s + device_s,
-            "overlap": max(c + link_s, forward + device_s) + device_s / inputs.slices,
-            "delayed": max(c + link_s, device_s)}
+    tail = (inputs.first_share if inputs.first_share is not None else 1.0 / inputs.slices) * device_side
+    step = {"sync": c + staging_s + device_s,
+            "overlap": max(loop_side + tail, forward + device_side),
+            "delayed": max(loop_side, device_side + link_s / 2)}
     # The bound: in sync everything adds up, so the largest term; with the update hidden, the
     # compute if it covers the device's whole step, else the largest of the device's terms.
-    terms = {"compute": c, "drives": io_s, "device cores": update_s, "host link": link_s}
+    terms = {"compute": c, "drives": io_s, "device cores": update_s, "host link": staging_s}
     device_terms = {k: v for k, v in terms.items() if k != "compute"}
     bound = {"sync": max(terms, key=terms.__getitem__)}
     for mode in ("overlap", "delayed"):
-        device_side = device_s + (forward if mode == "overlap" else 0.0)
-        if c + link_s >= device_side:
-            bound[mode] = "compute" if c >= link_s else "host link"
+        device_window = device_side + (forward if mode == "overlap" else link_s / 2)
+        if loop_side + (tail if mode == "overlap" else 0.0) >= device_window:
+            bound[mode] = "compute" if c >= staging_s else "host link"
         else:
             bound[mode] = max(device_terms, key=device_terms.__getitem__)  # the link's copies are the device's too
     per_drive_write = node_bytes / drives  # each step writes one generation, spread over the node's drives
@@ -297,18 +342,26 @@ def params_from_config(path: str | os.PathLike) -> int:
     return vocab * d + layers * per_layer + d + head
 
 
+def first_share_from_config(path: str | os.PathLike) -> float:
+    """The share of a decoder-only transformer's parameters that its forward needs first: the token
+    embeddings (see :attr:`PlanInputs.first_share`)."""
+    cfg = json.loads(pathlib.Path(path).read_text())
+    return int(cfg["hidden_size"]) * int(cfg["vocab_size"]) / params_from_config(path)
+
+
 # ---------------------------------------------------------------------------
 # Calibration: this machine's rates
 
 
 def calibrate(where: pathlib.Path, *, state_mib: int = 2048, params: int = 1 << 24,
-              formats_to_measure: tuple[str, ...] | None = None) -> Profile:
+              formats_to_measure: tuple[str, ...] | None = None, contention_rounds: int = 5) -> Profile:
     """Measure this machine into a :class:`Profile`: the store pass's read and write bandwidth over
     ``state_mib`` of AdamW state in ``where`` (``nearstep bench io``'s pass: O_DIRECT, checksums,
     fdatasync), a whole step of the emulated device over as much state (which sets the drive's
     effective rate and whether the pass adds to its I/O), each state format's pass over ``params``
-    parameters on one and two device cores, and the host link's copies into shared memory (what
-    staging does)."""
+    parameters on one and two device cores, the host link's copies into shared memory (what
+    staging does, with and without the gradients' norms), and how much the loop and the device
+    slow each other when both compute (:func:`contention`, ``contention_rounds`` alternations)."""
     import statistics
     import time
 
@@ -332,21 +385,32 @@ def calibrate(where: pathlib.Path, *, state_mib: int = 2048, params: int = 1 << 
               if name in bench_io.FORMATS and (formats_to_measure is None or name in formats_to_measure)}
     gains = [row["params_per_second_cores"] / row["params_per_second"] for name, row in rates.items()
              if name in update and "params_per_second_cores" in row]
+    loop_slowdown, device_slowdown = contention(rounds=contention_rounds)
     n = 64 << 20  # bytes
     shared = SharedMemory(n)
     shared.unlink()  # mapped: no name needs to outlive this function, even if it is killed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the loop stages on its one thread, the device copies on its core
     try:
-        host = torch.empty(n // 4)
+        host = torch.empty(n // 4).normal_()
         arena = shared.bytes[: n].view(torch.float32)
-        times = []
+        times, staged = [], []
         for _ in range(5):
             t0 = time.perf_counter()
             arena.copy_(host)  # gradients in
             host.copy_(arena)  # weights out
-            times.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            # The loop's side: staging also takes the gradient's norm (pipeline.stage).
+            arena.copy_(host)
+            torch.linalg.vector_norm(host)
+            host.copy_(arena)
+            times.append(t1 - t0)
+            staged.append(time.perf_counter() - t1)
     finally:
+        torch.set_num_threads(threads)
         shared.close()
     link = 2 * n / statistics.median(times[1:]) / GB
+    staging = 2 * n / statistics.median(staged[1:]) / GB
     median = bw["median_gbps"]
     # The drive as a whole step sees it: the emulated device's step (staging, pass, I/O, commit)
     # less its link and pass gives the time the state's bytes take; whether the pass
@@ -361,10 +425,89 @@ def calibrate(where: pathlib.Path, *, state_mib: int = 2048, params: int = 1 << 
     effective = moved / io_s / GB
     drive = Drive(read_gbps=effective, write_gbps=effective, capacity_tb=1.0, dwpd=1.0)
     return Profile(drive=drive, update_rate=update, second_core_gain=statistics.median(gains) if gains else 1.0,
-                   link_gbps=link, commit_s=0.005, pass_overlaps_io=not serial,
+                   link_gbps=link, staging_gbps=staging, commit_s=0.005, pass_overlaps_io=not serial,
+                   loop_slowdown=loop_slowdown, device_slowdown=device_slowdown,
                    source=(f"calibrated {time.strftime('%Y-%m-%d %H:%M')} on {where_text}; bare store I/O "
                            f"{median['store_read']:.2f} GB/s read, {median['store_write']:.2f} write; a whole "
                            f"step {moved / step / GB:.2f} GB/s"))
+
+
+def contention(*, width: int = 4096, batch: int = 32, params: int = 1 << 24, seconds: float = 0.5,
+               rounds: int = 5) -> tuple[float, float]:
+    """(loop_slowdown, device_slowdown): how much slower a training loop's compute and the device's
+    pass run while the other computes beside it on this machine's next core.
+
+    The loop: forward and backward of a ``width``-wide linear layer on ``batch`` rows (one torch
+    thread on the first core); the device: the fused AdamW kernel over ``params`` fp32 parameters
+    (one thread on the second), as the emulated device's fp32 pass runs. Each is timed alone and
+    while the other runs without pause in a second thread, alternating, ``rounds`` times; the
+    medians of the ratios. (0, 0) on a machine with one core.
+    """
+    import statistics
+    import threading
+    import time
+
+    import torch
+
+    from .bench.workload import cores
+
+    loop_core, device_core = cores()
+    if loop_core == device_core:
+        return 0.0, 0.0
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(width, width)
+    x = torch.randn(batch, width, generator=gen)
+    p, g = torch.randn(params, generator=gen), torch.randn(params, generator=gen).mul_(1e-3)
+    m, v, t = torch.zeros(params), torch.zeros(params), torch.tensor(1.0)
+
+    def loop_once() -> None:
+        layer(x).square().mean().backward()
+        layer.zero_grad(set_to_none=False)  # the same buffers each time: no page faults in the timing
+
+    def device_once() -> None:
+        torch._fused_adamw_([p], [g], [m], [v], [], [t], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01,
+                            eps=1e-8, amsgrad=False, maximize=False)
+
+    def timed(work: Any, core: int, until: float) -> float:
+        """Median seconds of one ``work`` on ``core``, repeated until ``until`` (monotonic)."""
+        times = []
+        while time.monotonic() < until or len(times) < 3:
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[1:])
+
+    def pinned(work: Any, core: int, stop: threading.Event) -> None:
+        os.sched_setaffinity(0, {core})  # this thread only (Linux)
+        torch.set_num_threads(1)  # per thread (OpenMP): else its kernels would spread over both cores
+        while not stop.is_set():
+            work()
+
+    def measure(work: Any, core: int, other: Any, other_core: int | None) -> float:
+        stop = threading.Event()
+        helper = threading.Thread(target=pinned, args=(other, other_core, stop), daemon=True) if other_core is not None else None
+        old = os.sched_getaffinity(0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            os.sched_setaffinity(0, {core})
+            if helper is not None:
+                helper.start()
+                time.sleep(0.05)  # running before the timing starts
+            return timed(work, core, time.monotonic() + seconds)
+        finally:
+            stop.set()
+            if helper is not None:
+                helper.join()
+            os.sched_setaffinity(0, old)
+            torch.set_num_threads(threads)
+
+    loop_once(), device_once()  # first calls: kernels chosen, pages touched
+    loop, device = [], []
+    for _ in range(rounds):  # alone and beside, alternating: this VM's speed drifts within seconds
+        loop.append(measure(loop_once, loop_core, device_once, device_core) / measure(loop_once, loop_core, None, None))
+        device.append(measure(device_once, device_core, loop_once, loop_core) / measure(device_once, device_core, None, None))
+    return max(0.0, statistics.median(loop) - 1.0), max(0.0, statistics.median(device) - 1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -386,7 +529,8 @@ def validate(bench_step: dict[str, Any], profile: Profile) -> list[dict[str, Any
             continue
         first = row["rounds"][0]
         pl = plan(PlanInputs(params=int(first["params"]), compute_s=compute, profile=profile,
-                             state_format=fmt or first.get("state_format", "fp32"), slices=int(first.get("slices", 16))))
+                             state_format=fmt or first.get("state_format", "fp32"), slices=int(first.get("slices", 16)),
+                             first_share=first.get("first_share")))
         measured = row["ms_per_step"] / 1e3
         out.append({"row": key, "mode": mode, "state_format": pl.inputs.state_format, "predicted_ms": pl.step_s[mode] * 1e3,
                     "measured_ms": measured * 1e3, "ratio": pl.step_s[mode] / measured, "bound": pl.bound[mode],
@@ -418,6 +562,8 @@ def _parse(argv: list[str] | None) -> Any:
     run.add_argument("--device-cores", type=int, default=1)
     run.add_argument("--link-bytes", type=int, default=4, help="bytes per element of gradients and weights (4 fp32, 2 bf16)")
     run.add_argument("--slices", type=int, default=16, help="slices per store (default 16)")
+    run.add_argument("--first-share", type=float, help="share of the parameters the forward needs first (its first "
+                     "module; default: the embeddings with --config, else one slice)")
     hw = parser.add_argument_group("the machine (default: the calibrated profile)")
     hw.add_argument("--profile", help=f"a profile file (default {default_profile_path()}, if it exists)")
     hw.add_argument("--calibrate", action="store_true", help="measure this machine into the profile, then plan")
@@ -431,6 +577,10 @@ def _parse(argv: list[str] | None) -> Any:
     hw.add_argument("--update-rate", action="append", default=[], metavar="FORMAT=PARAMS_PER_S",
                     help="the device's per-core rate for a format, e.g. fp32=3e8 (repeatable)")
     hw.add_argument("--link-gbps", type=float, help="host link bandwidth per rank, GB/s")
+    hw.add_argument("--staging-gbps", type=float, help="the loop's staging rate (copies and gradient norms), GB/s")
+    hw.add_argument("--loop-slowdown", type=float, help="how much slower the loop computes beside the device "
+                    "(0 for a device of its own; the emulated device on host cores: measured by --calibrate)")
+    hw.add_argument("--device-slowdown", type=float, help="how much slower the device's pass runs beside the loop")
     parser.add_argument("--validate", action="append", default=[], metavar="BENCH_STEP_JSON",
                         help="instead of planning: predicted against measured for a nearstep bench step run (repeatable)")
     parser.add_argument("--json", help="also write the plan as JSON here")
@@ -467,8 +617,9 @@ def _profile(parser: Any, args: Any) -> Profile:
     changes: dict[str, Any] = {"drive": drive, "update_rate": rates}
     if args.drives is not None:
         changes["drives_per_node"] = args.drives
-    if args.link_gbps is not None:
-        changes["link_gbps"] = args.link_gbps
+    for name in ("link_gbps", "staging_gbps", "loop_slowdown", "device_slowdown"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
     return dataclasses.replace(profile, **changes)
 
 
@@ -564,10 +715,14 @@ def main(argv: list[str] | None = None) -> int:
         compute = args.compute_ms / 1e3
     else:
         compute = 6.0 * params * args.tokens / (args.ranks * args.tflops * 1e12 * args.mfu)
+    first_share = args.first_share
+    if first_share is None and args.config is not None:
+        first_share = first_share_from_config(args.config)
     try:
         plans = [plan(PlanInputs(params=params, compute_s=compute, profile=profile, optimizer=args.optimizer,
                                  state_format=name.strip(), ranks=args.ranks, nodes=args.nodes,
-                                 device_cores=args.device_cores, link_bytes=args.link_bytes, slices=args.slices))
+                                 device_cores=args.device_cores, link_bytes=args.link_bytes, slices=args.slices,
+                                 first_share=first_share))
                  for name in args.state_format.split(",") if name.strip()]
     except ValueError as exc:
         parser.error(str(exc))
