@@ -270,3 +270,11 @@ def test_the_bench_finds_the_first_module_of_a_forward() -> None:
     assert first.name == "0" and first.share == pytest.approx(800 / (800 + 72 + 36))
     model(torch.tensor([[1, 2]]))  # the hooks are gone
     assert first.name == "0"
+
+
+def test_a_bad_machine_rate_on_the_command_line_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit):
+        planner.main(["--params", "1e8", "--compute-ms", "100", "--loop-slowdown", "-1"])
+    assert "loop_slowdown must be a number >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="commit_s must be a number >= 0"):
+        dataclasses.replace(PROFILE, commit_s=-0.1)

@@ -80,11 +80,13 @@ SECONDS_PER_DAY = 86400.0
 _HYPERS = {"adamw": rules.AdamWHyper, "adam": rules.AdamHyper, "sgd": rules.SGDHyper, "lion": rules.LionHyper}
 
 
-def _positive(obj: object, *names: str) -> None:
+def _positive(obj: object, *names: str, zero: bool = False) -> None:
+    """Refuse any of these attributes that is not a finite number above 0 (at or above it with ``zero``)."""
     for name in names:
         value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+                or value < 0 or (value == 0 and not zero)):
+            raise ValueError(f"{name} must be a {'number >= 0' if zero else 'positive number'}, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -139,10 +141,7 @@ class Profile:
         _positive(self, "drives_per_node", "second_core_gain", "link_gbps")
         if self.staging_gbps is not None:
             _positive(self, "staging_gbps")
-        for name in ("commit_s", "loop_slowdown", "device_slowdown"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        _positive(self, "commit_s", "loop_slowdown", "device_slowdown", zero=True)
         if not self.update_rate:
             raise ValueError("update_rate needs at least one state format's rate")
 
@@ -468,7 +467,7 @@ def contention(*, width: int = 4096, batch: int = 32, params: int = 1 << 24, sec
         torch._fused_adamw_([p], [g], [m], [v], [], [t], lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01,
                             eps=1e-8, amsgrad=False, maximize=False)
 
-    def timed(work: Any, core: int, until: float) -> float:
+    def timed(work: Any, until: float) -> float:
         """Median seconds of one ``work`` on ``core``, repeated until ``until`` (monotonic)."""
         times = []
         while time.monotonic() < until or len(times) < 3:
@@ -494,7 +493,7 @@ def contention(*, width: int = 4096, batch: int = 32, params: int = 1 << 24, sec
             if helper is not None:
                 helper.start()
                 time.sleep(0.05)  # running before the timing starts
-            return timed(work, core, time.monotonic() + seconds)
+            return timed(work, time.monotonic() + seconds)
         finally:
             stop.set()
             if helper is not None:
@@ -620,7 +619,10 @@ def _profile(parser: Any, args: Any) -> Profile:
     for name in ("link_gbps", "staging_gbps", "loop_slowdown", "device_slowdown"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
-    return dataclasses.replace(profile, **changes)
+    try:
+        return dataclasses.replace(profile, **changes)
+    except ValueError as exc:
+        parser.error(f"the machine's rates: {exc}")
 
 
 def _model_params(args: Any) -> int:

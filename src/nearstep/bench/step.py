@@ -43,8 +43,8 @@ import torch
 import nearstep
 from nearstep.bench.report import WorkerError, machine, run_worker, scratch, table_line, verdict
 from nearstep.bench.workload import (DEFAULT_BATCH, DEFAULT_SEQ_LEN, DELAYED_WARMUP_STEPS, INSTALL, LR, MODELS, SEED,
-                                     WORKER_TIMEOUT, WorkerSpec, build_workload, cores, missing_packages,
-                                     source_digest, steady_allocator, to_cuda, FirstModule)
+                                     WORKER_TIMEOUT, FirstModule, WorkerSpec, build_workload, cores,
+                                     missing_packages, source_digest, steady_allocator, to_cuda)
 from nearstep.device import parse_bytes
 
 __all__ = ["main"]

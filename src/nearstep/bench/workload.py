@@ -143,8 +143,6 @@ def to_cuda(obj: Any) -> Any:
     return obj
 
 
-
-
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
@@ -186,7 +184,7 @@ class FirstModule:
     def __init__(self, model: torch.nn.Module) -> None:
         self.share: float | None = None
         self.name: str | None = None
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters()) or 1
         names = {m: n for n, m in model.named_modules()}
 
         def first(module: torch.nn.Module, _args: Any) -> None:
